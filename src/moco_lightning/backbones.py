@@ -1,0 +1,98 @@
+"""Backbones: the networks that map images to feature vectors.
+
+A backbone here is any ``nn.Module`` taking images ``(N, 3, H, W)`` to features ``(N, D)``. The registry builds
+torchvision ResNets with their classifier removed (``fc = nn.Identity()``), so the state dict of a backbone is
+exactly torchvision's minus ``fc.*`` and exports without renaming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torchvision import models
+
+#: Backbone names accepted by :func:`build_backbone`, mapped to their torchvision constructors.
+BACKBONES: dict[str, Callable[..., models.ResNet]] = {
+    "resnet18": models.resnet18,
+    "resnet34": models.resnet34,
+    "resnet50": models.resnet50,
+}
+
+
+def use_cifar_stem(resnet: models.ResNet) -> models.ResNet:
+    """Swap a ResNet's ImageNet stem for the small-image stem: a 3x3 stride-1 conv and no max-pool.
+
+    This is the stem of the official CIFAR-10 MoCo demo (and of He et al.'s CIFAR ResNets): on 32 px inputs the
+    7x7 stride-2 conv plus max-pool would shrink the image 4x before the first residual block.
+    """
+    resnet.conv1 = nn.Conv2d(3, resnet.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(resnet.conv1.weight, mode="fan_out", nonlinearity="relu")
+    resnet.maxpool = nn.Identity()
+    return resnet
+
+
+@torch.no_grad()
+def infer_feature_dim(module: nn.Module, image_size: int = 32) -> int:
+    """Find the width D of a backbone's output by one forward pass of two blank images.
+
+    Raises:
+        ValueError: if the output is not a 2-D ``(N, D)`` tensor.
+
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        out = module(torch.zeros(2, 3, image_size, image_size))
+    finally:
+        module.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"backbone must map images (N, 3, H, W) to features (N, D), but it returned {shape}; "
+            "wrap it so that it flattens/pools its output, or pass feature_dim=... explicitly"
+        )
+    return int(out.shape[1])
+
+
+def build_backbone(
+    backbone: str | nn.Module, cifar_stem: bool = False, feature_dim: int | None = None
+) -> tuple[nn.Module, int]:
+    """Build a backbone and report its feature width.
+
+    Args:
+        backbone: a name from :data:`BACKBONES` (randomly initialised; nothing is downloaded), or any module.
+            A torchvision ``ResNet`` module has its ``fc`` replaced by ``nn.Identity`` and its width read from
+            ``fc.in_features``; any other module must already map images to ``(N, D)`` features.
+        cifar_stem: replace the ResNet stem by a 3x3 stride-1 conv without max-pool (for 32 px images or smaller).
+        feature_dim: width D of a custom module's output; found by one dry forward pass when not given.
+
+    Returns:
+        ``(module, D)``: the backbone and the width of its features.
+
+    """
+    if isinstance(backbone, str):
+        if backbone not in BACKBONES:
+            raise ValueError(
+                f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)} or pass an nn.Module"
+            )
+        backbone = BACKBONES[backbone]()
+    elif not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone must be a name or an nn.Module, got {type(backbone).__name__}")
+
+    if isinstance(backbone, models.ResNet):
+        if not isinstance(backbone.fc, nn.Identity):
+            feature_dim = backbone.fc.in_features
+            backbone.fc = nn.Identity()
+        if cifar_stem:
+            use_cifar_stem(backbone)
+        if feature_dim is None:
+            feature_dim = backbone.inplanes  # width after layer4; unchanged by fc removal
+        return backbone, int(feature_dim)
+
+    if cifar_stem:
+        raise ValueError("cifar_stem=True only applies to torchvision ResNets; set cifar_stem=False")
+    if feature_dim is None:
+        feature_dim = infer_feature_dim(backbone)
+    return backbone, int(feature_dim)

@@ -1,0 +1,57 @@
+"""The dictionary of MoCo: a first-in first-out queue of L2-normalised keys (He et al. 2019, Sec. 3.2)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from moco_lightning.distributed import concat_all_gather
+
+
+class KeyQueue(nn.Module):
+    """A fixed-size FIFO queue of keys, the negatives of the contrastive loss.
+
+    The buffer ``queue`` has shape ``(size, dim)`` (one key per row; the official code stores the transpose) and
+    is allocated up front as random unit vectors. ``enqueue`` writes the keys of every process at ``ptr``
+    (gathered with ``all_gather``, so all processes hold the same queue) and advances ``ptr`` modulo ``size``.
+    Both buffers are part of the state dict, so a checkpoint resumes with the same dictionary.
+
+    As in the official code, ``size`` must be a multiple of the global batch so that a batch never straddles
+    the end of the buffer; :meth:`check_batch` says so with the numbers before any compute happens.
+    """
+
+    queue: torch.Tensor
+    ptr: torch.Tensor
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
+        if size < 1 or dim < 1:
+            raise ValueError(f"queue_size and dim must be positive, got queue_size={size}, dim={dim}")
+        self.size, self.dim = size, dim
+        self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    def check_batch(self, global_batch: int) -> None:
+        """Raise a clear error unless ``size`` is a positive multiple of ``global_batch`` (batch x processes)."""
+        if global_batch < 1 or self.size % global_batch != 0:
+            lower = max(global_batch, self.size // max(global_batch, 1) * global_batch)
+            raise ValueError(
+                f"queue_size={self.size} must be a multiple of the global batch size {global_batch} "
+                f"(per-device batch x number of processes), so that every step writes a whole batch of keys; "
+                f"use queue_size={lower} or {lower + global_batch}, or change the batch size"
+            )
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Replace the oldest keys by ``keys`` gathered from every process (no gradient is kept)."""
+        keys = concat_all_gather(keys.detach())
+        n = keys.shape[0]
+        self.check_batch(n)
+        start = int(self.ptr)
+        self.queue[start : start + n] = keys.to(self.queue.dtype)
+        self.ptr.fill_((start + n) % self.size)
+
+    def extra_repr(self) -> str:
+        """Show size and width in the module summary."""
+        return f"size={self.size}, dim={self.dim}"

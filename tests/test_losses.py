@@ -1,0 +1,42 @@
+import math
+
+import torch
+from torch.nn import functional as F
+
+from moco_lightning.losses import info_nce_logits, info_nce_loss
+
+
+def reference_info_nce(q, k, queue, t):
+    """Per-sample InfoNCE, written from Eq. 1 of the paper in float64 with Python loops."""
+    total = 0.0
+    for i in range(q.shape[0]):
+        pos = math.exp(float(q[i] @ k[i]) / t)
+        negs = sum(math.exp(float(q[i] @ queue[j]) / t) for j in range(queue.shape[0]))
+        total += -math.log(pos / (pos + negs))
+    return total / q.shape[0]
+
+
+def test_loss_equals_float64_reference():
+    q = F.normalize(torch.randn(6, 8, dtype=torch.float64), dim=1)
+    k = F.normalize(torch.randn(6, 8, dtype=torch.float64), dim=1)
+    queue = F.normalize(torch.randn(10, 8, dtype=torch.float64), dim=1)
+    logits, labels = info_nce_logits(q, k, queue, temperature=0.07)
+    assert abs(info_nce_loss(logits, labels).item() - reference_info_nce(q, k, queue, 0.07)) < 1e-9
+
+
+def test_logits_layout_positive_first_and_divided_by_t():
+    q = F.normalize(torch.randn(4, 5), dim=1)
+    k = F.normalize(torch.randn(4, 5), dim=1)
+    queue = F.normalize(torch.randn(7, 5), dim=1)
+    logits, labels = info_nce_logits(q, k, queue, temperature=0.2)
+    assert logits.shape == (4, 8)
+    assert torch.equal(labels, torch.zeros(4, dtype=torch.long))
+    torch.testing.assert_close(logits[:, 0], (q * k).sum(1) / 0.2)
+    torch.testing.assert_close(logits[:, 1:], q @ queue.t() / 0.2)
+
+
+def test_loss_is_low_when_positive_dominates():
+    q = F.normalize(torch.randn(1, 16), dim=1)
+    queue = -q.repeat(3, 1)  # every negative points the other way
+    logits, labels = info_nce_logits(q, q.clone(), queue, temperature=0.07)
+    assert info_nce_loss(logits, labels).item() < 1e-6

@@ -1,0 +1,220 @@
+import copy
+
+import lightning as L
+import pytest
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from moco_lightning import MoCo
+
+SIZE = 8
+
+
+class TwoViewNoise(Dataset):
+    """Random images in two noisy views, labels 0..3: enough to run MoCo steps."""
+
+    def __init__(self, n: int = 16) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.rand(n, 3, SIZE, SIZE, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = self.images[i]
+        return (x + 0.05 * torch.randn_like(x), x + 0.05 * torch.randn_like(x)), i % 4
+
+
+def tiny_moco(**kwargs) -> MoCo:
+    defaults = dict(backbone="resnet18", cifar_stem=True, dim=8, queue_size=16, momentum=0.9, temperature=0.2,
+                    lr=0.01, lr_schedule="cosine")
+    defaults.update(kwargs)
+    return MoCo(**defaults)
+
+
+def tiny_trainer(tmp_path, **kwargs) -> L.Trainer:
+    defaults = dict(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def loader(n: int = 16, batch_size: int = 4, drop_last: bool = True) -> DataLoader:
+    return DataLoader(TwoViewNoise(n), batch_size=batch_size, shuffle=False, drop_last=drop_last)
+
+
+def test_forward_returns_official_logits_and_enqueues_keys():
+    model = tiny_moco()
+    x_q, x_k = torch.rand(4, 3, SIZE, SIZE), torch.rand(4, 3, SIZE, SIZE)
+    queue_before = model.queue.clone()
+    probe_k = copy.deepcopy(model.encoder_k)
+    probe_q = copy.deepcopy(model.encoder_q)
+
+    logits, labels = model(x_q, x_k)
+
+    q = F.normalize(probe_q(x_q), dim=1)
+    k = F.normalize(probe_k(x_k), dim=1)
+    assert logits.shape == (4, 1 + 16) and torch.equal(labels, torch.zeros(4, dtype=torch.long))
+    torch.testing.assert_close(logits[:, 0], (q * k).sum(1) / 0.2)
+    torch.testing.assert_close(logits[:, 1:], q @ queue_before.t() / 0.2)  # the queue before this step
+    torch.testing.assert_close(model.queue[:4], k)
+    assert torch.equal(model.queue[4:], queue_before[4:])
+    assert int(model.queue_ptr) == 4
+
+
+def test_embed_gives_backbone_features():
+    model = tiny_moco()
+    model.eval()
+    assert model.embed(torch.rand(2, 3, SIZE, SIZE)).shape == (2, model.feature_dim) == (2, 512)
+
+
+def test_key_encoder_gets_no_gradient_and_is_in_no_optimizer(tmp_path):
+    model = tiny_moco()
+    logits, labels = model(torch.rand(4, 3, SIZE, SIZE), torch.rand(4, 3, SIZE, SIZE))
+    F.cross_entropy(logits, labels).backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.encoder_k.parameters())
+    assert all(p.grad is not None for p in model.encoder_q.parameters())
+
+    trainer = tiny_trainer(tmp_path, max_steps=1)
+    trainer.fit(model, loader())
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in model.encoder_k.parameters()}
+    assert {id(p) for p in model.encoder_q.parameters()} <= optimized
+
+
+def test_fit_runs_moves_both_encoders_and_fills_queue(tmp_path):
+    model = tiny_moco()
+    q_before = copy.deepcopy(model.encoder_q.state_dict())
+    k_before = copy.deepcopy(model.encoder_k.state_dict())
+    trainer = tiny_trainer(tmp_path, max_epochs=2)
+    trainer.fit(model, loader())
+    assert trainer.global_step == 8
+    assert int(model.queue_ptr) == (8 * 4) % 16
+    name = "backbone.conv1.weight"
+    assert not torch.equal(model.encoder_q.state_dict()[name], q_before[name])
+    assert not torch.equal(model.encoder_k.state_dict()[name], k_before[name])
+    assert not torch.equal(model.encoder_k.state_dict()[name], model.encoder_q.state_dict()[name])
+    logged = trainer.logged_metrics
+    for key in ["train/loss", "train/acc_top1", "train/acc_top5", "train/pos_sim", "train/neg_sim", "train/lr",
+                "train/momentum"]:
+        assert key in logged, key
+    assert torch.isfinite(logged["train/loss"])
+
+
+class CountingMoCo(MoCo):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.updates = 0
+
+    def momentum_update(self, m=None):
+        self.updates += 1
+        super().momentum_update(m)
+
+
+def test_momentum_update_once_per_optimizer_step_under_accumulation(tmp_path):
+    model = CountingMoCo(backbone="resnet18", cifar_stem=True, dim=8, queue_size=16, momentum=0.9)
+    trainer = tiny_trainer(tmp_path, accumulate_grad_batches=2)
+    trainer.fit(model, loader(n=16, batch_size=4))  # 4 micro-batches -> 2 optimizer steps
+    assert trainer.global_step == 2
+    assert model.updates == 2
+
+
+def test_key_encoder_sequence_matches_official_order(tmp_path):
+    """After a step, θk = m·θk_prev + (1−m)·θq_after_step, with θk_prev = θq at init (m applies once)."""
+    model = tiny_moco(momentum=0.5)
+    theta0 = copy.deepcopy(model.encoder_q.head[0].weight.detach())
+    trainer = tiny_trainer(tmp_path, max_steps=1)
+    trainer.fit(model, loader())
+    theta1 = model.encoder_q.head[0].weight.detach()
+    torch.testing.assert_close(model.encoder_k.head[0].weight, 0.5 * theta0 + 0.5 * theta1)
+
+
+def test_checkpoint_restores_encoders_queue_and_pointer(tmp_path):
+    model = tiny_moco()
+    trainer = tiny_trainer(tmp_path, max_steps=3)
+    trainer.fit(model, loader())
+    path = tmp_path / "moco.ckpt"
+    trainer.save_checkpoint(path)
+    restored = MoCo.load_from_checkpoint(path)
+    assert int(restored.queue_ptr) == int(model.queue_ptr) == 12
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+    assert restored.hparams.queue_size == 16 and restored.hparams.backbone == "resnet18"
+
+
+def test_queue_not_multiple_of_global_batch_fails_before_first_step(tmp_path):
+    model = tiny_moco(queue_size=10)
+    trainer = tiny_trainer(tmp_path)
+    with pytest.raises(ValueError, match="queue_size=10 must be a multiple of the global batch size 4"):
+        trainer.fit(model, loader())
+    assert trainer.global_step == 0
+
+
+def test_loader_without_drop_last_is_an_error(tmp_path):
+    trainer = tiny_trainer(tmp_path)
+    with pytest.raises(ValueError, match="drop_last=True"):
+        trainer.fit(tiny_moco(), loader(drop_last=False))
+
+
+def test_queue_as_large_as_dataset_warns(tmp_path):
+    trainer = tiny_trainer(tmp_path, max_steps=1)
+    with pytest.warns(UserWarning, match="not smaller than the training set"):
+        trainer.fit(tiny_moco(queue_size=16), loader(n=16))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(temperature=0.0), "temperature must be > 0"),
+        (dict(momentum=1.2), r"momentum must be in \[0, 1\]"),
+        (dict(momentum_schedule="linear"), "momentum_schedule must be one of"),
+        (dict(dim=0), "dim must be"),
+    ],
+)
+def test_bad_hyperparameters_are_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_moco(**kwargs)
+
+
+def test_cosine_momentum_schedule_rises_during_training(tmp_path):
+    model = tiny_moco(momentum=0.9, momentum_schedule="cosine")
+    trainer = tiny_trainer(tmp_path, max_steps=4)
+    trainer.fit(model, loader())
+    assert model.current_momentum == pytest.approx(1.0)  # step 4 of 4
+
+
+def test_scale_lr_uses_global_batch(tmp_path):
+    model = tiny_moco(lr=0.03, scale_lr=True, lr_schedule="constant")
+    trainer = tiny_trainer(tmp_path, max_steps=1, accumulate_grad_batches=2)
+    trainer.fit(model, loader(batch_size=4))
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.03 * 8 / 256)
+
+
+class NoEnqueueMoCo(MoCo):
+    """A user's variant that keeps the dictionary fixed."""
+
+    def dequeue_and_enqueue(self, k):
+        pass
+
+
+def test_subclass_overriding_one_hook_changes_only_that():
+    base = tiny_moco()
+    child = NoEnqueueMoCo(**dict(base.hparams))
+    child.load_state_dict(base.state_dict())
+    x_q, x_k = torch.rand(4, 3, SIZE, SIZE), torch.rand(4, 3, SIZE, SIZE)
+    queue_before = base.queue.clone()
+    logits_base, _ = base(x_q, x_k)
+    logits_child, _ = child(x_q, x_k)
+    torch.testing.assert_close(logits_child, logits_base)  # same queries, keys and negatives
+    assert torch.equal(child.queue, queue_before) and int(child.queue_ptr) == 0
+    assert not torch.equal(base.queue, queue_before) and int(base.queue_ptr) == 4
+
+
+def test_custom_backbone_module(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    model = MoCo(backbone=net, dim=4, queue_size=8, temperature=0.2)
+    assert model.feature_dim == 6
+    trainer = tiny_trainer(tmp_path, max_steps=2)
+    trainer.fit(model, loader(n=16, batch_size=4))
+    assert trainer.global_step == 2

@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from moco_lightning.queue import KeyQueue
+
+
+def test_queue_starts_as_random_unit_rows():
+    q = KeyQueue(32, 8)
+    assert q.queue.shape == (32, 8)
+    torch.testing.assert_close(q.queue.norm(dim=1), torch.ones(32))
+    assert int(q.ptr) == 0
+    assert q.queue.std() > 0.1  # not a constant
+
+
+def test_enqueue_is_fifo_and_wraps_around():
+    q = KeyQueue(6, 3)
+    batches = [torch.full((2, 3), float(i)) for i in range(4)]
+    for b in batches[:3]:
+        q.enqueue(b)
+    assert int(q.ptr) == 0
+    assert torch.equal(q.queue, torch.cat(batches[:3]))
+    q.enqueue(batches[3])  # overwrites the oldest batch only
+    assert int(q.ptr) == 2
+    assert torch.equal(q.queue, torch.cat([batches[3], batches[1], batches[2]]))
+
+
+def test_queue_size_must_be_multiple_of_global_batch():
+    q = KeyQueue(10, 3)
+    with pytest.raises(ValueError, match=r"queue_size=10 must be a multiple of the global batch size 4"):
+        q.check_batch(4)
+    with pytest.raises(ValueError, match="multiple of the global batch"):
+        q.enqueue(torch.zeros(4, 3))
+    q.check_batch(5)
+
+
+def test_queue_and_pointer_are_in_state_dict():
+    q = KeyQueue(4, 2)
+    q.enqueue(torch.ones(2, 2))
+    state = q.state_dict()
+    assert set(state) == {"queue", "ptr"}
+    fresh = KeyQueue(4, 2)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.queue, q.queue) and int(fresh.ptr) == 2
