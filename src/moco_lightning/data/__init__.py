@@ -1,0 +1,49 @@
+"""Datamodules for MoCo pretraining and evaluation.
+
+``train_dataloader()`` yields ``([x_q, x_k], y)`` (two independently augmented views, ``drop_last=True``);
+``eval_train_dataloader()`` / ``eval_val_dataloader()`` yield labelled ``(x, y)`` with one deterministic view.
+
+| datamodule | data | default crop |
+|---|---|---|
+| :class:`DigitsDataModule` | scikit-learn digits, embedded (the default; no download) | 16 |
+| :class:`CIFAR10DataModule`, :class:`CIFAR100DataModule` | torchvision CIFAR (download) | 32 |
+| :class:`STL10DataModule` | torchvision STL-10, unlabeled + train / test (download) | 96 |
+| :class:`ImageNetDataModule` | ``data_dir/train``, ``data_dir/val`` class folders | 224 |
+| :class:`ImageFolderDataModule` | any folder: class sub-folders, or flat (pretraining only) | 224 |
+
+Add :class:`SkippedImagesReport` to the trainer callbacks to get a per-epoch count of unreadable images skipped
+by the folder datamodules.
+"""
+
+from moco_lightning.data.base import MoCoDataModule, TransformedDataset, seed_worker
+from moco_lightning.data.digits import DigitsDataModule, DigitsDataset, digits_split, load_digits_images
+from moco_lightning.data.download import DatasetNotAvailableError
+from moco_lightning.data.folder import (
+    CorruptImageWarning,
+    ImageFolderDataModule,
+    ImageFolderDataset,
+    ImageNetDataModule,
+    SkippedImagesReport,
+    scan_image_folder,
+)
+from moco_lightning.data.torchvision_sets import CIFAR10DataModule, CIFAR100DataModule, STL10DataModule
+
+__all__ = [
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "CorruptImageWarning",
+    "DatasetNotAvailableError",
+    "DigitsDataModule",
+    "DigitsDataset",
+    "ImageFolderDataModule",
+    "ImageFolderDataset",
+    "ImageNetDataModule",
+    "MoCoDataModule",
+    "STL10DataModule",
+    "SkippedImagesReport",
+    "TransformedDataset",
+    "digits_split",
+    "load_digits_images",
+    "scan_image_folder",
+    "seed_worker",
+]

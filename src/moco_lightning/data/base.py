@@ -1,0 +1,252 @@
+"""The base datamodule: two-view pretraining batches and labelled single-view evaluation batches."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from moco_lightning.transforms import (
+    AUGMENTATIONS,
+    DATASET_STATS,
+    DEFAULT_IMAGE_SIZE,
+    TwoViewTransform,
+    build_view_transforms,
+    eval_transform,
+    linear_train_transform,
+)
+
+__all__ = ["MoCoDataModule", "TransformedDataset", "seed_worker"]
+
+
+def seed_worker(worker_id: int) -> None:
+    """``worker_init_fn``: seed ``random`` and ``numpy`` of a loader worker from its torch seed.
+
+    PyTorch already derives each worker's torch seed from the loader's ``generator`` (``base_seed + worker_id``),
+    so with a seeded generator this makes every RNG a transform might use a function of (seed, epoch, worker).
+    """
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+class TransformedDataset(Dataset):
+    """Apply ``transform`` to the image of ``base[i] = (image, label)``; shares the base data between views.
+
+    Args:
+        base: a dataset returning ``(image, label)`` pairs (PIL images or tensors), without its own transform.
+        transform: applied to the image; ``None`` returns it unchanged.
+
+    """
+
+    def __init__(self, base: Dataset, transform: Callable[[Any], Any] | None) -> None:
+        self.base = base
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        image, label = self.base[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+
+class MoCoDataModule(LightningDataModule):
+    """Base datamodule for MoCo: pretraining pairs ``((x_q, x_k), y)`` and evaluation batches ``(x, y)``.
+
+    Subclasses set :attr:`dataset_name` and implement :meth:`_build_pretrain_dataset` and
+    :meth:`_build_eval_dataset` (both return datasets of ``(image, label)`` *without* transform).
+
+    Loaders:
+        * :meth:`train_dataloader`: shuffled, ``drop_last=True`` (every batch fills the queue at full size),
+          two independently augmented views of each image; labels are passed through but unused.
+        * :meth:`eval_train_dataloader` / :meth:`eval_val_dataloader`: labelled, one deterministic view
+          (:func:`~moco_lightning.transforms.eval_transform`), no shuffle, no ``drop_last``; ``augment=True`` on
+          the train one gives the linear-probe training view (random resized crop + flip).
+        * no ``val_dataloader``: MoCo pretraining has no validation step (the kNN monitor uses the eval loaders).
+
+    Reproducibility: the pretraining loader owns a ``torch.Generator`` seeded with ``seed + 1000 * global_rank``;
+    it drives the shuffle and the seeds of the loader workers (see :func:`seed_worker`), so the same seed gives the
+    same batches whatever the global RNG state. With ``num_workers=0`` the augmentations run in the main process
+    and draw from its global RNG: seed it with ``lightning.seed_everything(seed)`` (the training CLI does).
+
+    Args:
+        batch_size: pretraining batch size per device (per process).
+        num_workers: loader worker processes per device.
+        pin_memory: pin host memory for faster GPU transfer; ``None`` = only when CUDA is available.
+        persistent_workers: keep workers alive between epochs; ``None`` = when ``num_workers > 0``.
+        seed: seed of the loader generators (shuffle order, worker seeds).
+        augmentation: "v1", "v2", "v3", "digits" (see :data:`~moco_lightning.transforms.AUGMENTATIONS`), or a
+            callable view transform (applied independently to each view); ``None`` = the dataset's default.
+        image_size: crop size; ``None`` = the dataset's default (32 CIFAR, 96 STL-10, 224 ImageNet, 16 digits).
+        mean: normalisation mean; ``None`` = the dataset's statistics.
+        std: normalisation std; ``None`` = the dataset's statistics.
+        augmentation_kwargs: extra keywords for the augmentation builder, e.g. ``{"crop_scale": [0.08, 1.0]}``
+            or ``{"blur_prob": 0.0}`` for "v2".
+        eval_batch_size: batch size of the evaluation loaders; ``None`` = ``batch_size``.
+        prefetch_factor: batches prefetched per worker (``None`` = PyTorch's default); ignored without workers.
+
+    """
+
+    #: key into :data:`~moco_lightning.transforms.DATASET_STATS` / ``DEFAULT_IMAGE_SIZE``.
+    dataset_name: ClassVar[str] = "folder"
+    #: augmentation used when ``augmentation=None``.
+    default_augmentation: ClassVar[str] = "v2"
+
+    def __init__(self, batch_size: int = 256, num_workers: int = 4, pin_memory: bool | None = None,
+                 persistent_workers: bool | None = None, seed: int = 0,
+                 augmentation: str | Callable[[Any], torch.Tensor] | None = None, image_size: int | None = None,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 augmentation_kwargs: dict[str, Any] | None = None, eval_batch_size: int | None = None,
+                 prefetch_factor: int | None = None) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"{name}: data.batch_size must be a positive integer, got {batch_size!r}")
+        if eval_batch_size is not None and (not isinstance(eval_batch_size, int) or eval_batch_size < 1):
+            raise ValueError(f"{name}: data.eval_batch_size must be a positive integer or null, "
+                             f"got {eval_batch_size!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"{name}: data.num_workers must be an integer >= 0, got {num_workers!r}")
+        if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+            raise ValueError(f"{name}: data.image_size must be a positive integer or null (dataset default), "
+                             f"got {image_size!r}")
+        if isinstance(augmentation, str) and augmentation not in AUGMENTATIONS:
+            raise ValueError(f"{name}: unknown data.augmentation {augmentation!r}; use one of {list(AUGMENTATIONS)} "
+                             "or a callable transform")
+        for key, value in (("mean", mean), ("std", std)):
+            if value is not None and len(value) != 3:
+                raise ValueError(f"{name}: data.{key} must have 3 values (RGB), got {value!r}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size
+        self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.persistent_workers = (num_workers > 0) if persistent_workers is None else bool(persistent_workers)
+        self.prefetch_factor = prefetch_factor
+        self.seed = int(seed)
+        self.augmentation = augmentation if augmentation is not None else self.default_augmentation
+        self.augmentation_kwargs = dict(augmentation_kwargs or {})
+        self.image_size: int = image_size if image_size is not None else DEFAULT_IMAGE_SIZE[self.dataset_name]
+        stats = DATASET_STATS[self.dataset_name]
+        self.mean = tuple(float(v) for v in (mean if mean is not None else stats[0]))
+        self.std = tuple(float(v) for v in (std if std is not None else stats[1]))
+        self.num_classes: int = getattr(self, "num_classes", 0)
+        self.num_train_samples: int = 0
+        self._pretrain_dataset: Dataset | None = None
+        self._eval_datasets: dict[tuple[str, bool], Dataset] = {}
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _build_pretrain_dataset(self) -> Dataset:
+        """Return the pretraining set as ``(image, label)`` pairs without transform."""
+        raise NotImplementedError
+
+    def _build_eval_dataset(self, split: str) -> Dataset:
+        """Return the labelled ``"train"`` or ``"val"`` evaluation set as ``(image, label)`` without transform."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ transforms
+    @property
+    def pretrain_transform(self) -> TwoViewTransform:
+        """The two-view transform of the pretraining loader."""
+        if callable(self.augmentation):
+            return TwoViewTransform(self.augmentation)
+        view_1, view_2 = build_view_transforms(self.augmentation, self.image_size, self.mean, self.std,
+                                               **self.augmentation_kwargs)
+        return TwoViewTransform(view_1, view_2)
+
+    @property
+    def eval_transform(self) -> Callable[[Any], torch.Tensor]:
+        """The deterministic evaluation view."""
+        return eval_transform(self.dataset_name, self.image_size, self.mean, self.std)
+
+    @property
+    def linear_train_transform(self) -> Callable[[Any], torch.Tensor]:
+        """The linear-probe training view (random resized crop + flip; no flip for digits)."""
+        return linear_train_transform(self.dataset_name, self.image_size, self.mean, self.std)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str | None = None) -> None:
+        """Build the pretraining set (once); sets ``num_train_samples`` and ``num_classes``."""
+        if self._pretrain_dataset is None:
+            base = self._build_pretrain_dataset()
+            self._pretrain_dataset = TransformedDataset(base, self.pretrain_transform)
+            self.num_train_samples = len(self._pretrain_dataset)
+
+    @property
+    def pretrain_dataset(self) -> Dataset:
+        """The pretraining dataset (``setup()`` must have run); items are ``([view_1, view_2], label)``."""
+        if self._pretrain_dataset is None:
+            self.setup("fit")
+        assert self._pretrain_dataset is not None
+        return self._pretrain_dataset
+
+    def eval_dataset(self, split: str, augment: bool = False) -> Dataset:
+        """The labelled evaluation dataset of ``split`` ("train" or "val"), cached."""
+        if split not in ("train", "val"):
+            raise ValueError(f"eval split must be 'train' or 'val', got {split!r}")
+        key = (split, augment)
+        if key not in self._eval_datasets:
+            base = next((ds.base for (s, _), ds in self._eval_datasets.items() if s == split), None)
+            if base is None:
+                base = self._build_eval_dataset(split)
+            transform = self.linear_train_transform if augment else self.eval_transform
+            self._eval_datasets[key] = TransformedDataset(base, transform)
+        return self._eval_datasets[key]
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool,
+                seed_offset: int) -> DataLoader:
+        rank, _ = self._rank_and_world()
+        generator = torch.Generator().manual_seed(self.seed + 1000 * rank + seed_offset)
+        kwargs: dict[str, Any] = {}
+        if self.num_workers > 0:
+            kwargs["persistent_workers"] = self.persistent_workers
+            if self.prefetch_factor is not None:
+                kwargs["prefetch_factor"] = self.prefetch_factor
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory, worker_init_fn=seed_worker,
+                          generator=generator, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled two-view pretraining batches ``([x_q, x_k], y)`` with ``drop_last=True``."""
+        dataset = self.pretrain_dataset
+        _, world = self._rank_and_world()
+        per_device = len(dataset) // world  # type: ignore[arg-type]
+        if per_device < self.batch_size:
+            raise ValueError(
+                f"{type(self).__name__}: the pretraining set has {len(dataset)} images "  # type: ignore[arg-type]
+                f"({per_device} per device over {world} device(s)), fewer than data.batch_size={self.batch_size}; "
+                "with drop_last=True no batch would be produced. Lower data.batch_size or use more data.")
+        return self._loader(dataset, self.batch_size, shuffle=True, drop_last=True, seed_offset=0)
+
+    def eval_train_dataloader(self, augment: bool = False) -> DataLoader:
+        """Labelled training images, one view per image, in a fixed order (kNN memory bank, linear probe).
+
+        Args:
+            augment: ``False`` = the deterministic evaluation view; ``True`` = the linear-probe training view
+                (random resized crop + flip) and a shuffled order.
+
+        """
+        return self._loader(self.eval_dataset("train", augment), self.eval_batch_size, shuffle=augment,
+                            drop_last=False, seed_offset=1)
+
+    def eval_val_dataloader(self) -> DataLoader:
+        """Labelled validation images, deterministic view, fixed order (kNN queries, linear-probe validation)."""
+        return self._loader(self.eval_dataset("val"), self.eval_batch_size, shuffle=False, drop_last=False,
+                            seed_offset=2)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(batch_size={self.batch_size}, num_workers={self.num_workers}, "
+                f"augmentation={self.augmentation!r}, image_size={self.image_size})")

@@ -1,0 +1,391 @@
+"""Image-folder datasets (any folder, ImageNet) that skip unreadable images instead of crashing mid-epoch.
+
+Layouts:
+    * labelled: ``root/<class>/<...>/<image>`` (class = first-level sub-folder, sorted names -> 0..C-1);
+    * unlabelled (pretraining only): images directly in ``root`` (label -1).
+
+Bad input is found before training where it is cheap (missing / empty folder, no file with a known image
+extension: a clear error at ``setup()``), and during training where it is not (a corrupt or truncated file: it is
+only discovered when decoded). Such a file is replaced by the next readable image so the batch stays full, warned
+about once (:class:`CorruptImageWarning`, naming the file) and counted.
+
+The count lives in shared memory (a ``multiprocessing`` array with one flag per file plus an epoch counter),
+created with the dataset and inherited by the loader workers, so skips in worker processes are counted too (and a
+file is warned about once, whichever worker meets it first; warnings from workers go to their stderr). The
+:class:`SkippedImagesReport` callback reads and resets the counter at the end of every training epoch and emits
+one summary warning; without the callback, ``teardown`` reports the total.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
+from torch.utils.data import Dataset
+
+from moco_lightning.data.base import MoCoDataModule
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "CorruptImageWarning",
+    "ImageFolderDataModule",
+    "ImageFolderDataset",
+    "ImageNetDataModule",
+    "SkippedImagesReport",
+    "scan_image_folder",
+]
+
+#: extensions (lower case) recognised as images: torchvision's ``IMG_EXTENSIONS``.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+_LAYOUT_HELP = ("Arrange the images as <folder>/<class name>/<image>.jpg (labelled) or put them directly in "
+                "<folder> (unlabelled, pretraining only)")
+
+
+class CorruptImageWarning(UserWarning):
+    """An image file could not be decoded and was replaced by another image of the dataset."""
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _walk_images(folder: str) -> list[str]:
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f) and not f.startswith("."))
+    return found
+
+
+def scan_image_folder(root: str | os.PathLike[str], setting: str = "data.data_dir"
+                      ) -> tuple[list[tuple[str, int]], list[str]]:
+    """List the images of a folder: ``(samples [(path, label)], class names)``.
+
+    Labelled when ``root`` has sub-folders with images (labels index the sorted class names); unlabelled (labels
+    -1, no classes) when the images lie directly in ``root``.
+
+    Args:
+        root: the folder.
+        setting: the config key that holds ``root``, named in error messages.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        NotADirectoryError: ``root`` is a file.
+        ValueError: ``root`` is empty or holds no file with a known image extension.
+
+    """
+    root = os.path.expanduser(os.fspath(root))
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"{setting}={root!r} does not exist. Set {setting} to the folder of your images. "
+                                f"{_LAYOUT_HELP}.")
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"{setting}={root!r} is a file, not a folder. {_LAYOUT_HELP}.")
+    entries = sorted((e for e in os.scandir(root) if not e.name.startswith(".")), key=lambda e: e.name)
+    if not entries:
+        raise ValueError(f"{setting}={root!r} is an empty folder. {_LAYOUT_HELP}.")
+    class_dirs = [e for e in entries if e.is_dir()]
+    top_images = [e.path for e in entries if e.is_file() and _is_image(e.name)]
+    samples: list[tuple[str, int]] = []
+    classes: list[str] = []
+    empty_dirs: list[str] = []
+    for entry in class_dirs:
+        images = _walk_images(entry.path)
+        if not images:
+            empty_dirs.append(entry.name)
+            continue
+        samples.extend((path, len(classes)) for path in images)
+        classes.append(entry.name)
+    if classes:
+        if empty_dirs:
+            warnings.warn(f"{setting}={root!r}: ignoring sub-folders without images: {empty_dirs[:10]}",
+                          stacklevel=2)
+        if top_images:
+            warnings.warn(f"{setting}={root!r}: ignoring {len(top_images)} images lying next to the class "
+                          "sub-folders (they have no class)", stacklevel=2)
+        return samples, classes
+    if top_images:
+        return [(path, -1) for path in top_images], []
+    n_files = sum(len(files) for _, _, files in os.walk(root, followlinks=True))
+    if n_files == 0:
+        raise ValueError(f"{setting}={root!r} contains no files (only empty sub-folders). {_LAYOUT_HELP}.")
+    raise ValueError(f"{setting}={root!r} holds {n_files} files but none with a known image extension "
+                     f"({', '.join(IMAGE_EXTENSIONS)}). {_LAYOUT_HELP}.")
+
+
+def _load_rgb(path: str) -> Image.Image:
+    with open(path, "rb") as handle:
+        image = Image.open(handle)
+        return image.convert("RGB")  # forces the full decode, so truncated files fail here
+
+
+class ImageFolderDataset(Dataset):
+    """``(PIL RGB image, label)`` pairs from a list of files; unreadable files are skipped, warned and counted.
+
+    Args:
+        samples: ``[(path, label)]``, e.g. from :func:`scan_image_folder`.
+        classes: class names (empty for an unlabelled folder).
+
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str] = ()) -> None:
+        if not samples:
+            raise ValueError("ImageFolderDataset needs at least one image")
+        self.samples = list(samples)
+        self.classes = list(classes)
+        self.targets = [label for _, label in self.samples]
+        # Shared between loader workers (inherited by fork, pickled at spawn): 1 = known unreadable.
+        self._bad = multiprocessing.Array("b", len(self.samples))
+        self._epoch_skips = multiprocessing.Value("q", 0)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _mark_bad(self, index: int, err: BaseException) -> None:
+        with self._bad.get_lock():
+            first = self._bad[index] == 0
+            self._bad[index] = 1
+        if first:
+            warnings.warn(f"Skipping unreadable image {self.samples[index][0]} ({type(err).__name__}: {err}); "
+                          "it is replaced by the next readable image of the dataset", CorruptImageWarning,
+                          stacklevel=3)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        n = len(self.samples)
+        for step in range(n):
+            i = (index + step) % n
+            if self._bad[i]:
+                if step == 0:
+                    with self._epoch_skips.get_lock():
+                        self._epoch_skips.value += 1
+                continue
+            path, label = self.samples[i]
+            try:
+                return _load_rgb(path), label
+            except Exception as err:  # noqa: BLE001 - any decoder error means "unreadable file"
+                self._mark_bad(i, err)
+                if step == 0:
+                    with self._epoch_skips.get_lock():
+                        self._epoch_skips.value += 1
+        raise RuntimeError(f"None of the {n} images of this dataset can be decoded (first: {self.samples[0][0]}); "
+                           "check the files / data.data_dir")
+
+    @property
+    def bad_files(self) -> list[str]:
+        """Files found unreadable so far (in any process)."""
+        flags = np.frombuffer(self._bad.get_obj(), dtype=np.int8)
+        return [self.samples[i][0] for i in np.flatnonzero(flags)]
+
+    def pop_epoch_skips(self) -> int:
+        """Number of samples replaced since the last call (all processes), and reset it to zero."""
+        with self._epoch_skips.get_lock():
+            count = int(self._epoch_skips.value)
+            self._epoch_skips.value = 0
+        return count
+
+
+class SkippedImagesReport(Callback):
+    """At the end of each training epoch, warn once with the number of unreadable images skipped in it.
+
+    Works with any datamodule that has ``pop_skipped_images() -> (count, bad_files)`` (the folder datamodules);
+    does nothing for the others. The count is also logged as ``data/skipped_images`` when non-zero.
+    """
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Report and reset the skip counter of ``trainer.datamodule``."""
+        datamodule = getattr(trainer, "datamodule", None)
+        pop = getattr(datamodule, "pop_skipped_images", None)
+        if pop is None:
+            return
+        count, bad_files = pop()
+        if count:
+            shown = ", ".join(bad_files[:5]) + (" ..." if len(bad_files) > 5 else "")
+            rank_zero_warn(f"epoch {trainer.current_epoch}: skipped {count} unreadable images "
+                           f"({len(bad_files)} distinct files so far: {shown})", category=CorruptImageWarning)
+
+
+class _FolderDataModule(MoCoDataModule):
+    """Shared logic of the folder datamodules: datasets built from scans, skip counting."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._folder_datasets: list[ImageFolderDataset] = []
+        self.classes: list[str] = []
+
+    def _dataset(self, samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> ImageFolderDataset:
+        dataset = ImageFolderDataset(samples, classes)
+        self._folder_datasets.append(dataset)
+        return dataset
+
+    def pop_skipped_images(self) -> tuple[int, list[str]]:
+        """``(images replaced since the last call, all files found unreadable so far)``; resets the count."""
+        count = sum(ds.pop_epoch_skips() for ds in self._folder_datasets)
+        bad = sorted({path for ds in self._folder_datasets for path in ds.bad_files})
+        return count, bad
+
+    def teardown(self, stage: str) -> None:
+        """Warn with the list of unreadable files met during the run, if any."""
+        bad = sorted({path for ds in self._folder_datasets for path in ds.bad_files})
+        if bad:
+            rank_zero_warn(f"{type(self).__name__}: {len(bad)} unreadable image files were skipped during "
+                           f"this run: {bad[:20]}", category=CorruptImageWarning)
+
+
+class ImageFolderDataModule(_FolderDataModule):
+    """Any folder of images: class sub-folders (labelled) or a flat folder (unlabelled, pretraining only).
+
+    * ``val_dir`` given: pretraining and evaluation "train" use ``data_dir``, evaluation "val" uses ``val_dir``
+      (same class names required).
+    * otherwise, for a labelled ``data_dir``: a fixed stratified ``val_fraction`` of it (``split_seed``, not the
+      run seed) is held out for evaluation "val"; pretraining and evaluation "train" use the rest.
+    * a flat ``data_dir``: everything is used for pretraining; ``num_classes`` is 0 and the evaluation loaders
+      raise (no labels): do not enable the kNN monitor / linear probe.
+
+    Crop size 224 and ImageNet statistics by default; evaluation view = resize to size/0.875 + centre crop.
+
+    Args:
+        data_dir: the image folder.
+        val_dir: optional folder of validation images with the same class sub-folders.
+        val_fraction: fraction held out for validation when ``val_dir`` is not given (0 = no validation set).
+        split_seed: random_state of that split (fixed, independent of ``seed``).
+        **kwargs: the :class:`~moco_lightning.data.MoCoDataModule` keywords.
+
+    """
+
+    dataset_name = "folder"
+
+    def __init__(self, data_dir: str, val_dir: str | None = None, val_fraction: float = 0.1, split_seed: int = 0,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"ImageFolderDataModule: data.val_fraction must be in [0, 1), got {val_fraction!r}")
+        self.data_dir = os.path.expanduser(str(data_dir))
+        self.val_dir = os.path.expanduser(str(val_dir)) if val_dir is not None else None
+        self.val_fraction = float(val_fraction)
+        self.split_seed = int(split_seed)
+        self._train_samples: list[tuple[str, int]] | None = None
+        self._val_samples: list[tuple[str, int]] = []
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the folder is labelled (class sub-folders); known after ``setup()``."""
+        return self.num_classes > 0
+
+    def _scan(self) -> None:
+        if self._train_samples is not None:
+            return
+        samples, classes = scan_image_folder(self.data_dir, "data.data_dir")
+        self.classes, self.num_classes = classes, len(classes)
+        if self.val_dir is not None:
+            val_samples, val_classes = scan_image_folder(self.val_dir, "data.val_dir")
+            if val_classes != classes:
+                raise ValueError(f"data.val_dir={self.val_dir!r} has classes {val_classes[:5]}... but "
+                                 f"data.data_dir={self.data_dir!r} has {classes[:5]}...: both need the same class "
+                                 "sub-folders")
+            self._train_samples, self._val_samples = samples, val_samples
+        elif classes and self.val_fraction > 0:
+            self._train_samples, self._val_samples = self._split(samples)
+        else:
+            self._train_samples = samples
+
+    def _split(self, samples: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        from sklearn.model_selection import train_test_split
+
+        labels = np.array([label for _, label in samples])
+        n_val = max(1, round(self.val_fraction * len(samples)))
+        counts = np.bincount(labels)
+        # Stratify when every class can give one image to each side; otherwise fall back to a plain split.
+        stratifiable = counts.min() >= 2 and n_val >= len(counts) and len(samples) - n_val >= len(counts)
+        stratify = labels if stratifiable else None
+        train_idx, val_idx = train_test_split(np.arange(len(samples)), test_size=n_val, stratify=stratify,
+                                              random_state=self.split_seed)
+        return [samples[i] for i in sorted(train_idx)], [samples[i] for i in sorted(val_idx)]
+
+    def _build_pretrain_dataset(self) -> Dataset:
+        self._scan()
+        assert self._train_samples is not None
+        return self._dataset(self._train_samples, self.classes)
+
+    def _build_eval_dataset(self, split: str) -> Dataset:
+        self._scan()
+        if not self.has_labels:
+            raise ValueError(f"data.data_dir={self.data_dir!r} holds images without class sub-folders: fine for "
+                             "pretraining, but evaluation (kNN monitor, linear probe) needs labels. Arrange the "
+                             "images as data_dir/<class>/<image>, or disable the kNN monitor / linear probe.")
+        if split == "train":
+            if self._pretrain_dataset is not None:
+                return self._pretrain_dataset.base  # type: ignore[attr-defined]
+            assert self._train_samples is not None
+            return self._dataset(self._train_samples, self.classes)
+        if not self._val_samples:
+            raise ValueError(f"ImageFolderDataModule: no validation images: set data.val_dir to a folder with the "
+                             f"same class sub-folders as {self.data_dir!r}, or data.val_fraction > 0.")
+        return self._dataset(self._val_samples, self.classes)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Scan the folder(s) (errors for missing / empty folders are raised here) and build the datasets."""
+        self._scan()
+        super().setup(stage)
+
+
+class ImageNetDataModule(_FolderDataModule):
+    """ImageNet (ILSVRC-2012) from its train / val folders: ``data_dir/train/<wnid>/*.JPEG``, ``data_dir/val/<wnid>``.
+
+    Pretraining and evaluation "train" use ``train``; evaluation "val" uses ``val``. The validation images must be
+    sorted into class folders (the tar ships them flat; sort them with the usual ``valprep.sh``). Crop size 224,
+    ImageNet statistics, evaluation view resize 256 + centre crop 224.
+
+    Args:
+        data_dir: the folder that contains ``train`` and ``val``.
+        **kwargs: the :class:`~moco_lightning.data.MoCoDataModule` keywords.
+
+    """
+
+    dataset_name = "imagenet"
+    num_classes = 1000
+
+    def __init__(self, data_dir: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.data_dir = os.path.expanduser(str(data_dir))
+        self._scanned: dict[str, tuple[list[tuple[str, int]], list[str]]] = {}
+
+    def _scan_split(self, split: str) -> tuple[list[tuple[str, int]], list[str]]:
+        if split not in self._scanned:
+            folder = os.path.join(self.data_dir, split)
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(
+                    f"ImageNetDataModule: {folder!r} does not exist. Set data.data_dir to the folder that contains "
+                    "ImageNet's train/ and val/ folders (train/<wnid>/<image>.JPEG, val/<wnid>/<image>.JPEG).")
+            samples, classes = scan_image_folder(folder, f"data.data_dir ({split} folder)")
+            if not classes:
+                raise ValueError(f"ImageNetDataModule: {folder!r} holds images without class sub-folders. Sort "
+                                 "them into <wnid>/ folders (for val: the usual valprep.sh script).")
+            self._scanned[split] = (samples, classes)
+        return self._scanned[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Scan ``train`` and ``val`` (missing / empty folders raise here, before training)."""
+        samples, classes = self._scan_split("train")
+        self.classes, self.num_classes = classes, len(classes)
+        _, val_classes = self._scan_split("val")
+        if val_classes != classes:
+            raise ValueError(f"ImageNetDataModule: {self.data_dir}/val has {len(val_classes)} class folders but "
+                             f"train has {len(classes)}; they must match.")
+        super().setup(stage)
+
+    def _build_pretrain_dataset(self) -> Dataset:
+        samples, classes = self._scan_split("train")
+        return self._dataset(samples, classes)
+
+    def _build_eval_dataset(self, split: str) -> Dataset:
+        if split == "train" and self._pretrain_dataset is not None:
+            return self._pretrain_dataset.base  # type: ignore[attr-defined]
+        samples, classes = self._scan_split(split)
+        return self._dataset(samples, classes)

@@ -1,0 +1,158 @@
+"""CIFAR-10, CIFAR-100 and STL-10 through torchvision's dataset classes (their on-disk formats and downloads)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar
+
+from torch.utils.data import Dataset
+from torchvision import datasets
+
+from moco_lightning.data.base import MoCoDataModule
+from moco_lightning.data.download import DatasetNotAvailableError, ensure_dataset_files
+
+__all__ = ["CIFAR10DataModule", "CIFAR100DataModule", "STL10DataModule"]
+
+
+class _TorchvisionDataModule(MoCoDataModule):
+    """Shared logic: check / download the files, then construct torchvision's class with ``download=False``."""
+
+    #: human name for messages.
+    display_name: ClassVar[str] = ""
+    #: the torchvision dataset class.
+    torchvision_class: ClassVar[type] = datasets.VisionDataset
+    #: files (inside ``<data_dir>/<torchvision_class.base_folder>``) that torchvision reads.
+    required_files: ClassVar[tuple[str, ...]] = ()
+    #: what the user must place into that folder.
+    what_to_place: ClassVar[str] = ""
+
+    def __init__(self, data_dir: str = "data", download: bool = True, download_timeout: float = 10.0,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.data_dir = os.path.expanduser(str(data_dir))
+        self.download = bool(download)
+        self.download_timeout = float(download_timeout)
+        self._files_ok = False
+
+    @property
+    def dataset_folder(self) -> str:
+        """The folder holding the extracted files, e.g. ``<data_dir>/cifar-10-batches-py``."""
+        return os.path.join(self.data_dir, self.torchvision_class.base_folder)  # type: ignore[attr-defined]
+
+    def _download_split(self) -> dict[str, Any]:
+        """Constructor keywords for the (cheapest) split used to trigger torchvision's download."""
+        raise NotImplementedError
+
+    def _ensure_files(self) -> None:
+        if self._files_ok:
+            return
+        cls = self.torchvision_class
+        ensure_dataset_files(
+            self.display_name, self.dataset_folder, self.required_files, download=self.download,
+            url=cls.url,  # type: ignore[attr-defined]
+            download_fn=lambda: cls(self.data_dir, download=True, **self._download_split()),
+            what_to_place=self.what_to_place, timeout=self.download_timeout)
+        self._files_ok = True
+
+    def prepare_data(self) -> None:
+        """Download the dataset when ``download=True`` and it is not on disk (called on one process only)."""
+        self._ensure_files()
+
+    def _construct(self, **kwargs: Any) -> Dataset:
+        """Construct torchvision's class with ``download=False``; explain integrity failures."""
+        self._ensure_files()
+        try:
+            return self.torchvision_class(self.data_dir, download=False, **kwargs)
+        except RuntimeError as err:
+            raise DatasetNotAvailableError(
+                f"{self.display_name}: the files in {self.dataset_folder} are present but torchvision rejected "
+                f"them ({err}); they are probably truncated or not the original release. Delete the folder and "
+                f"set data.download=true, or place {self.what_to_place} there.") from err
+
+
+class CIFAR10DataModule(_TorchvisionDataModule):
+    """CIFAR-10: pretraining and evaluation "train" on the 50,000 training images, evaluation "val" on the test set.
+
+    Files: ``<data_dir>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}`` (the python version),
+    downloaded by ``torchvision.datasets.CIFAR10`` when ``download=True``. Crop size 32, CIFAR-10 statistics.
+
+    Args:
+        data_dir: root folder (the one that contains ``cifar-10-batches-py``).
+        download: download with torchvision when the files are missing (fails fast when offline).
+        download_timeout: seconds for the DNS lookup and each socket operation of the download.
+        **kwargs: the :class:`~moco_lightning.data.MoCoDataModule` keywords.
+
+    """
+
+    dataset_name = "cifar10"
+    display_name = "CIFAR-10"
+    num_classes = 10
+    torchvision_class = datasets.CIFAR10
+    required_files = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+                      "test_batch", "batches.meta")
+    what_to_place = ("the extracted contents of cifar-10-python.tar.gz (data_batch_1..5, test_batch, "
+                     "batches.meta)")
+
+    def _download_split(self) -> dict[str, Any]:
+        return {"train": False}
+
+    def _build_pretrain_dataset(self) -> Dataset:
+        return self._construct(train=True)
+
+    def _build_eval_dataset(self, split: str) -> Dataset:
+        if split == "train" and self._pretrain_dataset is not None:
+            return self._pretrain_dataset.base  # type: ignore[attr-defined]
+        return self._construct(train=split == "train")
+
+
+class CIFAR100DataModule(CIFAR10DataModule):
+    """CIFAR-100 (100 fine classes); same layout as :class:`CIFAR10DataModule`, folder ``cifar-100-python``."""
+
+    dataset_name = "cifar100"
+    display_name = "CIFAR-100"
+    num_classes = 100
+    torchvision_class = datasets.CIFAR100
+    required_files = ("train", "test", "meta")
+    what_to_place = "the extracted contents of cifar-100-python.tar.gz (train, test, meta)"
+
+
+class STL10DataModule(_TorchvisionDataModule):
+    """STL-10: pretraining on "train+unlabeled" (105,000 images), evaluation on "train" (5,000) and "test" (8,000).
+
+    Files: ``<data_dir>/stl10_binary/{train_X.bin, train_y.bin, unlabeled_X.bin, test_X.bin, test_y.bin}``,
+    downloaded by ``torchvision.datasets.STL10`` when ``download=True``. Crop size 96, STL-10 statistics.
+    Unlabelled images carry the label -1.
+
+    Args:
+        data_dir: root folder (the one that contains ``stl10_binary``).
+        download: download with torchvision when the files are missing (fails fast when offline).
+        download_timeout: seconds for the DNS lookup and each socket operation of the download.
+        pretrain_split: torchvision split used for pretraining: "train+unlabeled", "unlabeled" or "train".
+        **kwargs: the :class:`~moco_lightning.data.MoCoDataModule` keywords.
+
+    """
+
+    dataset_name = "stl10"
+    display_name = "STL-10"
+    num_classes = 10
+    torchvision_class = datasets.STL10
+    required_files = ("train_X.bin", "train_y.bin", "unlabeled_X.bin", "test_X.bin", "test_y.bin")
+    what_to_place = ("the extracted contents of stl10_binary.tar.gz (train_X.bin, train_y.bin, unlabeled_X.bin, "
+                     "test_X.bin, test_y.bin)")
+
+    def __init__(self, data_dir: str = "data", download: bool = True, download_timeout: float = 10.0,
+                 pretrain_split: str = "train+unlabeled", **kwargs: Any) -> None:
+        if pretrain_split not in ("train+unlabeled", "unlabeled", "train"):
+            raise ValueError(f"STL10DataModule: data.pretrain_split must be 'train+unlabeled', 'unlabeled' or "
+                             f"'train', got {pretrain_split!r}")
+        super().__init__(data_dir=data_dir, download=download, download_timeout=download_timeout, **kwargs)
+        self.pretrain_split = pretrain_split
+
+    def _download_split(self) -> dict[str, Any]:
+        return {"split": "test"}
+
+    def _build_pretrain_dataset(self) -> Dataset:
+        return self._construct(split=self.pretrain_split)
+
+    def _build_eval_dataset(self, split: str) -> Dataset:
+        return self._construct(split="train" if split == "train" else "test")

@@ -1,0 +1,183 @@
+import io
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from data_fakes import label_image, write_image_folder
+from PIL import Image
+from torchvision.transforms import v2
+
+from moco_lightning.data import (
+    CorruptImageWarning,
+    ImageFolderDataModule,
+    ImageNetDataModule,
+    SkippedImagesReport,
+    scan_image_folder,
+)
+
+AS_FLOAT = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+
+
+def decoded_labels(x):
+    return ((x.flatten(1).mean(1) * 255 - 10) / 20).round().long()
+
+
+def add_corrupt_files(folder):
+    """A truncated PNG and a 'JPEG' that is not an image at all, inside class0."""
+    buffer = io.BytesIO()
+    Image.fromarray(label_image(0, 20)).save(buffer, format="PNG")
+    truncated = folder / "class0" / "truncated.png"
+    truncated.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    garbage = folder / "class0" / "garbage.jpg"
+    garbage.write_bytes(b"this is not a jpeg" * 10)
+    return truncated, garbage
+
+
+def test_class_subfolders_give_labels_and_two_views(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", classes=3, per_class=4)
+    dm = ImageFolderDataModule(data_dir=str(root), batch_size=4, num_workers=0, image_size=16, val_fraction=0.25)
+    dm.setup("fit")
+    assert dm.num_classes == 3 and dm.classes == ["class0", "class1", "class2"]
+    assert dm.num_train_samples == 9
+    torch.manual_seed(0)
+    (x_q, x_k), y = next(iter(dm.train_dataloader()))
+    assert x_q.shape == x_k.shape == (4, 3, 16, 16) and y.dtype == torch.int64
+    assert not torch.equal(x_q, x_k)
+    val_labels = [label for _, label in dm.eval_dataset("val").base.samples]
+    assert sorted(val_labels) == [0, 1, 2]  # stratified hold-out: one of each class
+
+
+def test_labels_line_up_with_the_images(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", classes=3, per_class=2)
+    dm = ImageFolderDataModule(data_dir=str(root), batch_size=6, num_workers=0, val_fraction=0.0,
+                               augmentation=AS_FLOAT)
+    (x_q, _), y = next(iter(dm.train_dataloader()))
+    assert torch.equal(decoded_labels(x_q), y)
+
+
+def test_val_dir_and_eval_view_resize_then_centre_crop(tmp_path):
+    train = write_image_folder(tmp_path / "train", classes=2, per_class=3, size=40)
+    val = write_image_folder(tmp_path / "val", classes=2, per_class=2, size=30)
+    dm = ImageFolderDataModule(data_dir=str(train), val_dir=str(val), batch_size=2, num_workers=0,
+                               image_size=16, eval_batch_size=10)
+    x, y = next(iter(dm.eval_val_dataloader()))
+    assert x.shape == (4, 3, 16, 16) and y.tolist() == [0, 0, 1, 1]
+    assert isinstance(dm.eval_transform.transforms[1], v2.CenterCrop)
+    assert dm.eval_transform.transforms[0].size == [round(16 / 0.875)]
+
+
+def test_flat_folder_pretrains_without_labels_but_cannot_evaluate(tmp_path):
+    for j in range(5):
+        Image.fromarray(label_image(j, 12)).save(tmp_path / f"{j}.jpg")
+    dm = ImageFolderDataModule(data_dir=str(tmp_path), batch_size=4, num_workers=0, image_size=8)
+    dm.setup("fit")
+    assert dm.num_classes == 0 and not dm.has_labels and dm.num_train_samples == 5
+    (x_q, _), y = next(iter(dm.train_dataloader()))
+    assert x_q.shape == (4, 3, 8, 8) and y.tolist() == [-1] * 4
+    with pytest.raises(ValueError, match="class sub-folders"):
+        dm.eval_val_dataloader()
+
+
+def test_missing_folder_is_a_clear_error_at_setup(tmp_path):
+    dm = ImageFolderDataModule(data_dir=str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match=r"data\.data_dir=.*nope.*does not exist.*<class name>"):
+        dm.setup("fit")
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="empty folder.*<class name>"):
+        ImageFolderDataModule(data_dir=str(tmp_path)).setup("fit")
+    (tmp_path / "class0").mkdir()
+    with pytest.raises(ValueError, match="no files"):
+        scan_image_folder(tmp_path)
+
+
+def test_folder_without_known_image_formats_is_a_clear_error(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "notes.txt").write_text("hello")
+    (tmp_path / "b.csv").write_text("1,2")
+    with pytest.raises(ValueError, match=r"2 files but none with a known image extension \(.jpg"):
+        ImageFolderDataModule(data_dir=str(tmp_path)).setup("fit")
+
+
+def test_corrupt_images_are_skipped_warned_once_and_counted(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", classes=2, per_class=3)
+    truncated, garbage = add_corrupt_files(root)
+    dm = ImageFolderDataModule(data_dir=str(root), batch_size=4, num_workers=0, image_size=8, val_fraction=0.0)
+    with pytest.warns(CorruptImageWarning) as record:
+        batches = list(dm.train_dataloader())
+    assert all(y.shape == (4,) for _, y in batches) and len(batches) == 2  # 8 files, all batches full
+    messages = [str(w.message) for w in record if w.category is CorruptImageWarning]
+    assert len(messages) == 2
+    assert any(str(truncated) in m for m in messages) and any(str(garbage) in m for m in messages)
+    count, bad = dm.pop_skipped_images()
+    assert count == 2 and bad == sorted([str(garbage), str(truncated)])
+    assert dm.pop_skipped_images()[0] == 0  # reset after reading
+    # second epoch: skipped again (counted) but not warned again
+    import warnings
+
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        list(dm.train_dataloader())
+    assert not [w for w in again if w.category is CorruptImageWarning]
+    assert dm.pop_skipped_images()[0] == 2
+
+
+@pytest.mark.timeout(120)
+def test_skips_in_worker_processes_are_counted(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", classes=2, per_class=3)
+    add_corrupt_files(root)
+    dm = ImageFolderDataModule(data_dir=str(root), batch_size=4, num_workers=2, persistent_workers=False,
+                               image_size=8, val_fraction=0.0)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 2
+    count, bad = dm.pop_skipped_images()
+    assert count == 2 and len(bad) == 2
+
+
+def test_skipped_images_report_warns_at_epoch_end(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", classes=2, per_class=3)
+    add_corrupt_files(root)
+    dm = ImageFolderDataModule(data_dir=str(root), batch_size=8, num_workers=0, image_size=8, val_fraction=0.0)
+    with pytest.warns(CorruptImageWarning):
+        list(dm.train_dataloader())
+    trainer = SimpleNamespace(datamodule=dm, current_epoch=3)
+    with pytest.warns(CorruptImageWarning, match="epoch 3: skipped 2 unreadable images"):
+        SkippedImagesReport().on_train_epoch_end(trainer, None)
+    assert dm.pop_skipped_images()[0] == 0
+
+
+def test_a_folder_of_only_corrupt_images_raises_instead_of_looping(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "bad.png").write_bytes(b"nope")
+    dm = ImageFolderDataModule(data_dir=str(tmp_path), batch_size=1, num_workers=0, val_fraction=0.0)
+    with pytest.warns(CorruptImageWarning), pytest.raises(RuntimeError, match="None of the 1 images"):
+        next(iter(dm.train_dataloader()))
+
+
+def test_imagenet_layout_train_and_val(tmp_path):
+    write_image_folder(tmp_path / "train", classes=2, per_class=3, size=24)
+    write_image_folder(tmp_path / "val", classes=2, per_class=1, size=24)
+    dm = ImageNetDataModule(data_dir=str(tmp_path), batch_size=2, num_workers=0, image_size=16)
+    dm.setup("fit")
+    assert dm.num_classes == 2 and dm.num_train_samples == 6
+    (x_q, x_k), _ = next(iter(dm.train_dataloader()))
+    assert x_q.shape == (2, 3, 16, 16)
+    x, y = next(iter(dm.eval_val_dataloader()))
+    assert x.shape == (2, 3, 16, 16) and y.tolist() == [0, 1]
+    mean = np.asarray(dm.mean)
+    assert np.allclose(mean, (0.485, 0.456, 0.406))
+
+
+def test_imagenet_flat_val_folder_explains_the_fix(tmp_path):
+    write_image_folder(tmp_path / "train", classes=2, per_class=1)
+    (tmp_path / "val").mkdir()
+    Image.fromarray(label_image(0, 8)).save(tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG")
+    with pytest.raises(ValueError, match="valprep"):
+        ImageNetDataModule(data_dir=str(tmp_path)).setup("fit")
+
+
+def test_imagenet_missing_split_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train.*does not exist.*data.data_dir"):
+        ImageNetDataModule(data_dir=str(tmp_path)).setup("fit")

@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from moco_lightning.data import DigitsDataModule
+
+
+def first_batches(dm, n=2):
+    it = iter(dm.train_dataloader())
+    return [next(it) for _ in range(n)]
+
+
+def assert_same(a, b):
+    for ((q1, k1), y1), ((q2, k2), y2) in zip(a, b, strict=True):
+        assert torch.equal(q1, q2) and torch.equal(k1, k2) and torch.equal(y1, y2)
+
+
+def test_loader_settings_are_passed_to_the_dataloader():
+    dm = DigitsDataModule(batch_size=8, num_workers=2, pin_memory=False, persistent_workers=True,
+                          prefetch_factor=3, eval_batch_size=50)
+    loader = dm.train_dataloader()
+    assert loader.batch_size == 8 and loader.num_workers == 2 and loader.pin_memory is False
+    assert loader.persistent_workers is True and loader.prefetch_factor == 3 and loader.drop_last
+    assert dm.eval_val_dataloader().batch_size == 50
+
+
+def test_persistent_workers_default_follows_num_workers():
+    assert DigitsDataModule(num_workers=0).persistent_workers is False
+    assert DigitsDataModule(num_workers=2).persistent_workers is True
+
+
+def test_same_seed_same_batches_in_the_main_process():
+    torch.manual_seed(123)
+    a = first_batches(DigitsDataModule(batch_size=16, seed=7))
+    torch.manual_seed(123)
+    b = first_batches(DigitsDataModule(batch_size=16, seed=7))
+    assert_same(a, b)
+
+
+def test_shuffle_order_follows_the_datamodule_seed():
+    torch.manual_seed(0)
+    (_, y1), = first_batches(DigitsDataModule(batch_size=64, seed=1), 1)
+    torch.manual_seed(0)
+    (_, y2), = first_batches(DigitsDataModule(batch_size=64, seed=2), 1)
+    assert not torch.equal(y1, y2)
+
+
+@pytest.mark.timeout(120)
+def test_same_seed_same_batches_with_workers_whatever_the_global_rng():
+    torch.manual_seed(1)
+    a = first_batches(DigitsDataModule(batch_size=16, seed=7, num_workers=1, persistent_workers=False))
+    torch.manual_seed(2)
+    b = first_batches(DigitsDataModule(batch_size=16, seed=7, num_workers=1, persistent_workers=False))
+    assert_same(a, b)
+    torch.manual_seed(1)
+    c = first_batches(DigitsDataModule(batch_size=16, seed=8, num_workers=1, persistent_workers=False))
+    assert not torch.equal(a[0][0][0], c[0][0][0])
