@@ -1,0 +1,39 @@
+"""Evaluation of pretrained encoders: kNN monitor and metric, online and offline linear probes, export."""
+
+from moco_lightning.eval.checkpoint import (
+    BackboneCheckpoint,
+    CheckpointError,
+    load_backbone,
+    read_backbone_checkpoint,
+)
+from moco_lightning.eval.export import (
+    detectron2_checkpoint,
+    detectron2_key,
+    export_detectron2,
+    export_torchvision,
+    torchvision_model,
+    torchvision_state_dict,
+)
+from moco_lightning.eval.knn import KNNMonitor, extract_features, knn_accuracy, weighted_knn_predict
+from moco_lightning.eval.linear import LinearProbe, linear_eval
+from moco_lightning.eval.online_linear import OnlineLinearProbe
+
+__all__ = [
+    "BackboneCheckpoint",
+    "CheckpointError",
+    "KNNMonitor",
+    "LinearProbe",
+    "OnlineLinearProbe",
+    "detectron2_checkpoint",
+    "detectron2_key",
+    "export_detectron2",
+    "export_torchvision",
+    "extract_features",
+    "knn_accuracy",
+    "linear_eval",
+    "load_backbone",
+    "read_backbone_checkpoint",
+    "torchvision_model",
+    "torchvision_state_dict",
+    "weighted_knn_predict",
+]

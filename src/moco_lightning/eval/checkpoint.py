@@ -1,0 +1,213 @@
+"""Read the query backbone out of a pretraining checkpoint, for evaluation and export.
+
+Two formats are understood:
+
+* a Lightning checkpoint of :class:`moco_lightning.MoCo`: ``state_dict`` with keys
+  ``encoder_q.backbone.*`` and ``hyper_parameters`` naming the backbone (``backbone``, ``cifar_stem``,
+  ``feature_dim``);
+* an official facebookresearch/moco checkpoint (``main_moco.py``): ``state_dict`` with keys
+  ``module.encoder_q.*`` (the ``fc`` head is dropped) and ``arch``.
+
+Only the query backbone is kept (the head, the key encoder and the queue are not needed downstream).
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moco_lightning.backbones import build_backbone
+
+#: State-dict prefixes of the query backbone, tried in order: (prefix, keys to drop after stripping it).
+_BACKBONE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("encoder_q.backbone.", ()),  # moco_lightning.MoCo
+    ("module.encoder_q.", ("fc.",)),  # official facebookresearch/moco main_moco.py (DDP-wrapped)
+    ("encoder_q.", ("fc.",)),  # official code saved without the DDP wrapper
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is not a MoCo checkpoint, or whose backbone does not match the one asked for."""
+
+
+@dataclass
+class BackboneCheckpoint:
+    """The query backbone of a pretraining checkpoint.
+
+    Attributes:
+        path: the file it was read from (``"<memory>"`` for an in-memory checkpoint).
+        state_dict: backbone weights and buffers with the prefix stripped (torchvision names for ResNets).
+        backbone: backbone name (``"resnet50"``...) or ``None`` when the run used a custom module.
+        cifar_stem: whether the ResNet uses the 3x3 small-image stem.
+        feature_dim: feature width recorded in the hyper-parameters (``None`` if not recorded).
+        source: ``"moco_lightning"`` or ``"official"``.
+        hyper_parameters: all hyper-parameters found in the checkpoint.
+
+    """
+
+    path: str
+    state_dict: dict[str, torch.Tensor]
+    backbone: str | None
+    cifar_stem: bool = False
+    feature_dim: int | None = None
+    source: str = "moco_lightning"
+    hyper_parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _torch_load(path: Path) -> Any:
+    """Load a checkpoint on the CPU: safely (``weights_only``) if possible, else as a full pickle.
+
+    Only load checkpoints you trust: the fallback executes pickled code (as ``torch.load`` always did).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_backbone_checkpoint(checkpoint: str | Path | Mapping[str, Any]) -> BackboneCheckpoint:
+    """Extract the query backbone's state dict and description from a checkpoint file (or loaded dict).
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        CheckpointError: if it holds no MoCo query backbone.
+
+    """
+    if isinstance(checkpoint, Mapping):
+        path, ckpt = "<memory>", checkpoint
+    else:
+        file = Path(checkpoint).expanduser().resolve()
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"checkpoint {str(file)!r} does not exist; pass checkpoint=<path to a .ckpt written by moco-train>"
+            )
+        path, ckpt = str(file), _torch_load(file)
+
+    state = ckpt.get("state_dict") if isinstance(ckpt, Mapping) else None
+    if not isinstance(state, Mapping):
+        keys = sorted(ckpt)[:5] if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise CheckpointError(
+            f"{path} is not a MoCo checkpoint: it has no 'state_dict' (top-level keys: {keys}); "
+            "pass the .ckpt file that moco-train saved (e.g. outputs/.../checkpoints/last.ckpt), "
+            "not an exported backbone"
+        )
+    for prefix, dropped in _BACKBONE_PREFIXES:
+        backbone_state = {
+            k[len(prefix) :]: v
+            for k, v in state.items()
+            if k.startswith(prefix) and not k[len(prefix) :].startswith(dropped)
+        }
+        if backbone_state:
+            break
+    else:
+        raise CheckpointError(
+            f"{path} is not a MoCo checkpoint: no 'encoder_q.backbone.*' (moco-lightning) or "
+            f"'module.encoder_q.*' (official MoCo) keys in its state_dict (first keys: {sorted(state)[:5]}); "
+            "pass a checkpoint written by moco-train or by facebookresearch/moco main_moco.py"
+        )
+
+    if prefix.startswith("encoder_q.backbone."):
+        hparams = dict(ckpt.get("hyper_parameters") or {})
+        name = hparams.get("backbone")
+        return BackboneCheckpoint(
+            path=path,
+            state_dict=backbone_state,
+            backbone=name if isinstance(name, str) else None,
+            cifar_stem=bool(hparams.get("cifar_stem", False)),
+            feature_dim=hparams.get("feature_dim"),
+            source="moco_lightning",
+            hyper_parameters=hparams,
+        )
+    conv1 = backbone_state.get("conv1.weight")
+    return BackboneCheckpoint(
+        path=path,
+        state_dict=backbone_state,
+        backbone=ckpt.get("arch"),
+        cifar_stem=conv1 is not None and tuple(conv1.shape[-2:]) == (3, 3),
+        source="official",
+        hyper_parameters={"arch": ckpt.get("arch")},
+    )
+
+
+def _feature_width(state: Mapping[str, torch.Tensor]) -> int | None:
+    """Width of the last 1-D weight (the last BN of a ResNet), i.e. the feature width; ``None`` if none."""
+    widths = [v.shape[0] for k, v in state.items() if k.endswith(".weight") and v.dim() == 1]
+    return int(widths[-1]) if widths else None
+
+
+def load_backbone_state(module: nn.Module, ckpt: BackboneCheckpoint, what: str = "the backbone") -> None:
+    """Load ``ckpt.state_dict`` into ``module`` strictly, turning any mismatch into a readable error.
+
+    Raises:
+        CheckpointError: on missing, unexpected or differently shaped keys.
+
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in ckpt.state_dict]
+    unexpected = [k for k in ckpt.state_dict if k not in own]
+    shapes = [
+        (k, tuple(ckpt.state_dict[k].shape), tuple(v.shape))
+        for k, v in own.items()
+        if k in ckpt.state_dict and ckpt.state_dict[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        have, want = _feature_width(ckpt.state_dict), _feature_width(own)
+        details = []
+        if shapes:
+            k, a, b = shapes[0]
+            details.append(f"{len(shapes)} shape mismatches, first {k}: {a} in the checkpoint vs {b}")
+        if missing:
+            details.append(f"{len(missing)} keys missing from the checkpoint, first {missing[0]!r}")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected keys in the checkpoint, first {unexpected[0]!r}")
+        raise CheckpointError(
+            f"backbone does not match: checkpoint {ckpt.path} has {ckpt.backbone or 'a custom'} backbone "
+            f"features of width {have} (cifar_stem={ckpt.cifar_stem}) but {what} has width {want} "
+            f"({'; '.join(details)}); build the same backbone as in pretraining, or leave backbone unset "
+            "so it is read from the checkpoint"
+        )
+    module.load_state_dict(ckpt.state_dict, strict=True)
+
+
+def load_backbone(
+    checkpoint: str | Path | Mapping[str, Any] | BackboneCheckpoint,
+    backbone: str | nn.Module | None = None,
+    cifar_stem: bool | None = None,
+) -> tuple[nn.Module, int, BackboneCheckpoint]:
+    """Rebuild the query backbone of a pretraining checkpoint with its trained weights.
+
+    Args:
+        checkpoint: path of a moco-lightning (or official MoCo) checkpoint, a loaded checkpoint dict, or the
+            result of :func:`read_backbone_checkpoint`.
+        backbone: override the backbone recorded in the checkpoint: a name from
+            :data:`moco_lightning.backbones.BACKBONES` or a module (needed when pretraining used a custom
+            module).
+        cifar_stem: override the recorded stem.
+
+    Returns:
+        ``(backbone, feature_dim, ckpt)``, the backbone in eval mode on the CPU.
+
+    Raises:
+        CheckpointError: if the file is not a MoCo checkpoint or the backbone does not match its weights.
+
+    """
+    ckpt = checkpoint if isinstance(checkpoint, BackboneCheckpoint) else read_backbone_checkpoint(checkpoint)
+    spec = backbone if backbone is not None else ckpt.backbone
+    if spec is None:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} was pretrained with a custom backbone module (no backbone name in its "
+            "hyper-parameters); pass backbone=<the same nn.Module architecture> to load it"
+        )
+    stem = ckpt.cifar_stem if cifar_stem is None else cifar_stem
+    feature_dim = ckpt.feature_dim if isinstance(spec, nn.Module) else None
+    module, dim = build_backbone(spec, cifar_stem=stem, feature_dim=feature_dim)
+    name = spec if isinstance(spec, str) else type(spec).__name__
+    load_backbone_state(module, ckpt, what=f"the requested {name} backbone (cifar_stem={stem})")
+    module.eval()
+    return module, dim, ckpt

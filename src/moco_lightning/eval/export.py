@@ -1,0 +1,142 @@
+"""Export the pretrained query backbone for use elsewhere: torchvision and detectron2.
+
+* torchvision: the backbone of a moco-lightning ResNet *is* a torchvision ResNet with ``fc = nn.Identity()``,
+  so its state dict already has torchvision's names; ``torchvision.models.resnet50().load_state_dict(sd,
+  strict=False)`` loads it with only ``fc.weight`` / ``fc.bias`` missing.
+* detectron2: the key renaming of the official ``moco/detection/convert-pretrain-to-detectron2.py``, for the
+  detection transfer recipes (``MODEL.WEIGHTS`` with ``matching_heuristics``)::
+
+      conv1.*              -> stem.conv1.*
+      bn1.*                -> stem.conv1.norm.*
+      layer{i}.*           -> res{i+1}.*             (i = 1..4)
+      ...bn{j}.*           -> ...conv{j}.norm.*      (j = 1..3)
+      ...downsample.0.*    -> ...shortcut.*
+      ...downsample.1.*    -> ...shortcut.norm.*
+
+  saved as a pickle ``{"model": {name: numpy array}, "__author__": "MOCO", "matching_heuristics": True}``.
+  ``num_batches_tracked`` counters are left out (detectron2's frozen BN has none).
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision import models
+
+from moco_lightning.backbones import use_cifar_stem
+from moco_lightning.eval.checkpoint import BackboneCheckpoint, CheckpointError, load_backbone
+
+#: torchvision ResNet constructors by name; export targets.
+TORCHVISION_RESNETS = {
+    "resnet18": models.resnet18,
+    "resnet34": models.resnet34,
+    "resnet50": models.resnet50,
+    "resnet101": models.resnet101,
+    "resnet152": models.resnet152,
+}
+
+
+def torchvision_state_dict(
+    checkpoint: str | Path | Mapping[str, Any] | BackboneCheckpoint,
+) -> tuple[dict[str, torch.Tensor], BackboneCheckpoint]:
+    """Return the query backbone of a pretraining checkpoint as a torchvision ResNet state dict (no ``fc.*``).
+
+    The weights are loaded into a freshly built backbone first, so a checkpoint whose weights do not fit the
+    recorded architecture is rejected here rather than when the user loads the export.
+
+    Raises:
+        CheckpointError: if the checkpoint is not a MoCo checkpoint, or its backbone is not a ResNet.
+
+    """
+    module, _, ckpt = load_backbone(checkpoint)
+    if not isinstance(module, models.ResNet):
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} has a {type(module).__name__} backbone; torchvision/detectron2 export "
+            "supports ResNet backbones only (save module.encoder_q.backbone.state_dict() yourself instead)"
+        )
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}, ckpt
+
+
+def torchvision_model(arch: str, cifar_stem: bool = False, num_classes: int = 1000) -> models.ResNet:
+    """Build an untrained torchvision ResNet ready to receive an exported state dict.
+
+    With ``cifar_stem=True`` the stem is replaced the same way as in pretraining (3x3 stride-1 conv, no
+    max-pool); a stock torchvision ResNet cannot load such weights (its ``conv1`` is 7x7).
+    """
+    if arch not in TORCHVISION_RESNETS:
+        raise ValueError(f"unknown ResNet {arch!r}; choose one of {sorted(TORCHVISION_RESNETS)}")
+    model = TORCHVISION_RESNETS[arch](num_classes=num_classes)
+    return use_cifar_stem(model) if cifar_stem else model
+
+
+def detectron2_key(key: str) -> str:
+    """Rename one torchvision ResNet key to detectron2's ResNet naming (see the module docstring).
+
+    >>> detectron2_key("layer1.0.downsample.1.running_mean")
+    'res2.0.shortcut.norm.running_mean'
+    """
+    key = re.sub(r"^conv1\.", "stem.conv1.", key)
+    key = re.sub(r"^bn1\.", "stem.conv1.norm.", key)
+    key = re.sub(r"^layer([1-4])\.", lambda m: f"res{int(m.group(1)) + 1}.", key)
+    key = re.sub(r"\.bn([1-3])\.", lambda m: f".conv{m.group(1)}.norm.", key)
+    key = key.replace(".downsample.0.", ".shortcut.").replace(".downsample.1.", ".shortcut.norm.")
+    return key
+
+
+def detectron2_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Convert a torchvision ResNet state dict into a detectron2 checkpoint dict (``model`` of numpy arrays).
+
+    ``fc.*`` and ``num_batches_tracked`` entries are dropped.
+    """
+    model = {
+        detectron2_key(k): v.detach().cpu().numpy()
+        for k, v in state_dict.items()
+        if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    }
+    return {"model": model, "__author__": "MOCO", "matching_heuristics": True}
+
+
+def export_torchvision(checkpoint: str | Path | Mapping[str, Any] | BackboneCheckpoint, output: str | Path) -> Path:
+    """Write the query backbone as a torchvision ResNet state dict (``torch.save``) and return the path.
+
+    Load it with ``model = torchvision.models.resnet50(); model.load_state_dict(torch.load(path),
+    strict=False)`` (only ``fc.*`` missing). For a CIFAR-stem checkpoint build the model with
+    :func:`torchvision_model` ``(arch, cifar_stem=True)`` first.
+    """
+    state, _ = torchvision_state_dict(checkpoint)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, output)
+    return output
+
+
+def export_detectron2(checkpoint: str | Path | Mapping[str, Any] | BackboneCheckpoint, output: str | Path) -> Path:
+    """Write the query backbone as a detectron2 checkpoint pickle (``MODEL.WEIGHTS``) and return the path.
+
+    Raises:
+        CheckpointError: for a CIFAR-stem backbone (detectron2's ResNet stem is the 7x7 ImageNet stem).
+
+    """
+    state, ckpt = torchvision_state_dict(checkpoint)
+    if state["conv1.weight"].shape[-1] != 7:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} uses the CIFAR stem (3x3 conv1, cifar_stem=True), which detectron2's "
+            "ResNet stem cannot load; export a backbone pretrained with cifar_stem=false for detection"
+        )
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("wb") as f:
+        pickle.dump(detectron2_checkpoint(state), f)
+    return output
+
+
+def load_detectron2_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
+    """Read back the ``model`` dict of a detectron2 checkpoint written by :func:`export_detectron2`."""
+    with Path(path).open("rb") as f:
+        return pickle.load(f)["model"]

@@ -1,0 +1,303 @@
+"""Weighted k-nearest-neighbour classification of frozen features: the metric, an offline helper, a callback.
+
+The classifier is the one of InstDisc (Wu et al. 2018, Sec. 3.4) used by the official MoCo CIFAR-10 demo: on
+L2-normalised features, each of the ``k`` most cosine-similar memory-bank samples votes for its label with
+weight ``exp(sim / t)``; the class with the largest summed weight wins (defaults k=200, t=0.1 as in both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, DistributedSampler
+from torchmetrics.classification import MulticlassAccuracy
+
+from moco_lightning import distributed
+
+#: InstDisc / official MoCo CIFAR-10 demo values.
+DEFAULT_K = 200
+DEFAULT_TEMPERATURE = 0.1
+
+
+@torch.no_grad()
+def weighted_knn_predict(
+    query_features: torch.Tensor,
+    bank_features: torch.Tensor,
+    bank_labels: torch.Tensor,
+    num_classes: int,
+    k: int = DEFAULT_K,
+    temperature: float = DEFAULT_TEMPERATURE,
+    chunk_size: int = 1024,
+    bank_chunk_size: int | None = None,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Class scores of weighted kNN: ``score[i, c] = sum of exp(s_ij / t)`` over the k nearest j of class c.
+
+    Args:
+        query_features: ``(N, D)`` features to classify.
+        bank_features: ``(M, D)`` memory bank (labelled features); may be half precision to save memory.
+        bank_labels: ``(M,)`` integer labels of the bank.
+        num_classes: number of classes C.
+        k: neighbours per query (clipped to M).
+        temperature: t in ``exp(sim / t)``; small t lets the nearest neighbours dominate.
+        chunk_size: queries per similarity block; memory is ``chunk_size x M`` (or ``x bank_chunk_size``).
+        bank_chunk_size: if set, the bank is scanned in blocks of this size with a running top-k, so memory no
+            longer grows with the bank.
+        normalize: L2-normalise both sides first (set False if they already are).
+
+    Returns:
+        ``(N, C)`` float32 scores on the queries' device; ``argmax`` is the prediction.
+
+    """
+    if bank_features.shape[0] != bank_labels.shape[0]:
+        raise ValueError(
+            f"bank has {bank_features.shape[0]} features but {bank_labels.shape[0]} labels; "
+            "pass one label per bank feature"
+        )
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"need k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+    device = query_features.device
+    bank = F.normalize(bank_features, dim=1) if normalize else bank_features
+    bank_labels = bank_labels.to(bank.device, torch.long)
+    k = min(k, bank.shape[0])
+    bank_step = bank_chunk_size or bank.shape[0]
+    scores = []
+    for start in range(0, query_features.shape[0], chunk_size):
+        q = query_features[start : start + chunk_size].to(bank.device, bank.dtype)
+        if normalize:
+            q = F.normalize(q, dim=1)
+        top_sim = top_idx = None
+        for b0 in range(0, bank.shape[0], bank_step):
+            sim = (q @ bank[b0 : b0 + bank_step].T).float()
+            s, i = sim.topk(min(k, sim.shape[1]), dim=1)
+            i = i + b0
+            if top_sim is not None:  # merge with the best neighbours of the previous blocks
+                s, j = torch.cat([top_sim, s], 1), torch.cat([top_idx, i], 1)
+                s, pick = s.topk(k, dim=1)
+                i = j.gather(1, pick)
+            top_sim, top_idx = s, i
+        weights = (top_sim / temperature).exp()
+        chunk_scores = torch.zeros(q.shape[0], num_classes, device=bank.device, dtype=torch.float32)
+        chunk_scores.scatter_add_(1, bank_labels[top_idx], weights)
+        scores.append(chunk_scores.to(device))
+    if not scores:
+        return torch.zeros(0, num_classes, device=device)
+    return torch.cat(scores)
+
+
+def _distributed_loader(loader: DataLoader) -> tuple[DataLoader, torch.Tensor]:
+    """Give this process its shard of ``loader``'s dataset, in order, and the dataset indices of that shard.
+
+    The :class:`DistributedSampler` pads the dataset with repeats of its first samples so every process gets
+    the same number; the returned indices let the caller put gathered features back in dataset order, where
+    the repeats land on the same slot and disappear.
+    """
+    sampler = DistributedSampler(
+        loader.dataset, num_replicas=distributed.world_size(), rank=distributed.rank(), shuffle=False
+    )
+    shard = DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+    )
+    return shard, torch.tensor(list(sampler), dtype=torch.long)
+
+
+@torch.no_grad()
+def extract_features(
+    embed_fn: Callable[[torch.Tensor], torch.Tensor],
+    loader: Iterable[Any],
+    device: torch.device | str | None = None,
+    shard: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embed every ``(x, y)`` batch of ``loader``; returns float32 features ``(N, D)`` and labels ``(N,)``.
+
+    Under ``torch.distributed`` with ``shard=True`` and a map-style :class:`DataLoader`, each process embeds
+    only its shard and the features of all processes are gathered, so every process returns the whole
+    dataset in dataset order (the sampler's padding duplicates are dropped). Call it on every process then.
+    ``embed_fn`` is called under ``torch.no_grad``; put the model in eval mode yourself.
+    """
+    device = torch.device(device) if device is not None else None
+    indices = None
+    # map-style loader with plain batching: shard it; anything else is embedded whole on every process
+    map_style = isinstance(loader, DataLoader) and hasattr(loader.dataset, "__len__") and loader.batch_size is not None
+    if shard and map_style and distributed.is_distributed():
+        num_samples = len(loader.dataset)
+        loader, indices = _distributed_loader(loader)
+    feats, labels = [], []
+    for batch in loader:
+        x, y = batch[0], batch[1]
+        if device is not None:
+            x = x.to(device, non_blocking=True)
+        feats.append(embed_fn(x).float())
+        labels.append(torch.as_tensor(y).to(feats[-1].device))
+    if not feats:
+        raise ValueError("the loader yielded no batches; check the dataset is set up and not empty")
+    features, targets = torch.cat(feats), torch.cat(labels).long()
+    if indices is None:
+        return features, targets
+    indices = indices.to(features.device)
+    all_feats = distributed.concat_all_gather(features)
+    all_labels = distributed.concat_all_gather(targets)
+    all_idx = distributed.concat_all_gather(indices)
+    out_feats = features.new_empty(num_samples, features.shape[1])
+    out_labels = targets.new_empty(num_samples)
+    out_feats[all_idx] = all_feats
+    out_labels[all_idx] = all_labels
+    return out_feats, out_labels
+
+
+def _resolve_bank_dtype(bank_dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """``"auto"``/None: float16 on GPUs (half the memory), float32 on the CPU (fp16 matmul is slow there)."""
+    if bank_dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(bank_dtype, str):
+        dtype = getattr(torch, bank_dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"bank_dtype={bank_dtype!r} is not a torch dtype; use 'auto', 'float16' or 'float32'")
+        return dtype
+    return bank_dtype
+
+
+@torch.no_grad()
+def knn_accuracy(
+    embed_fn: Callable[[torch.Tensor], torch.Tensor],
+    train_loader: Iterable[Any],
+    val_loader: Iterable[Any],
+    num_classes: int | None = None,
+    k: int = DEFAULT_K,
+    temperature: float = DEFAULT_TEMPERATURE,
+    device: torch.device | str | None = None,
+    bank_dtype: torch.dtype | str | None = "auto",
+    chunk_size: int = 256,
+    bank_chunk_size: int | None = None,
+) -> dict[str, float]:
+    """Weighted-kNN accuracy of an encoder: the train set is the memory bank, the val set the queries.
+
+    Args:
+        embed_fn: maps an image batch to features, e.g. ``model.embed`` (put the model in eval mode first).
+        train_loader: yields ``(x, y)``, e.g. ``datamodule.eval_train_dataloader()``.
+        val_loader: yields ``(x, y)``, e.g. ``datamodule.eval_val_dataloader()``.
+        num_classes: number of classes; inferred from the largest label if not given.
+        k: neighbours per query (200 as in InstDisc and the MoCo demo).
+        temperature: weight temperature (0.1 as in InstDisc and the MoCo demo).
+        device: where images are sent before ``embed_fn`` (the model's device); None leaves them as they are.
+        bank_dtype: dtype of the memory bank: "auto" = float16 on GPU, float32 on CPU.
+        chunk_size: queries per similarity block.
+        bank_chunk_size: bank samples per similarity block (None: the whole bank at once).
+
+    Returns:
+        ``{"top1": ..., "top5": ...}`` as fractions in [0, 1] (top-5 is top-min(5, C)).
+
+    """
+    bank, bank_labels = extract_features(embed_fn, train_loader, device)
+    queries, labels = extract_features(embed_fn, val_loader, device)
+    if num_classes is None:
+        num_classes = int(max(bank_labels.max().item(), labels.max().item())) + 1
+    bank = bank.to(_resolve_bank_dtype(bank_dtype, bank.device))
+    scores = weighted_knn_predict(queries, bank, bank_labels, num_classes, k, temperature, chunk_size, bank_chunk_size)
+    result = {}
+    for name, top_k in (("top1", 1), ("top5", min(5, num_classes))):
+        metric = MulticlassAccuracy(num_classes=num_classes, top_k=top_k, average="micro").to(scores.device)
+        result[name] = float(metric(scores, labels.to(scores.device)))
+    return result
+
+
+class KNNMonitor(Callback):
+    """Log weighted-kNN accuracy of the query backbone every ``every_n_epochs`` training epochs.
+
+    At the end of a training epoch the module is put in eval mode, ``pl_module.embed`` embeds
+    ``trainer.datamodule.eval_train_dataloader()`` (the memory bank) and ``eval_val_dataloader()`` (the
+    queries), and ``val/knn_top1`` / ``val/knn_top5`` (fractions) are logged; the train/eval mode of every
+    submodule is restored afterwards. Under DDP each process embeds a shard and the features are gathered,
+    so every process computes (and logs) the same numbers. Memory: the bank is ``N x D`` in ``bank_dtype``
+    (float16 on GPU: 1.28M x 2048 ImageNet features take 5.2 GB), the similarity block ``chunk_size x N``.
+
+    Args:
+        every_n_epochs: run after epochs ``n-1, 2n-1, ...`` and always after the last one.
+        k, temperature: kNN parameters (InstDisc / official MoCo demo: 200, 0.1).
+        bank_dtype: "auto" (float16 on GPU, float32 on CPU), "float16" or "float32".
+        chunk_size, bank_chunk_size: block sizes of the similarity computation.
+        prefix: metric name prefix; logs ``{prefix}_top1`` and ``{prefix}_top5``.
+
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        k: int = DEFAULT_K,
+        temperature: float = DEFAULT_TEMPERATURE,
+        bank_dtype: str = "auto",
+        chunk_size: int = 256,
+        bank_chunk_size: int | None = None,
+        prefix: str = "val/knn",
+    ) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}; set callbacks.knn.every_n_epochs")
+        self.every_n_epochs = every_n_epochs
+        self.k = k
+        self.temperature = temperature
+        self.bank_dtype = bank_dtype
+        self.chunk_size = chunk_size
+        self.bank_chunk_size = bank_chunk_size
+        self.prefix = prefix
+        self.last: dict[str, float] = {}
+
+    def _should_run(self, trainer: L.Trainer) -> bool:
+        epoch = trainer.current_epoch + 1
+        last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch >= trainer.max_epochs
+        return epoch % self.every_n_epochs == 0 or last
+
+    def compute(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Embed the datamodule's eval loaders with ``pl_module.embed`` in eval mode; return kNN accuracy."""
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "eval_train_dataloader") or not hasattr(dm, "eval_val_dataloader"):
+            raise RuntimeError(
+                "KNNMonitor needs a datamodule with eval_train_dataloader() and eval_val_dataloader() "
+                "passed to trainer.fit(model, datamodule=...); remove the knn callback or use a "
+                "moco_lightning.data datamodule"
+            )
+        if not hasattr(pl_module, "embed"):
+            raise RuntimeError(f"KNNMonitor needs pl_module.embed(x) -> features; {type(pl_module).__name__} has none")
+        modes = {m: m.training for m in pl_module.modules()}
+        pl_module.eval()
+        plugin = getattr(trainer, "precision_plugin", None)
+        context = plugin.forward_context() if plugin is not None else nullcontext()
+        # a private RNG state: creating the loader iterators draws seeds from the global generator, and the
+        # monitor must not change the random stream (augmentations, shuffles) of the pretraining run
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        try:
+            with context, torch.random.fork_rng(devices=devices):
+                return knn_accuracy(
+                    pl_module.embed,
+                    dm.eval_train_dataloader(),
+                    dm.eval_val_dataloader(),
+                    num_classes=getattr(dm, "num_classes", None),
+                    k=self.k,
+                    temperature=self.temperature,
+                    device=pl_module.device,
+                    bank_dtype=self.bank_dtype,
+                    chunk_size=self.chunk_size,
+                    bank_chunk_size=self.bank_chunk_size,
+                )
+        finally:
+            for module, mode in modes.items():
+                module.training = mode
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Run the kNN evaluation when due and log ``{prefix}_top1`` and ``{prefix}_top5``."""
+        if trainer.sanity_checking or not self._should_run(trainer):
+            return
+        self.last = self.compute(trainer, pl_module)
+        for name, value in self.last.items():
+            # identical on every process (features are gathered); sync_dist only silences Lightning's DDP warning
+            pl_module.log(f"{self.prefix}_{name}", value, on_epoch=True, prog_bar=name == "top1", sync_dist=True)

@@ -1,0 +1,263 @@
+"""Linear evaluation with the official MoCo protocol (facebookresearch/moco ``main_lincls.py``).
+
+The pretrained query backbone is frozen *and kept in eval mode*, so neither its weights nor its batch-norm
+statistics can move; only a new linear layer trains, initialised N(0, 0.01) with zero bias, with SGD lr 30,
+momentum 0.9, weight decay 0 and the lr divided by 10 at epochs 60 and 80 of 100 (MoCo v1/v2 protocol; a
+cosine schedule is offered as in v3). After the first epoch, a sanity check compares every backbone weight and
+buffer with the checkpoint and fails loudly if one changed, as the official code does.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from moco_lightning.eval.checkpoint import load_backbone
+
+SCHEDULES = ("step", "cosine", "constant")
+
+
+class LinearProbe(L.LightningModule):
+    """A frozen backbone (always in eval mode) followed by a trainable ``nn.Linear`` classifier.
+
+    Args:
+        backbone: module mapping images to ``(N, feature_dim)`` features; it is frozen here.
+        feature_dim: width of the backbone's features.
+        num_classes: number of classes.
+        lr: SGD learning rate (official v1/v2: 30).
+        momentum: SGD momentum (0.9).
+        weight_decay: SGD weight decay (0).
+        schedule: "step" (x``gamma`` at each of ``milestones``), "cosine" (to 0 over ``max_epochs``) or
+            "constant".
+        milestones: epochs of the step decays (official: 60, 80 of 100).
+        gamma: step decay factor (0.1).
+        max_epochs: length of the cosine schedule (100).
+        sanity_check: after the first epoch, check that the backbone equals ``reference_state``.
+        reference_state: the pretrained backbone state (e.g. straight from the checkpoint) to check against;
+            by default a copy of the backbone's state taken here.
+
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        num_classes: int,
+        lr: float = 30.0,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        schedule: str = "step",
+        milestones: Sequence[int] = (60, 80),
+        gamma: float = 0.1,
+        max_epochs: int = 100,
+        sanity_check: bool = True,
+        reference_state: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}; set schedule=step or cosine")
+        self.save_hyperparameters(ignore=["backbone", "reference_state"])
+        self.backbone = backbone
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.backbone.eval()
+        self.fc = nn.Linear(feature_dim, num_classes)
+        # official main_lincls.py: fc.weight ~ N(0, 0.01), fc.bias = 0
+        nn.init.normal_(self.fc.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+        source = reference_state if reference_state is not None else self.backbone.state_dict()
+        self.reference_state = {k: v.detach().clone().cpu() for k, v in source.items()}
+        self.train_top1 = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_top1 = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        top_k = min(5, num_classes)
+        self.val_top5 = MulticlassAccuracy(num_classes=num_classes, top_k=top_k, average="micro")
+
+    def train(self, mode: bool = True) -> LinearProbe:
+        """Set the classifier's mode; the backbone stays in eval mode so BN statistics cannot move."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes)`` of images ``x``."""
+        with torch.no_grad():
+            features = self.backbone(x)
+        return self.fc(features.detach().float())
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Cross-entropy of the classifier; logs ``train/loss`` and ``train/top1``."""
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_top1(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/top1", self.train_top1, on_step=False, on_epoch=True)
+        return loss
+
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        self.val_top1(logits, y)
+        self.val_top5(logits, y)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log(f"{stage}/top1", self.val_top1, prog_bar=True)
+        self.log(f"{stage}/top5", self.val_top5)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Log ``val/loss``, ``val/top1``, ``val/top5`` (fractions)."""
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Log ``test/loss``, ``test/top1``, ``test/top5`` (fractions)."""
+        self._evaluate(batch, "test")
+
+    def check_backbone_unchanged(self) -> None:
+        """Raise if any backbone weight or BN statistic differs from the reference (the checkpoint).
+
+        Raises:
+            RuntimeError: naming the first key that changed.
+
+        """
+        state = self.backbone.state_dict()
+        if set(state) != set(self.reference_state):
+            diff = sorted(set(state) ^ set(self.reference_state))
+            raise RuntimeError(
+                f"linear probe sanity check failed: backbone keys differ from the checkpoint: {diff[:5]}"
+            )
+        for key, value in state.items():
+            if not torch.equal(value.detach().cpu(), self.reference_state[key]):
+                raise RuntimeError(
+                    f"linear probe sanity check failed: backbone {key!r} changed during linear training, "
+                    "so the backbone was not frozen (or not kept in eval mode, which lets BN statistics "
+                    "move); the reported accuracy would not be a linear-probe number"
+                )
+
+    def on_train_epoch_end(self) -> None:
+        """After the first epoch, run :meth:`check_backbone_unchanged` (official ``sanity_check``)."""
+        if self.hparams.sanity_check and self.current_epoch == 0:
+            self.check_backbone_unchanged()
+
+    def configure_optimizers(self) -> Any:
+        """SGD on the classifier only, with the step / cosine / constant schedule stepped per epoch."""
+        hp = self.hparams
+        optimizer = torch.optim.SGD(self.fc.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        if hp.schedule == "step":
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(hp.milestones), gamma=hp.gamma)
+        elif hp.schedule == "cosine":
+            epochs = max(1, int(hp.max_epochs))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda e: 0.5 * (1.0 + math.cos(math.pi * min(e, epochs) / epochs))
+            )
+        else:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def _train_loader(datamodule: Any, augment: bool) -> Any:
+    """``eval_train_dataloader(augment=...)`` when the datamodule supports the flag, else the plain one."""
+    fn = datamodule.eval_train_dataloader
+    if "augment" in inspect.signature(fn).parameters:
+        return fn(augment=augment)
+    return fn()
+
+
+def linear_eval(
+    checkpoint: str | Path | Mapping[str, Any] | None = None,
+    datamodule: Any = None,
+    *,
+    backbone: str | nn.Module | None = None,
+    feature_dim: int | None = None,
+    num_classes: int | None = None,
+    epochs: int = 100,
+    lr: float = 30.0,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    schedule: str = "step",
+    milestones: Sequence[int] = (60, 80),
+    gamma: float = 0.1,
+    augment_train: bool = True,
+    sanity_check: bool = True,
+    trainer: L.Trainer | None = None,
+    trainer_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, float]:
+    """Train a linear classifier on a frozen pretrained backbone and report its validation accuracy.
+
+    Args:
+        checkpoint: a moco-lightning (or official MoCo) pretraining checkpoint; the query backbone is loaded
+            from it and the sanity check compares against its weights. If None, ``backbone`` must be a module
+            (and ``feature_dim`` its width), evaluated as it is.
+        datamodule: provides ``eval_train_dataloader([augment])`` and ``eval_val_dataloader()`` yielding
+            ``(x, y)``, and ``num_classes`` after ``setup()``; ``prepare_data()`` and ``setup("fit")`` are
+            called here.
+        backbone: override the checkpoint's backbone (name or module), or the module to evaluate without one.
+        feature_dim: feature width when ``backbone`` is a module and no checkpoint is given.
+        num_classes: defaults to ``datamodule.num_classes``.
+        epochs: training epochs (official v1/v2: 100).
+        lr: SGD learning rate (30).
+        momentum: SGD momentum (0.9).
+        weight_decay: SGD weight decay (0).
+        schedule: "step", "cosine" or "constant".
+        milestones: epochs of the step decays (60, 80).
+        gamma: step decay factor (0.1).
+        augment_train: train on the datamodule's augmented (crop + flip) view when it offers one.
+        sanity_check: verify after epoch 1 that the backbone did not change.
+        trainer: a ready Trainer (``epochs`` and ``trainer_kwargs`` are then ignored).
+        trainer_kwargs: extra ``L.Trainer`` arguments (devices, precision, logger...).
+
+    Returns:
+        ``{"top1": ..., "top5": ...}`` validation accuracy, as fractions in [0, 1].
+
+    """
+    if datamodule is None:
+        raise ValueError("linear_eval needs a datamodule with eval_train_dataloader() and eval_val_dataloader()")
+    reference = None
+    if checkpoint is not None:
+        module, dim, ckpt = load_backbone(checkpoint, backbone=backbone)
+        reference = ckpt.state_dict
+    elif isinstance(backbone, nn.Module):
+        from moco_lightning.backbones import build_backbone
+
+        module, dim = build_backbone(backbone, feature_dim=feature_dim)
+    else:
+        raise ValueError("linear_eval needs checkpoint=<path> (or backbone=<nn.Module> to evaluate a module as is)")
+
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    num_classes = num_classes or getattr(datamodule, "num_classes", None)
+    if num_classes is None:
+        raise ValueError("number of classes unknown: pass num_classes=... or give the datamodule num_classes")
+    probe = LinearProbe(
+        module,
+        dim,
+        int(num_classes),
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        milestones=milestones,
+        gamma=gamma,
+        max_epochs=epochs,
+        sanity_check=sanity_check,
+        reference_state=reference,
+    )
+    if trainer is None:
+        kwargs = {"max_epochs": epochs, "logger": False, "enable_checkpointing": False}
+        kwargs.update(trainer_kwargs or {})
+        trainer = L.Trainer(**kwargs)
+    val_loader = datamodule.eval_val_dataloader()
+    with warnings.catch_warnings():
+        # the frozen backbone is in eval mode on purpose: Lightning's warning about it would only confuse
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+        trainer.fit(probe, train_dataloaders=_train_loader(datamodule, augment_train), val_dataloaders=val_loader)
+    metrics = trainer.validate(probe, dataloaders=val_loader, verbose=False)[0]
+    return {"top1": float(metrics["val/top1"]), "top5": float(metrics["val/top5"])}
