@@ -101,6 +101,7 @@ class MoCo(L.LightningModule):
         scale_lr: bool = False,
     ) -> None:
         super().__init__()
+        lr_milestones = tuple(float(e) for e in lr_milestones)  # plain types in checkpoints (not ListConfig)
         check_moco_args(dim=dim, queue_size=queue_size, momentum=momentum, temperature=temperature,
                         momentum_schedule=momentum_schedule)
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
