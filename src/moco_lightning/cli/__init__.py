@@ -1,0 +1,110 @@
+"""Command-line entry points (``moco-train``, ``moco-eval-linear``, ...) and what they share.
+
+Every entry point is a ``@hydra.main`` over the config tree ``conf/`` of the repository, which is installed as
+the package ``moco_lightning.conf``. :data:`CONFIG_PATH` is the absolute path of that directory (from the
+installed package when it is importable, else ``conf/`` next to ``src/`` in a checkout), so the entry points work
+from any working directory, as scripts at the repository root and as console scripts.
+
+Importing this module registers the OmegaConf resolvers the configs use (``${moco.strategy:...}``,
+``${moco.cifar_stem:...}``, ``${moco.wandb_offline:}``); call :func:`register_resolvers` before composing the
+configs with Hydra's compose API from your own code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from omegaconf import ListConfig, OmegaConf
+
+__all__ = ["CONFIG_PATH", "config_dir", "count_devices", "register_resolvers"]
+
+#: Images of at most this many pixels a side get the CIFAR stem (3x3 stride-1 conv, no max-pool) by default.
+SMALL_IMAGE_MAX = 64
+
+
+def config_dir() -> Path:
+    """The directory of the Hydra configs (``train.yaml`` and the group folders)."""
+    try:
+        spec = importlib.util.find_spec("moco_lightning.conf")
+    except ModuleNotFoundError:
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            if (Path(location) / "train.yaml").is_file():
+                return Path(location).resolve()
+    checkout = Path(__file__).resolve().parents[3] / "conf"  # src/moco_lightning/cli -> repository root
+    if (checkout / "train.yaml").is_file():
+        return checkout
+    raise FileNotFoundError(
+        "cannot find the Hydra configs: neither the package moco_lightning.conf nor a conf/ folder next to src/ "
+        f"({checkout}) holds train.yaml; reinstall with `pip install -e .` from the repository root"
+    )
+
+
+#: ``config_path`` of the ``@hydra.main`` entry points: an absolute path, valid from any working directory.
+CONFIG_PATH = str(config_dir())
+
+
+def count_devices(devices: Any) -> int | None:
+    """The number of devices a ``Trainer(devices=...)`` value asks for; ``None`` when Lightning decides (auto, -1)."""
+    if isinstance(devices, ListConfig | list | tuple):
+        return len(devices)
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text in ("auto", "-1"):
+            return None
+        if "," in text:
+            return len([part for part in text.split(",") if part.strip()])
+        devices = int(text)
+    if isinstance(devices, bool) or not isinstance(devices, int):
+        raise ValueError(f"trainer.devices must be an int, a list of ids or 'auto', got {devices!r}")
+    return None if devices == -1 else devices
+
+
+def _strategy(devices: Any, num_nodes: Any = 1) -> str:
+    """``ddp`` when the run has several processes, else ``auto`` (Lightning's single-device strategy)."""
+    try:
+        count = count_devices(devices)
+    except ValueError:
+        return "auto"  # the config checks report the bad value
+    if (count is not None and count > 1) or int(num_nodes or 1) > 1:
+        return "ddp"
+    return "auto"
+
+
+def _cifar_stem(image_size: Any) -> bool:
+    """The CIFAR stem for small images (at most :data:`SMALL_IMAGE_MAX` px), the ImageNet stem otherwise."""
+    return image_size is not None and int(image_size) <= SMALL_IMAGE_MAX
+
+
+def _wandb_offline() -> bool:
+    """Offline unless the user chose a mode (WANDB_MODE) or is logged in (WANDB_API_KEY or a netrc entry)."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode.strip().lower() in ("offline", "dryrun")
+    if os.environ.get("WANDB_API_KEY"):
+        return False
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is None
+    except (OSError, netrc.NetrcParseError):
+        return True
+
+
+def register_resolvers() -> None:
+    """Register the ``moco.*`` OmegaConf resolvers used by the configs (idempotent)."""
+    for name, resolver in (
+        ("moco.strategy", _strategy),
+        ("moco.cifar_stem", _cifar_stem),
+        ("moco.wandb_offline", _wandb_offline),
+    ):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+
+
+register_resolvers()

@@ -1,0 +1,123 @@
+"""``python eval_knn.py checkpoint=...`` / ``moco-eval-knn``: weighted kNN accuracy of a checkpoint's backbone.
+
+Loads the query backbone of a pretraining checkpoint (:func:`moco_lightning.eval.load_backbone`), embeds the
+datamodule's labelled train set (memory bank) and val set (queries), prints kNN top-1 / top-5 (k=200, t=0.1 by
+default) and writes them to ``<output_dir>/results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from moco_lightning.cli import CONFIG_PATH
+from moco_lightning.eval.checkpoint import CheckpointError, load_backbone
+from moco_lightning.eval.knn import knn_accuracy
+
+__all__ = ["evaluate_knn", "main", "warn_if_data_differs_from_pretraining"]
+
+log = logging.getLogger(__name__)
+
+
+def warn_if_data_differs_from_pretraining(cfg: DictConfig) -> list[str]:
+    """Warn when ``cfg.data`` names another dataset or image size than the run that wrote the checkpoint.
+
+    The training config is looked up where moco-train leaves it: ``<run>/.hydra/config.yaml`` for a checkpoint
+    in ``<run>/checkpoints/``. Returns the warnings (empty when they match or the config is not found).
+    """
+    train_cfg = Path(str(cfg.checkpoint)).expanduser().resolve().parent.parent / ".hydra" / "config.yaml"
+    if not train_cfg.is_file():
+        return []
+    trained = OmegaConf.load(train_cfg).get("data") or {}
+    messages = []
+    for key in ("_target_", "image_size"):
+        if key in trained and key in cfg.data and trained[key] != cfg.data[key]:
+            messages.append(
+                f"data.{key}={cfg.data[key]!r} but the checkpoint was pretrained with data.{key}={trained[key]!r} "
+                f"({train_cfg}); pass the pretraining data options, e.g. data.{key}={trained[key]}"
+            )
+    for message in messages:
+        log.warning(message)
+    return messages
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def evaluate_knn(cfg: DictConfig) -> dict[str, Any]:
+    """Run the kNN evaluation a config describes; returns the result dict that is also saved as JSON."""
+    L.seed_everything(cfg.seed, workers=True)
+    backbone, dim, ckpt = load_backbone(cfg.checkpoint)
+    warn_if_data_differs_from_pretraining(cfg)
+    device = _device(cfg.device)
+    backbone.to(device).eval()
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    result = knn_accuracy(
+        backbone,
+        datamodule.eval_train_dataloader(),
+        datamodule.eval_val_dataloader(),
+        num_classes=getattr(datamodule, "num_classes", None) or None,
+        k=cfg.k,
+        temperature=cfg.temperature,
+        device=device,
+        bank_dtype=cfg.bank_dtype,
+        chunk_size=cfg.chunk_size,
+        bank_chunk_size=cfg.bank_chunk_size,
+    )
+    return {
+        "checkpoint": ckpt.path,
+        "backbone": ckpt.backbone,
+        "feature_dim": dim,
+        "dataset": type(datamodule).__name__,
+        "k": cfg.k,
+        "temperature": cfg.temperature,
+        "knn_top1": result["top1"],
+        "knn_top5": result["top5"],
+    }
+
+
+def _write(result: dict[str, Any], output_dir: str | None) -> None:
+    if output_dir:
+        path = Path(output_dir) / "results.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"results: {path}")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval_knn")
+def _hydra_main(cfg: DictConfig) -> float:
+    try:
+        result = evaluate_knn(cfg)
+    except (CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(
+        f"kNN (k={cfg.k}, t={cfg.temperature}) on {result['dataset']}: "
+        f"top-1 {100 * result['knn_top1']:.2f} %, top-5 {100 * result['knn_top5']:.2f} %",
+        flush=True,
+    )
+    _write(result, OmegaConf.select(cfg, "paths.output_dir"))
+    return result["knn_top1"]
+
+
+def main() -> None:
+    """Console entry point ``moco-eval-knn``."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

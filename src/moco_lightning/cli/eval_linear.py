@@ -1,0 +1,89 @@
+"""``python eval_linear.py checkpoint=...`` / ``moco-eval-linear``: linear evaluation, official MoCo protocol.
+
+Loads the query backbone of a pretraining checkpoint, freezes it in eval mode, trains a new linear classifier
+(:class:`moco_lightning.eval.linear.LinearProbe`) with the Trainer of ``conf/trainer`` and the loggers of
+``conf/logger``, checks after the first epoch that the backbone still equals the checkpoint, and prints and saves
+(``<output_dir>/results.json``) validation top-1 / top-5.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from moco_lightning.cli import CONFIG_PATH
+from moco_lightning.cli.eval_knn import warn_if_data_differs_from_pretraining
+from moco_lightning.eval.checkpoint import CheckpointError, read_backbone_checkpoint
+from moco_lightning.eval.linear import linear_eval
+
+__all__ = ["evaluate_linear", "main"]
+
+
+def evaluate_linear(cfg: DictConfig) -> tuple[dict[str, Any], L.Trainer]:
+    """Run the linear evaluation a config describes; returns the result dict and the Trainer."""
+    L.seed_everything(cfg.seed, workers=True)
+    ckpt = read_backbone_checkpoint(cfg.checkpoint)  # fail on a bad file before building anything
+    warn_if_data_differs_from_pretraining(cfg)
+    datamodule = instantiate(cfg.data)
+    loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
+    trainer = instantiate(cfg.trainer, logger=loggers or False, enable_checkpointing=False)
+    result = linear_eval(
+        ckpt,
+        datamodule,
+        epochs=cfg.trainer.max_epochs,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        schedule=cfg.schedule,
+        milestones=list(cfg.milestones),
+        gamma=cfg.gamma,
+        augment_train=cfg.augment_train,
+        sanity_check=cfg.sanity_check,
+        trainer=trainer,
+    )
+    return {
+        "checkpoint": ckpt.path,
+        "backbone": ckpt.backbone,
+        "dataset": type(datamodule).__name__,
+        "epochs": cfg.trainer.max_epochs,
+        "linear_top1": result["top1"],
+        "linear_top5": result["top5"],
+    }, trainer
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval_linear")
+def _hydra_main(cfg: DictConfig) -> float:
+    try:
+        result, trainer = evaluate_linear(cfg)
+    except (CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if trainer.is_global_zero:
+        print(
+            f"linear evaluation on {result['dataset']} ({result['epochs']} epochs): "
+            f"top-1 {100 * result['linear_top1']:.2f} %, top-5 {100 * result['linear_top5']:.2f} %",
+            flush=True,
+        )
+        output_dir = OmegaConf.select(cfg, "paths.output_dir")
+        if output_dir:
+            path = Path(output_dir) / "results.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=2) + "\n")
+            print(f"results: {path}")
+    return result["linear_top1"]
+
+
+def main() -> None:
+    """Console entry point ``moco-eval-linear``."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Check a composed training config before anything is built or computed.
+
+``python train.py`` calls :func:`check_command_line` on its arguments (before Hydra composes anything) and
+:func:`check_config` on the composed config (before any object is instantiated). Every problem raises a
+:class:`ConfigError` whose message is one line that names the setting and what to do; the entry point prints it
+as ``error: <message>`` and exits with status 2.
+
+Checked: the group options named on the command line exist (``backbone=resnet101``, ``data=mnist``); the keys of
+``model``, ``data``, ``trainer``, ``callbacks.*`` and ``logger.*`` are arguments of their ``_target_`` (a typo in
+a YAML file is an error, as Hydra already makes it one on the command line); ``model.backbone`` is a known
+backbone; ``model.temperature > 0``; ``model.momentum`` in [0, 1]; ``model.queue_size`` a positive multiple of the
+global batch (``data.batch_size`` x devices x nodes); the dataset files or folders exist where no download will
+fetch them; ``ckpt_path`` exists.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from moco_lightning.backbones import BACKBONES
+
+__all__ = ["ConfigError", "check_command_line", "check_config", "global_batch_size", "group_options"]
+
+#: Config groups and what their options are called in messages.
+_GROUP_NOUNS = {"data": "dataset", "backbone": "backbone", "model": "model", "trainer": "trainer",
+                "logger": "logger", "callbacks": "callbacks", "experiment": "experiment",
+                "hparams_search": "search", "recipe": "recipe"}
+#: Sweep syntax of the basic sweeper that names no option literally (range(...), glob(...), ...).
+_SWEEP_FUNCTION = re.compile(r"^\s*(range|glob|choice|interval|tag|sort|shuffle)\(")
+
+
+class ConfigError(ValueError):
+    """A wrong or missing setting; the message is one line naming the key and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def group_options(config_dir: str | os.PathLike[str], group: str) -> list[str]:
+    """The option names of a config group: the ``*.yaml`` files of ``config_dir/group``, sorted."""
+    folder = Path(config_dir) / group
+    return sorted(path.stem for path in folder.glob("*.yaml"))
+
+
+def check_command_line(arguments: Sequence[str], config_dir: str | os.PathLike[str]) -> None:
+    """Reject a command-line choice of a config group option that does not exist, e.g. ``backbone=resnet101``.
+
+    Hydra would also refuse it, with a multi-line message; this says it in one line with the choices. Only
+    plain ``group=option[,option...]`` arguments are checked (with or without ``+``/``++``); keys inside a group
+    (``model.lr=...``), Hydra's own groups (``hydra/...``) and sweep functions are left to Hydra.
+    """
+    for argument in arguments:
+        if argument.startswith("-") or "=" not in argument:
+            continue
+        key, value = argument.split("=", 1)
+        key = key.lstrip("+~")
+        if "." in key or "/" in key or not (Path(config_dir) / key).is_dir():
+            continue
+        if _SWEEP_FUNCTION.match(value) or value.strip() in ("", "null"):
+            continue
+        options = group_options(config_dir, key)
+        value = value.strip()
+        if value.startswith("[") and value.endswith("]"):  # a list of options: callbacks=[default,online_linear]
+            value = value[1:-1]
+        for option in (part.strip() for part in value.split(",")):
+            if option and option != "null" and option not in options:
+                noun = _GROUP_NOUNS.get(key, "option")
+                raise ConfigError(
+                    f"{key}={option}: unknown {noun} {option!r}; choose one of {', '.join(options)} "
+                    f"(the files in conf/{key}/)"
+                )
+
+
+# ---------------------------------------------------------------------------------------------- composed config
+def check_config(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> None:
+    """Check a composed training config; raise :class:`ConfigError` on the first problem.
+
+    Args:
+        cfg: the composed config of ``conf/train.yaml``.
+        choices: the chosen option of each group (``HydraConfig.get().runtime.choices``), to check the dataset
+            option by name; optional.
+
+    """
+    if choices is not None and choices.get("data") not in (None, "null"):
+        from moco_lightning.cli import CONFIG_PATH
+
+        datasets = group_options(CONFIG_PATH, "data")
+        if choices["data"] not in datasets:
+            raise ConfigError(f"data={choices['data']}: unknown dataset; choose one of {', '.join(datasets)}")
+    for section in ("model", "data", "trainer"):
+        if cfg.get(section) is None:
+            raise ConfigError(f"the config has no '{section}' section; choose one with {section}=<option>")
+        _check_keys(cfg[section], section)
+    for section in ("callbacks", "logger"):
+        for name, node in (cfg.get(section) or {}).items():
+            if isinstance(node, DictConfig) and "_target_" in node:
+                _check_keys(node, f"{section}.{name}")
+    _check_model(cfg.model)
+    _check_queue(cfg)
+    _check_data_path(cfg.data)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None and not os.path.isfile(str(ckpt_path)):
+        raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist; pass the path of a checkpoint to resume from, "
+                          "e.g. outputs/<date>/<time>/checkpoints/last.ckpt")
+
+
+def _import_target(path: str, key: str) -> Any:
+    module_name, _, attribute = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"{key}._target_={path!r} cannot be imported ({err}); check the class path") from None
+
+
+def _accepted_keywords(target: Any) -> set[str] | None:
+    """Keyword names ``target(...)`` accepts; ``None`` when it takes arbitrary ``**kwargs`` (nothing to check).
+
+    ``**kwargs`` of this project's classes are followed up the class hierarchy (``DigitsDataModule(**kwargs)``
+    passes them to ``MoCoDataModule``); ``**kwargs`` of third-party classes end the check.
+    """
+    classes = target.__mro__ if inspect.isclass(target) else (target,)
+    names: set[str] = set()
+    for cls in classes:
+        init = cls.__init__ if inspect.isclass(cls) else cls
+        if inspect.isclass(cls) and "__init__" not in vars(cls):
+            continue
+        try:
+            parameters = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names.update(p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return names - {"self"}
+        if not getattr(cls, "__module__", "").startswith("moco_lightning"):
+            return None
+    return None
+
+
+def _check_keys(node: DictConfig, key: str) -> None:
+    """Every key of ``node`` must be an argument of its ``_target_``."""
+    target_path = node.get("_target_")
+    if target_path is None:
+        raise ConfigError(f"{key} has no _target_; name the class to build, e.g. {key}._target_=package.Class")
+    accepted = _accepted_keywords(_import_target(target_path, key))
+    if accepted is None:
+        return
+    for name in node.keys():
+        name = str(name)
+        if name.startswith("_") and name.endswith("_"):
+            continue  # Hydra's _target_, _partial_, _recursive_, _convert_
+        if name not in accepted:
+            close = difflib.get_close_matches(name, sorted(accepted), n=1)
+            hint = f"did you mean {key}.{close[0]}?" if close else f"valid keys: {', '.join(sorted(accepted))}"
+            raise ConfigError(f"{key}.{name} is not a setting of {target_path}; {hint}")
+
+
+def _check_model(model: DictConfig) -> None:
+    backbone = model.get("backbone")
+    if isinstance(backbone, str) and backbone not in BACKBONES:
+        raise ConfigError(f"model.backbone={backbone!r} is not a known backbone; choose one of "
+                          f"{', '.join(sorted(BACKBONES))} (backbone=<name>)")
+    temperature = model.get("temperature")
+    if temperature is not None and not float(temperature) > 0:
+        raise ConfigError(f"model.temperature={temperature} must be > 0 (MoCo v1 uses 0.07, v2 0.2)")
+    momentum = model.get("momentum")
+    if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
+        raise ConfigError(f"model.momentum={momentum} must be in [0, 1] (the paper uses 0.999)")
+
+
+def _resolve_device_count(trainer: DictConfig) -> tuple[int | None, str]:
+    """Processes per node asked for by ``trainer.devices``, resolving auto / -1 with the accelerator's count."""
+    from moco_lightning.cli import count_devices
+
+    try:
+        count = count_devices(trainer.get("devices", 1))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if count is not None:
+        if count < 1:
+            raise ConfigError(f"trainer.devices={trainer.get('devices')} must ask for at least one device")
+        return count, ""
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator == "cpu":
+        return 1, ""
+    import torch
+
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return torch.cuda.device_count(), ""
+    if accelerator == "auto":
+        return 1, ""
+    return None, f"trainer.devices={trainer.get('devices')} on accelerator {accelerator}"
+
+
+def global_batch_size(cfg: DictConfig) -> int | None:
+    """Images per training step over all processes: ``data.batch_size x devices x num_nodes``.
+
+    ``None`` when the device count cannot be known before the run (``devices=auto`` on an accelerator that is not
+    here); the module checks the queue against the real batch at the start of training then.
+    """
+    devices, _ = _resolve_device_count(cfg.trainer)
+    if devices is None:
+        return None
+    return int(cfg.data.batch_size) * devices * int(cfg.trainer.get("num_nodes", 1) or 1)
+
+
+def _check_queue(cfg: DictConfig) -> None:
+    queue_size = int(cfg.model.get("queue_size", 0))
+    if queue_size < 1:
+        raise ConfigError(f"model.queue_size={queue_size} must be a positive number of negative keys")
+    batch = global_batch_size(cfg)
+    if batch is None:
+        return
+    if queue_size % batch != 0:
+        lower = max(batch, queue_size // batch * batch)
+        raise ConfigError(
+            f"model.queue_size={queue_size} must be a multiple of the global batch {batch} (data.batch_size="
+            f"{cfg.data.batch_size} x {batch // int(cfg.data.batch_size)} processes); use model.queue_size={lower} "
+            f"or {lower + batch}, or change data.batch_size"
+        )
+
+
+def _check_data_path(data: DictConfig) -> None:
+    """The dataset must be on disk where nothing will download it."""
+    if "data_dir" not in data.keys():  # (`in` is False for a ??? value)
+        return
+    if OmegaConf.is_missing(data, "data_dir"):
+        raise ConfigError("data.data_dir is missing; set data.data_dir=/path/to/images")
+    data_dir = os.path.expanduser(str(data.data_dir))
+    target = _import_target(data._target_, "data")
+    if data.get("download", False):
+        return
+    required = getattr(target, "required_files", None)
+    tv_class = getattr(target, "torchvision_class", None)
+    if required and tv_class is not None:  # torchvision sets with download=false
+        folder = os.path.join(data_dir, tv_class.base_folder)
+        missing = [name for name in required if not os.path.exists(os.path.join(folder, name))]
+        if missing:
+            what = getattr(target, "what_to_place", "the dataset files")
+            raise ConfigError(f"data.data_dir={data.data_dir!r}: {folder} lacks {missing[0]}; place {what} there, "
+                              "or set data.download=true")
+        return
+    subfolders: Iterable[str] = ("train", "val") if target.__name__ == "ImageNetDataModule" else ("",)
+    for sub in subfolders:
+        folder = os.path.join(data_dir, sub) if sub else data_dir
+        if not os.path.isdir(folder):
+            layout = ("the folder that contains train/<class>/ and val/<class>/" if sub
+                      else "a folder of images, as <folder>/<class>/<image>")
+            raise ConfigError(f"data.data_dir={data.data_dir!r}: {folder} does not exist; set data.data_dir to "
+                              f"{layout}")
+    val_dir = data.get("val_dir")
+    if val_dir is not None and not os.path.isdir(os.path.expanduser(str(val_dir))):
+        raise ConfigError(f"data.val_dir={val_dir!r} does not exist; set it to a folder with the same class "
+                          "sub-folders as data.data_dir, or to null")

@@ -1,0 +1,102 @@
+"""Each wrong value is a one-line ConfigError naming the key, raised before anything is built."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from moco_lightning.cli import CONFIG_PATH
+from moco_lightning.config_checks import ConfigError, check_command_line, check_config
+
+
+def _error(cfg) -> str:
+    with pytest.raises(ConfigError) as info:
+        check_config(cfg)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_default_config_passes(compose_train):
+    check_config(compose_train())
+
+
+def test_queue_not_a_multiple_of_the_global_batch(compose_train):
+    message = _error(compose_train(["model.queue_size=1000", "data.batch_size=64"]))
+    assert "model.queue_size=1000" in message and "global batch 64" in message and "960" in message
+
+
+def test_queue_checked_against_all_processes(compose_train):
+    cfg = compose_train(["model.queue_size=192", "data.batch_size=64", "trainer.devices=2",
+                         "trainer.accelerator=cpu"])
+    assert "global batch 128" in _error(cfg)
+
+
+@pytest.mark.parametrize("value", [0, -0.1])
+def test_temperature_must_be_positive(compose_train, value):
+    assert "model.temperature" in _error(compose_train([f"model.temperature={value}"]))
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_momentum_must_be_in_unit_interval(compose_train, value):
+    assert "model.momentum" in _error(compose_train([f"model.momentum={value}"]))
+
+
+def test_unknown_backbone_names_the_choices(compose_train):
+    message = _error(compose_train(["model.backbone=resnet101"]))
+    assert "model.backbone" in message and "resnet18, resnet34, resnet50" in message
+
+
+@pytest.mark.parametrize(("argument", "names"), [
+    ("backbone=resnet101", ["backbone=resnet101", "resnet50"]),
+    ("data=mnist", ["data=mnist", "unknown dataset", "digits", "cifar10", "imagenet"]),
+    ("data=digits,mnist", ["data=mnist"]),
+    ("callbacks=[default,knnn]", ["callbacks=knnn", "online_linear"]),
+])
+def test_unknown_group_option_on_the_command_line(argument, names):
+    with pytest.raises(ConfigError) as info:
+        check_command_line([argument], CONFIG_PATH)
+    assert all(name in str(info.value) for name in names) and "\n" not in str(info.value)
+
+
+def test_known_options_and_keys_pass_the_command_line_check():
+    check_command_line(["data=digits,cifar10", "backbone=resnet50", "model.lr=0.1", "-m", "hydra/launcher=basic",
+                        "model.queue_size=range(256,1024,256)",
+                        "callbacks=[default,online_linear]"], CONFIG_PATH)
+
+
+def test_missing_imagenet_folder_names_the_key(compose_train, tmp_path):
+    message = _error(compose_train(["data=imagenet", f"data.data_dir={tmp_path / 'nowhere'}"]))
+    assert "data.data_dir" in message and "train" in message
+
+
+def test_imagefolder_without_a_path(compose_train):
+    assert "data.data_dir" in _error(compose_train(["data=imagefolder"]))
+
+
+def test_cifar_without_download_needs_the_files(compose_train, tmp_path):
+    message = _error(compose_train(["data=cifar10", "data.download=false", f"data.data_dir={tmp_path}"]))
+    assert "data.data_dir" in message and "data.download=true" in message
+
+
+def test_misspelled_key_in_a_config_file(compose_train):
+    cfg = compose_train()
+    OmegaConf.set_struct(cfg, False)
+    cfg.model.tempurature = 0.1  # as if an experiment YAML had the typo
+    message = _error(cfg)
+    assert "model.tempurature" in message and "model.temperature" in message
+
+
+def test_misspelled_key_on_the_command_line_is_refused_by_hydra(compose_train):
+    with pytest.raises(ConfigCompositionException, match="tempurature"):
+        compose_train(["model.tempurature=0.1"])
+
+
+def test_known_keys_need_no_plus(compose_train):
+    cfg = compose_train(["data.num_workers=2", "trainer.precision=bf16-mixed", "model.hidden_dim=512"])
+    assert (cfg.data.num_workers, cfg.trainer.precision, cfg.model.hidden_dim) == (2, "bf16-mixed", 512)
+
+
+def test_missing_checkpoint(compose_train, tmp_path):
+    assert "ckpt_path" in _error(compose_train([f"ckpt_path={tmp_path / 'last.ckpt'}"]))

@@ -1,0 +1,159 @@
+"""The evaluation entry points: moco-eval-knn, moco-eval-linear (Hydra) and moco-export (argparse)."""
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf.errors import ConfigAttributeError, MissingMandatoryValue
+
+from moco_lightning import MoCo
+from moco_lightning.cli import CONFIG_PATH
+from moco_lightning.cli.eval_knn import warn_if_data_differs_from_pretraining
+from moco_lightning.cli.eval_linear import evaluate_linear
+from moco_lightning.cli.export import main as export_main
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_DATA = ["data.image_size=8", "data.eval_batch_size=128"]
+
+
+def _checkpoint(path: Path, cifar_stem: bool = True) -> Path:
+    torch.manual_seed(0)
+    model = MoCo(backbone="resnet18", cifar_stem=cifar_stem, dim=16, queue_size=32)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return _checkpoint(tmp_path_factory.mktemp("ckpt") / "moco.ckpt")
+
+
+def _compose(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+@pytest.mark.parametrize("name", ["eval_knn", "eval_linear"])
+def test_eval_configs_need_a_checkpoint_and_reject_typos(name):
+    cfg = _compose(name, [])
+    with pytest.raises(MissingMandatoryValue):
+        _ = cfg.checkpoint
+    with pytest.raises(Exception, match="temprature|not in struct"):
+        _compose(name, ["temprature=0.1"])
+    with pytest.raises(ConfigAttributeError):
+        _ = cfg.no_such_key
+
+
+def test_eval_linear_config_defaults_are_the_official_protocol():
+    cfg = _compose("eval_linear", ["checkpoint=x.ckpt"])
+    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule, list(cfg.milestones)) == (
+        30.0,
+        0.9,
+        0.0,
+        "step",
+        [60, 80],
+    )
+    assert cfg.trainer.max_epochs == 100 and cfg.data.eval_batch_size == 256
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_eval_knn_script_prints_and_saves_accuracy(checkpoint, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "eval_knn.py"), f"checkpoint={checkpoint}", *TINY_DATA, f"hydra.run.dir={out}"],
+        capture_output=True,
+        text=True,
+        timeout=220,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "kNN (k=200, t=0.1) on DigitsDataModule: top-1" in proc.stdout
+    result = json.loads((out / "results.json").read_text())
+    assert result["backbone"] == "resnet18" and result["checkpoint"] == str(checkpoint)
+    assert 0.3 < result["knn_top1"] <= result["knn_top5"] <= 1.0  # chance is 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_eval_knn_of_a_non_moco_file_exits_with_a_message(tmp_path):
+    bad = tmp_path / "weights.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, bad)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "eval_knn.py"), f"checkpoint={bad}", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        timeout=220,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "is not a MoCo checkpoint" in proc.stderr
+
+
+@pytest.mark.timeout(180)
+def test_eval_linear_runs_the_protocol_from_the_config(checkpoint, tmp_path):
+    cfg = _compose(
+        "eval_linear",
+        [
+            f"checkpoint={checkpoint}",
+            *TINY_DATA,
+            f"paths.output_dir={tmp_path}",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=3",
+            "+trainer.limit_val_batches=1",
+            "milestones=[1]",
+            "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false",
+        ],
+    )
+    result, trainer = evaluate_linear(cfg)
+    assert trainer.current_epoch == 1  # the sanity check after the first epoch passed
+    assert result["epochs"] == 1 and 0.0 <= result["linear_top1"] <= result["linear_top5"] <= 1.0
+    assert (tmp_path / "csv" / "metrics.csv").is_file()  # the configured logger wrote the curves
+
+
+def test_a_data_config_unlike_pretraining_is_warned_about(tmp_path):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(
+        "data:\n  _target_: moco_lightning.data.DigitsDataModule\n  image_size: 8\n"
+    )
+    cfg = _compose("eval_knn", [f"checkpoint={run / 'checkpoints' / 'last.ckpt'}"])  # image_size 16 by default
+    messages = warn_if_data_differs_from_pretraining(cfg)
+    assert len(messages) == 1 and "data.image_size=16" in messages[0] and "data.image_size=8" in messages[0]
+    cfg = _compose("eval_knn", [f"checkpoint={run / 'checkpoints' / 'last.ckpt'}", "data.image_size=8"])
+    assert warn_if_data_differs_from_pretraining(cfg) == []
+
+
+def test_export_writes_both_formats_next_to_the_checkpoint(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "imagenet_stem.ckpt", cifar_stem=False)
+    export_main([str(ckpt)])
+    tv, d2 = tmp_path / "imagenet_stem_torchvision.pth", tmp_path / "imagenet_stem_detectron2.pkl"
+    assert tv.is_file() and d2.is_file()
+    assert "conv1.weight" in torch.load(tv, weights_only=True)
+    with d2.open("rb") as f:
+        assert "res5.1.conv2.norm.running_mean" in pickle.load(f)["model"]
+
+
+def test_export_one_format_to_a_chosen_file(checkpoint, tmp_path, capsys):
+    export_main([str(checkpoint), "--format", "torchvision", "--output", str(tmp_path / "r18.pth")])
+    assert (tmp_path / "r18.pth").is_file()
+    assert "cifar_stem=True" in capsys.readouterr().out  # tells how to load a CIFAR-stem backbone
+
+
+def test_export_of_a_non_moco_file_exits_with_a_message(tmp_path, capsys):
+    bad = tmp_path / "weights.pth"
+    torch.save({"state_dict": {"fc.weight": torch.zeros(1)}}, bad)
+    with pytest.raises(SystemExit) as exit_info:
+        export_main([str(bad), "--format", "torchvision"])
+    assert exit_info.value.code == 2
+    assert "not a MoCo checkpoint" in capsys.readouterr().err
