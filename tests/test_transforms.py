@@ -23,14 +23,6 @@ from moco_lightning.transforms import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def flat(compose):
     """All transforms of a Compose, RandomApply unpacked as (inner, p)."""
     out = []

@@ -1,19 +1,10 @@
-"""Fixtures of the data tests: one torch thread, md5 bypass for fake CIFAR / STL files, no network."""
+"""Fixtures of the data tests: md5 bypass for fake CIFAR / STL files, no network."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
-import torch
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture
