@@ -149,3 +149,16 @@ def test_monitor_without_eval_loaders_is_a_clear_error():
 
     with pytest.raises(RuntimeError, match="eval_train_dataloader"):
         KNNMonitor().compute(FakeTrainer(), tiny_moco())
+
+
+def test_eval_mode_restores_each_submodules_own_mode():
+    from torch import nn
+
+    from moco_lightning.eval.knn import eval_mode
+
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Dropout())
+    net.train()
+    net[1].eval()  # a frozen BN inside a training model must stay frozen afterwards
+    with eval_mode(net):
+        assert not any(m.training for m in net.modules())
+    assert [m.training for m in net.modules()] == [True, True, False, True]

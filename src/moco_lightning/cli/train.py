@@ -37,18 +37,12 @@ class KNNReport:
     @staticmethod
     def measure(embed: Any, datamodule: Any, module: torch.nn.Module | None = None) -> float:
         """Top-1 kNN accuracy (a fraction) of ``embed`` on the datamodule's eval loaders, ``module`` in eval mode."""
-        from moco_lightning.eval.knn import knn_accuracy
+        from moco_lightning.eval.knn import eval_mode, knn_accuracy
 
-        modes = {m: m.training for m in module.modules()} if module is not None else {}
-        if module is not None:
-            module.eval()
         device = next(module.parameters()).device if module is not None else None
-        try:
+        with eval_mode(module):
             result = knn_accuracy(embed, datamodule.eval_train_dataloader(), datamodule.eval_val_dataloader(),
                                   num_classes=getattr(datamodule, "num_classes", None) or None, device=device)
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
         return result["top1"]
 
     def table(self) -> str:

@@ -7,8 +7,8 @@ weight ``exp(sim / t)``; the class with the largest summed weight wins (defaults
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import lightning as L
@@ -19,6 +19,22 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
 from moco_lightning import distributed
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module | None) -> Iterator[None]:
+    """Put every submodule of ``module`` in eval mode for the block, then give each its own previous mode back."""
+    if module is None:
+        yield
+        return
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
 
 #: InstDisc / official MoCo CIFAR-10 demo values.
 DEFAULT_K = 200
@@ -268,30 +284,24 @@ class KNNMonitor(Callback):
             )
         if not hasattr(pl_module, "embed"):
             raise RuntimeError(f"KNNMonitor needs pl_module.embed(x) -> features; {type(pl_module).__name__} has none")
-        modes = {m: m.training for m in pl_module.modules()}
-        pl_module.eval()
         plugin = getattr(trainer, "precision_plugin", None)
         context = plugin.forward_context() if plugin is not None else nullcontext()
         # a private RNG state: creating the loader iterators draws seeds from the global generator, and the
         # monitor must not change the random stream (augmentations, shuffles) of the pretraining run
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        try:
-            with context, torch.random.fork_rng(devices=devices):
-                return knn_accuracy(
-                    pl_module.embed,
-                    dm.eval_train_dataloader(),
-                    dm.eval_val_dataloader(),
-                    num_classes=getattr(dm, "num_classes", None),
-                    k=self.k,
-                    temperature=self.temperature,
-                    device=pl_module.device,
-                    bank_dtype=self.bank_dtype,
-                    chunk_size=self.chunk_size,
-                    bank_chunk_size=self.bank_chunk_size,
-                )
-        finally:
-            for module, mode in modes.items():
-                module.training = mode
+        with eval_mode(pl_module), context, torch.random.fork_rng(devices=devices):
+            return knn_accuracy(
+                pl_module.embed,
+                dm.eval_train_dataloader(),
+                dm.eval_val_dataloader(),
+                num_classes=getattr(dm, "num_classes", None),
+                k=self.k,
+                temperature=self.temperature,
+                device=pl_module.device,
+                bank_dtype=self.bank_dtype,
+                chunk_size=self.chunk_size,
+                bank_chunk_size=self.bank_chunk_size,
+            )
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Run the kNN evaluation when due and log ``{prefix}_top1`` and ``{prefix}_top5``."""
