@@ -10,7 +10,6 @@ buffer with the checkpoint and fails loudly if one changed, as the official code
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,8 +22,9 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from moco_lightning.eval.checkpoint import load_backbone
+from moco_lightning.optim import LR_SCHEDULES, lr_lambda
 
-SCHEDULES = ("step", "cosine", "constant")
+SCHEDULES = LR_SCHEDULES
 
 
 class LinearProbe(L.LightningModule):
@@ -151,15 +151,10 @@ class LinearProbe(L.LightningModule):
         """SGD on the classifier only, with the step / cosine / constant schedule stepped per epoch."""
         hp = self.hparams
         optimizer = torch.optim.SGD(self.fc.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        if hp.schedule == "step":
-            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(hp.milestones), gamma=hp.gamma)
-        elif hp.schedule == "cosine":
-            epochs = max(1, int(hp.max_epochs))
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda e: 0.5 * (1.0 + math.cos(math.pi * min(e, epochs) / epochs))
-            )
-        else:
-            return optimizer
+        # the pretraining schedules, stepped once per epoch: an "optimizer step" of lr_lambda is an epoch here
+        factor = lr_lambda(hp.schedule, total_steps=max(1, int(hp.max_epochs)), steps_per_epoch=1,
+                           milestones=hp.milestones, gamma=hp.gamma)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
 
