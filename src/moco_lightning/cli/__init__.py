@@ -13,6 +13,7 @@ configs with Hydra's compose API from your own code.
 from __future__ import annotations
 
 import importlib.util
+import json
 import netrc
 import os
 from pathlib import Path
@@ -21,7 +22,7 @@ from urllib.parse import urlparse
 
 from omegaconf import ListConfig, OmegaConf
 
-__all__ = ["CONFIG_PATH", "config_dir", "count_devices", "register_resolvers"]
+__all__ = ["CONFIG_PATH", "config_dir", "count_devices", "register_resolvers", "write_results"]
 
 #: Images of at most this many pixels a side get the CIFAR stem (3x3 stride-1 conv, no max-pool) by default.
 SMALL_IMAGE_MAX = 64
@@ -94,6 +95,15 @@ def _wandb_offline() -> bool:
         return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is None
     except (OSError, netrc.NetrcParseError):
         return True
+
+
+def write_results(result: dict[str, Any], output_dir: str | None) -> None:
+    """Save an entry point's result dict as ``<output_dir>/results.json`` and say where (nothing without a dir)."""
+    if output_dir:
+        path = Path(output_dir) / "results.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"results: {path}")
 
 
 def register_resolvers() -> None:

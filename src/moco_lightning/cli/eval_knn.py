@@ -7,7 +7,6 @@ default) and writes them to ``<output_dir>/results.json``.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from moco_lightning.cli import CONFIG_PATH
+from moco_lightning.cli import CONFIG_PATH, write_results
 from moco_lightning.eval.checkpoint import CheckpointError, load_backbone
 from moco_lightning.eval.knn import knn_accuracy
 
@@ -90,14 +89,6 @@ def evaluate_knn(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def _write(result: dict[str, Any], output_dir: str | None) -> None:
-    if output_dir:
-        path = Path(output_dir) / "results.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"results: {path}")
-
-
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval_knn")
 def _hydra_main(cfg: DictConfig) -> float:
     try:
@@ -110,7 +101,7 @@ def _hydra_main(cfg: DictConfig) -> float:
         f"top-1 {100 * result['knn_top1']:.2f} %, top-5 {100 * result['knn_top5']:.2f} %",
         flush=True,
     )
-    _write(result, OmegaConf.select(cfg, "paths.output_dir"))
+    write_results(result, OmegaConf.select(cfg, "paths.output_dir"))
     return result["knn_top1"]
 
 

@@ -8,9 +8,7 @@ Loads the query backbone of a pretraining checkpoint, freezes it in eval mode, t
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -18,7 +16,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from moco_lightning.cli import CONFIG_PATH
+from moco_lightning.cli import CONFIG_PATH, write_results
 from moco_lightning.cli.eval_knn import warn_if_data_differs_from_pretraining
 from moco_lightning.eval.checkpoint import CheckpointError, read_backbone_checkpoint
 from moco_lightning.eval.linear import linear_eval
@@ -71,12 +69,7 @@ def _hydra_main(cfg: DictConfig) -> float:
             f"top-1 {100 * result['linear_top1']:.2f} %, top-5 {100 * result['linear_top5']:.2f} %",
             flush=True,
         )
-        output_dir = OmegaConf.select(cfg, "paths.output_dir")
-        if output_dir:
-            path = Path(output_dir) / "results.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result, indent=2) + "\n")
-            print(f"results: {path}")
+        write_results(result, OmegaConf.select(cfg, "paths.output_dir"))
     return result["linear_top1"]
 
 
