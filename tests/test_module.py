@@ -1,4 +1,5 @@
 import copy
+import math
 
 import lightning as L
 import pytest
@@ -130,6 +131,38 @@ def test_key_encoder_sequence_matches_official_order(tmp_path):
     trainer.fit(model, loader())
     theta1 = model.encoder_q.head[0].weight.detach()
     torch.testing.assert_close(model.encoder_k.head[0].weight, 0.5 * theta0 + 0.5 * theta1)
+
+
+def test_step_interval_checkpoint_holds_the_key_encoder_of_its_step(tmp_path):
+    """A checkpoint written by a callback mid-epoch has seen as many EMA updates as optimizer steps."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    model = tiny_moco(momentum=0.5)
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    trainer = tiny_trainer(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[every])
+    trainer.fit(model, loader())
+    ckpt = torch.load(tmp_path / "ckpt" / "step=2.ckpt", weights_only=False)
+    state = ckpt["state_dict"]
+    for name, value in model.encoder_k.state_dict().items():
+        assert torch.equal(state[f"encoder_k.{name}"], value), name
+    first = torch.load(tmp_path / "ckpt" / "step=1.ckpt", weights_only=False)["state_dict"]
+    name = "head.0.weight"
+    # after step 1: θk = 0.5·θq(init) + 0.5·θq(step 1); θk(init) = θq(init)
+    assert not torch.equal(first[f"encoder_k.{name}"], first[f"encoder_q.{name}"])
+
+
+def test_lr_is_constant_within_an_epoch_by_default(tmp_path):
+    model = tiny_moco(lr=0.1)  # lr_interval="epoch" by default, as the official v1/v2 code
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = tiny_trainer(tmp_path, max_epochs=2, callbacks=[Record()])
+    trainer.fit(model, loader())  # 4 steps per epoch
+    assert lrs[:4] == pytest.approx([0.1] * 4)
+    assert lrs[4:] == pytest.approx([0.1 * 0.5 * (1 + math.cos(math.pi / 2))] * 4)
 
 
 def test_checkpoint_restores_encoders_queue_and_pointer(tmp_path):

@@ -24,7 +24,7 @@ from moco_lightning.distributed import shuffle_batch, unshuffle_batch, world_siz
 from moco_lightning.ema import cosine_momentum, momentum_update
 from moco_lightning.heads import ProjectionHead
 from moco_lightning.losses import info_nce_logits, info_nce_loss
-from moco_lightning.optim import build_optimizer, lr_lambda, scaled_lr
+from moco_lightning.optim import LR_INTERVALS, configure_optimization, global_batch_size
 from moco_lightning.queue import KeyQueue
 
 MOMENTUM_SCHEDULES = ("constant", "cosine")
@@ -71,7 +71,9 @@ class MoCo(L.LightningModule):
         lr: learning rate, or the base lr per 256 images when ``scale_lr`` is on.
         sgd_momentum: momentum of SGD.
         weight_decay: weight decay, on every parameter as in the official code.
-        lr_schedule: ``"step"``, ``"cosine"`` or ``"constant"``, applied per optimizer step.
+        lr_schedule: ``"step"``, ``"cosine"`` or ``"constant"``.
+        lr_interval: ``"epoch"`` sets the lr once per epoch, as the official v1/v2 code; ``"step"`` moves it at
+            every optimizer step.
         lr_milestones: epochs at which the ``"step"`` schedule multiplies the lr by 0.1.
         warmup_epochs: epochs of linear warm-up.
         scale_lr: use ``lr × global_batch / 256`` (global batch = per-device batch × processes × accumulation).
@@ -96,6 +98,7 @@ class MoCo(L.LightningModule):
         sgd_momentum: float = 0.9,
         weight_decay: float = 1e-4,
         lr_schedule: str = "step",
+        lr_interval: str = "epoch",
         lr_milestones: Sequence[float] = (120, 160),
         warmup_epochs: float = 0,
         scale_lr: bool = False,
@@ -103,7 +106,7 @@ class MoCo(L.LightningModule):
         super().__init__()
         lr_milestones = tuple(float(e) for e in lr_milestones)  # plain types in checkpoints (not ListConfig)
         check_moco_args(dim=dim, queue_size=queue_size, momentum=momentum, temperature=temperature,
-                        momentum_schedule=momentum_schedule)
+                        momentum_schedule=momentum_schedule, lr_interval=lr_interval)
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         self.dim, self.K, self.m, self.T = dim, queue_size, momentum, temperature
 
@@ -116,7 +119,6 @@ class MoCo(L.LightningModule):
         top5 = min(5, queue_size + 1)
         self.train_top1 = MulticlassAccuracy(num_classes=queue_size + 1, top_k=1, average="micro")
         self.train_top5 = MulticlassAccuracy(num_classes=queue_size + 1, top_k=top5, average="micro")
-        self._last_ema_step = 0
 
     # ------------------------------------------------------------------ names of the official builder
     @property
@@ -129,12 +131,16 @@ class MoCo(L.LightningModule):
         """Index of the row the next batch of keys is written to."""
         return self.key_queue.ptr
 
+    def momentum_at(self, step: int) -> float:
+        """The momentum m of the key-encoder update that follows optimizer step number ``step`` (from 1)."""
+        if self.hparams.momentum_schedule == "cosine" and self._trainer is not None:
+            return cosine_momentum(step, int(self.trainer.estimated_stepping_batches), self.m)
+        return self.m
+
     @property
     def current_momentum(self) -> float:
-        """The momentum m of the next key-encoder update, following ``momentum_schedule``."""
-        if self.hparams.momentum_schedule == "cosine" and self._trainer is not None:
-            return cosine_momentum(self.trainer.global_step, int(self.trainer.estimated_stepping_batches), self.m)
-        return self.m
+        """The momentum m of the last key-encoder update (of the next one, before the first step)."""
+        return self.momentum_at(self.trainer.global_step if self._trainer is not None else 0)
 
     # ------------------------------------------------------------------ the algorithm, hook by hook
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,8 +182,9 @@ class MoCo(L.LightningModule):
     def momentum_update(self, m: float | None = None) -> None:
         """Hook: one EMA step of every parameter of ``encoder_k`` towards ``encoder_q`` (BN buffers untouched).
 
-        The module calls it once per optimizer step, after the step (Algorithm 1 of the paper; the official code
-        does the same update at the start of the next step), never per micro-batch of gradient accumulation.
+        The module calls it from :meth:`optimizer_step`, once per optimizer step right after it (Algorithm 1 of
+        the paper; the official code does the same update at the start of the next step), never per micro-batch
+        of gradient accumulation.
         """
         momentum_update(self.encoder_q, self.encoder_k, self.current_momentum if m is None else m)
 
@@ -216,18 +223,22 @@ class MoCo(L.LightningModule):
             batch_size=n,
         )
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
-        self.log("train/momentum", self.current_momentum, batch_size=n)
         return {"loss": loss, "features": features.detach(), "labels": labels}
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Update the key encoder once after every optimizer step (skipped on accumulation micro-steps)."""
-        if self.trainer.global_step != self._last_ema_step:
-            self._last_ema_step = self.trainer.global_step
-            self.momentum_update()
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The optimizer step, then the key encoder's momentum update: once per optimizer step.
+
+        Lightning calls this hook once per optimizer step (not per micro-batch of gradient accumulation) and
+        before any callback's ``on_train_batch_end``, so a checkpoint written by a callback at any step holds a
+        key encoder that has seen exactly as many updates as the query encoder has seen steps.
+        """
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        m = self.momentum_at(self.trainer.global_step + 1)  # the step counter moves after this hook returns
+        self.momentum_update(m)
+        self.log("train/momentum", m)
 
     def on_train_start(self) -> None:
         """Check the queue against the loader before the first step: whole batches, K a multiple of them."""
-        self._last_ema_step = self.trainer.global_step
         loader = self.trainer.train_dataloader
         if isinstance(loader, DataLoader) and loader.batch_size is not None:
             if not loader.drop_last:
@@ -246,34 +257,23 @@ class MoCo(L.LightningModule):
                 )
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """SGD over every trainable parameter but the key encoder's, with a per-step lr schedule."""
+        """SGD over every trainable parameter but the key encoder's, with the lr schedule of the recipe."""
         hp = self.hparams
-        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        lr = hp.lr
-        if hp.scale_lr:
-            lr = scaled_lr(hp.lr, self.global_batch_size())
         params = [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("encoder_k.")]
-        optimizer = build_optimizer(params, hp.optimizer, lr=lr, momentum=hp.sgd_momentum,
-                                    weight_decay=hp.weight_decay)
-        factor = lr_lambda(hp.lr_schedule, total_steps, total_steps / epochs, hp.lr_milestones, hp.warmup_epochs)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimization(
+            self.trainer, params, optimizer=hp.optimizer, lr=hp.lr, scale_lr=hp.scale_lr, momentum=hp.sgd_momentum,
+            weight_decay=hp.weight_decay, lr_schedule=hp.lr_schedule, lr_interval=hp.lr_interval,
+            lr_milestones=hp.lr_milestones, warmup_epochs=hp.warmup_epochs,
+        )
 
     def global_batch_size(self) -> int:
         """Images per optimizer step over all processes: per-device batch × processes × accumulation."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        batch = getattr(datamodule, "batch_size", None)
-        if batch is None:
-            loader = self.trainer.train_dataloader
-            batch = getattr(loader, "batch_size", None)
-        if batch is None:
-            raise ValueError("scale_lr=True needs the batch size: use a datamodule with a batch_size attribute")
-        return int(batch) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return global_batch_size(self.trainer)
 
 
 def check_moco_args(
-    dim: int, queue_size: int, momentum: float, temperature: float, momentum_schedule: str = "constant"
+    dim: int, queue_size: int, momentum: float, temperature: float, momentum_schedule: str = "constant",
+    lr_interval: str = "epoch",
 ) -> None:
     """Raise a ``ValueError`` naming the setting when a MoCo hyper-parameter is out of range."""
     if dim < 1:
@@ -286,3 +286,5 @@ def check_moco_args(
         raise ValueError(f"temperature must be > 0 (v1 uses 0.07, v2 0.2), got temperature={temperature}")
     if momentum_schedule not in MOMENTUM_SCHEDULES:
         raise ValueError(f"momentum_schedule must be one of {MOMENTUM_SCHEDULES}, got {momentum_schedule!r}")
+    if lr_interval not in LR_INTERVALS:
+        raise ValueError(f"lr_interval must be one of {LR_INTERVALS}, got {lr_interval!r}")

@@ -49,7 +49,9 @@ def test_chunked_queries_and_bank_give_the_same_scores():
     labels = torch.randint(0, 5, (101,), generator=g)
     whole = weighted_knn_predict(queries, bank, labels, 5, k=20, chunk_size=1000)
     chunked = weighted_knn_predict(queries, bank, labels, 5, k=20, chunk_size=8, bank_chunk_size=16)
-    torch.testing.assert_close(chunked, whole)
+    # scores reach exp(1 / 0.1) ~ 2e4: blocks of another shape sum the similarities in another order (and AVX2 and
+    # AVX-512 machines differ again), so compare relative to the magnitude, not with float32's default tolerance
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)
 
 
 def test_k_larger_than_the_bank_uses_the_whole_bank():
