@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from moco_lightning.cli import CONFIG_PATH
-from moco_lightning.config_checks import ConfigError, check_command_line, check_config
+from moco_lightning.cli.config_checks import ConfigError, check_command_line, check_config
 
 
 def _error(cfg) -> str:

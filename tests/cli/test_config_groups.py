@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from moco_lightning import MoCo
 from moco_lightning.cli import CONFIG_PATH
-from moco_lightning.config_checks import group_options
+from moco_lightning.cli.config_checks import group_options
 from moco_lightning.data import MoCoDataModule
 
 GROUPS = sorted(p.name for p in Path(CONFIG_PATH).iterdir() if p.is_dir() and not p.name.startswith("_"))

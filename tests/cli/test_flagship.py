@@ -8,7 +8,7 @@ import pytest
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy
 
-from moco_lightning.config_checks import check_config, global_batch_size
+from moco_lightning.cli.config_checks import check_config, global_batch_size
 from moco_lightning.optim import scaled_lr
 
 FLAGSHIP = ["backbone=resnet50", "trainer.devices=8"]

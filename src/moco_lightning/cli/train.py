@@ -1,6 +1,6 @@
 """``python train.py`` / ``moco-train``: MoCo pretraining from the Hydra configs in ``conf/``.
 
-Checks the config (:mod:`moco_lightning.config_checks`), builds the datamodule, the module, the callbacks, the
+Checks the config (:mod:`moco_lightning.cli.config_checks`), builds the datamodule, the module, the callbacks, the
 loggers and the Trainer from their ``_target_`` entries, runs ``fit`` (resuming from ``ckpt_path`` when given)
 and, with ``knn_report=true``, ends with a table of kNN top-1 of the trained encoder next to the same encoder at
 initialisation and raw pixels.
@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from moco_lightning.cli import CONFIG_PATH
-from moco_lightning.config_checks import ConfigError, check_command_line, check_config
+from moco_lightning.cli.config_checks import ConfigError, check_command_line, check_config
 
 __all__ = ["KNNReport", "build", "main", "train"]
 

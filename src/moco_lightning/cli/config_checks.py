@@ -27,6 +27,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from moco_lightning.backbones import BACKBONES
+from moco_lightning.cli import CONFIG_PATH, count_devices
 
 __all__ = ["ConfigError", "check_command_line", "check_config", "global_batch_size", "group_options"]
 
@@ -89,8 +90,6 @@ def check_config(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> N
 
     """
     if choices is not None and choices.get("data") not in (None, "null"):
-        from moco_lightning.cli import CONFIG_PATH
-
         datasets = group_options(CONFIG_PATH, "data")
         if choices["data"] not in datasets:
             raise ConfigError(f"data={choices['data']}: unknown dataset; choose one of {', '.join(datasets)}")
@@ -176,8 +175,6 @@ def _check_model(model: DictConfig) -> None:
 
 def _resolve_device_count(trainer: DictConfig) -> tuple[int | None, str]:
     """Processes per node asked for by ``trainer.devices``, resolving auto / -1 with the accelerator's count."""
-    from moco_lightning.cli import count_devices
-
     try:
         count = count_devices(trainer.get("devices", 1))
     except ValueError as err:
