@@ -30,8 +30,9 @@ class TwoViewNoise(Dataset):
 
 
 def tiny_moco(**kwargs) -> MoCo:
+    # plain BN unless a test asks for another mode: the tiny batches of 4 are no multiple of 8 split-BN groups
     defaults = dict(backbone="resnet18", cifar_stem=True, dim=8, queue_size=16, momentum=0.9, temperature=0.2,
-                    lr=0.01, lr_schedule="cosine")
+                    lr=0.01, lr_schedule="cosine", bn="none")
     defaults.update(kwargs)
     return MoCo(**defaults)
 
@@ -116,7 +117,7 @@ class CountingMoCo(MoCo):
 
 
 def test_momentum_update_once_per_optimizer_step_under_accumulation(tmp_path):
-    model = CountingMoCo(backbone="resnet18", cifar_stem=True, dim=8, queue_size=16, momentum=0.9)
+    model = CountingMoCo(backbone="resnet18", cifar_stem=True, dim=8, queue_size=16, momentum=0.9, bn="none")
     trainer = tiny_trainer(tmp_path, accumulate_grad_batches=2)
     trainer.fit(model, loader(n=16, batch_size=4))  # 4 micro-batches -> 2 optimizer steps
     assert trainer.global_step == 2
@@ -248,8 +249,94 @@ def test_subclass_overriding_one_hook_changes_only_that():
 
 def test_custom_backbone_module(tmp_path):
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-    model = MoCo(backbone=net, dim=4, queue_size=8, temperature=0.2)
+    model = MoCo(backbone=net, dim=4, queue_size=8, temperature=0.2, bn="none")
     assert model.feature_dim == 6
     trainer = tiny_trainer(tmp_path, max_steps=2)
     trainer.fit(model, loader(n=16, batch_size=4))
     assert trainer.global_step == 2
+
+
+# ---------------------------------------------------------------------------------------------- BN modes
+def test_auto_bn_on_one_process_is_split_and_the_log_says_so(tmp_path, caplog):
+    from moco_lightning.bn import SplitBatchNorm2d
+
+    model = tiny_moco(bn="auto", bn_splits=2, queue_size=16)
+    with caplog.at_level("INFO", logger="moco_lightning.module"):
+        tiny_trainer(tmp_path, max_steps=1).fit(model, loader(n=16, batch_size=8))
+    assert model.bn_mode == "split"
+    assert "MoCo BN mode: split (model.bn=auto, 1 process(es))" in caplog.text
+    for encoder in (model.encoder_q, model.encoder_k):
+        bns = [m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert bns and all(isinstance(m, SplitBatchNorm2d) and m.num_splits == 2 for m in bns)
+
+
+def test_split_step_is_the_official_demo_step():
+    """q from split BN; k from the key encoder on the batch shuffled on the device, un-shuffled after."""
+    model = tiny_moco(bn="split", bn_splits=2)
+    assert model.configure_bn() == "split"
+    x_q, x_k = torch.rand(8, 3, SIZE, SIZE), torch.rand(8, 3, SIZE, SIZE)
+    probe_q, probe_k = copy.deepcopy(model.encoder_q), copy.deepcopy(model.encoder_k)
+    queue = model.queue.clone()
+    torch.manual_seed(3)
+    logits, _ = model(x_q, x_k)
+    torch.manual_seed(3)
+    perm = torch.randperm(8)
+    q = F.normalize(probe_q(x_q), dim=1)
+    k = F.normalize(probe_k(x_k[perm]), dim=1)[torch.argsort(perm)]
+    torch.testing.assert_close(logits[:, 0], (q * k).sum(1) / 0.2)
+    torch.testing.assert_close(logits[:, 1:], q @ queue.t() / 0.2)
+    torch.testing.assert_close(model.queue[:8], k)
+
+
+def test_split_bn_batch_not_a_multiple_of_the_groups_fails_before_the_first_step(tmp_path):
+    model = tiny_moco(bn="split", bn_splits=8)
+    trainer = tiny_trainer(tmp_path)
+    with pytest.raises(ValueError, match="multiple of bn_splits=8, got 4"):
+        trainer.fit(model, loader(batch_size=4))
+    assert trainer.global_step == 0
+
+
+def test_trainer_sync_batchnorm_is_refused_because_it_undoes_moco_bn(tmp_path):
+    trainer = tiny_trainer(tmp_path, sync_batchnorm=True, strategy="ddp")  # a DDP run of one process
+    try:
+        with pytest.raises(ValueError, match="trainer.sync_batchnorm=true"):
+            trainer.fit(tiny_moco(), loader())
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- symmetric loss
+def test_symmetric_loss_sums_both_directions_against_the_same_queue_and_enqueues_both_keys():
+    model = tiny_moco(symmetric=True)
+    x1, x2 = torch.rand(4, 3, SIZE, SIZE), torch.rand(4, 3, SIZE, SIZE)
+    probe_q, probe_k = copy.deepcopy(model.encoder_q), copy.deepcopy(model.encoder_k)
+    queue = model.queue.clone()
+    out = model.step(x1, x2)
+
+    q1, q2 = F.normalize(probe_q(x1), dim=1), F.normalize(probe_q(x2), dim=1)
+    k1, k2 = F.normalize(probe_k(x1), dim=1), F.normalize(probe_k(x2), dim=1)
+
+    def info_nce(q, k):
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.t()], 1) / 0.2
+        return F.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
+
+    torch.testing.assert_close(out["loss"], info_nce(q1, k2) + info_nce(q2, k1))  # summed, as the demo
+    assert out["logits"].shape == (8, 17)
+    torch.testing.assert_close(model.queue[:8], torch.cat([k1, k2]))
+    assert int(model.queue_ptr) == 8
+
+
+def test_symmetric_needs_a_queue_multiple_of_twice_the_global_batch(tmp_path):
+    model = tiny_moco(symmetric=True, queue_size=12)  # 12 = 3 batches of 4, but 8 keys per step
+    trainer = tiny_trainer(tmp_path)
+    with pytest.raises(ValueError, match="queue_size=12 must be a multiple of the global batch size 8"):
+        trainer.fit(model, loader(batch_size=4))
+
+
+def test_project_gives_unit_embeddings_of_the_query_encoder():
+    model = tiny_moco()
+    model.eval()
+    z = model.project(torch.rand(3, 3, SIZE, SIZE))
+    assert z.shape == (3, 8)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(3))

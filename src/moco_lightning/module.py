@@ -8,6 +8,7 @@ Read it top to bottom: :class:`MoCo` wires the small parts (:mod:`~moco_lightnin
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -20,7 +21,8 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from moco_lightning.backbones import build_backbone
-from moco_lightning.distributed import shuffle_batch, unshuffle_batch, world_size
+from moco_lightning.bn import BN_MODES, DEFAULT_BN_SPLITS, convert_batchnorm, encode_shuffled, resolve_bn_mode
+from moco_lightning.distributed import world_size
 from moco_lightning.ema import cosine_momentum, momentum_update
 from moco_lightning.heads import ProjectionHead
 from moco_lightning.losses import info_nce_logits, info_nce_loss
@@ -28,6 +30,8 @@ from moco_lightning.optim import LR_INTERVALS, configure_optimization, global_ba
 from moco_lightning.queue import KeyQueue
 
 MOMENTUM_SCHEDULES = ("constant", "cosine")
+
+log = logging.getLogger(__name__)
 
 
 class Encoder(nn.Module):
@@ -64,8 +68,14 @@ class MoCo(L.LightningModule):
         hidden_dim: hidden width of the MLP head; the backbone width when ``None``.
         cifar_stem: 3x3 stride-1 stem without max-pool, for small images.
         feature_dim: width of a custom backbone's features (found by a dry forward when ``None``).
-        shuffle_bn: shuffle the key batch across processes before the key encoder (Sec. 3.3); a no-op on one
-            process.
+        bn: how BN sees the batch so that it cannot leak the positive (Sec. 3.3; :mod:`moco_lightning.bn`):
+            ``"shuffle"`` across processes, ``"split"`` into ``bn_splits`` groups on one device with the key batch
+            shuffled (the official CIFAR-10 demo), ``"sync"`` (SyncBatchNorm), ``"none"``; ``"auto"`` is shuffle
+            with several processes and split on one. Applied when training starts (:meth:`configure_bn`).
+        bn_splits: groups of split BN (the demo emulates 8 GPUs); the per-device batch must be a multiple of it.
+        symmetric: the loss in both directions, ``q1·k2`` and ``q2·k1`` each against the queue, summed, and both
+            views' keys enqueued (the official CIFAR-10 demo's ``--symmetric``); K must then be a multiple of twice
+            the global batch.
         momentum_schedule: ``"constant"`` or ``"cosine"`` (m rising to 1 over training, as in MoCo v3).
         optimizer: optimizer name (``"sgd"``).
         lr: learning rate, or the base lr per 256 images when ``scale_lr`` is on.
@@ -91,7 +101,9 @@ class MoCo(L.LightningModule):
         hidden_dim: int | None = None,
         cifar_stem: bool = False,
         feature_dim: int | None = None,
-        shuffle_bn: bool = True,
+        bn: str = "auto",
+        bn_splits: int = DEFAULT_BN_SPLITS,
+        symmetric: bool = False,
         momentum_schedule: str = "constant",
         optimizer: str = "sgd",
         lr: float = 0.03,
@@ -106,7 +118,7 @@ class MoCo(L.LightningModule):
         super().__init__()
         lr_milestones = tuple(float(e) for e in lr_milestones)  # plain types in checkpoints (not ListConfig)
         check_moco_args(dim=dim, queue_size=queue_size, momentum=momentum, temperature=temperature,
-                        momentum_schedule=momentum_schedule, lr_interval=lr_interval)
+                        momentum_schedule=momentum_schedule, lr_interval=lr_interval, bn=bn, bn_splits=bn_splits)
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         self.dim, self.K, self.m, self.T = dim, queue_size, momentum, temperature
 
@@ -115,6 +127,7 @@ class MoCo(L.LightningModule):
         self.encoder_k = copy.deepcopy(self.encoder_q)
         self.encoder_k.requires_grad_(False)
         self.key_queue = KeyQueue(queue_size, dim)
+        self.bn_mode: str | None = None  # the concrete BN mode, set by configure_bn()
 
         top5 = min(5, queue_size + 1)
         self.train_top1 = MulticlassAccuracy(num_classes=queue_size + 1, top_k=1, average="micro")
@@ -143,9 +156,27 @@ class MoCo(L.LightningModule):
         return self.momentum_at(self.trainer.global_step if self._trainer is not None else 0)
 
     # ------------------------------------------------------------------ the algorithm, hook by hook
+    def configure_bn(self, processes: int | None = None) -> str:
+        """Resolve ``bn`` for ``processes`` processes (default: the running ones) and convert both encoders' BN.
+
+        Called by Lightning's ``setup``; call it yourself before training in a plain PyTorch loop (``forward``
+        does on first use). Returns the concrete mode. Idempotent; parameters keep their identity.
+        """
+        if self.bn_mode is None:
+            processes = world_size() if processes is None else processes
+            self.bn_mode = resolve_bn_mode(self.hparams.bn, processes)
+            device_type = self.device.type if self._trainer is None else self.trainer.strategy.root_device.type
+            for encoder in (self.encoder_q, self.encoder_k):
+                convert_batchnorm(encoder, self.bn_mode, self.hparams.bn_splits, device_type)
+        return self.bn_mode
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features of the query encoder ``(N, D)``: what downstream tasks use."""
         return self.encoder_q.backbone(x)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised embeddings of the query encoder ``(N, dim)`` (what the official CIFAR-10 demo's kNN uses)."""
+        return F.normalize(self.encoder_q(x), dim=1)
 
     def encode_query(self, im_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hook: backbone features and normalised queries ``q`` of the first view (with gradients)."""
@@ -155,12 +186,8 @@ class MoCo(L.LightningModule):
 
     @torch.no_grad()
     def encode_key(self, im_k: torch.Tensor) -> torch.Tensor:
-        """Hook: normalised keys ``k`` of the second view from the key encoder, with shuffled BN."""
-        if self.hparams.shuffle_bn:
-            im_k, idx_unshuffle = shuffle_batch(im_k)
-            k = F.normalize(self.encoder_k(im_k), dim=1)
-            return unshuffle_batch(k, idx_unshuffle)
-        return F.normalize(self.encoder_k(im_k), dim=1)
+        """Hook: normalised keys ``k`` of the second view from the key encoder, the batch shuffled as ``bn`` says."""
+        return F.normalize(encode_shuffled(self.encoder_k, im_k, self.configure_bn()), dim=1)
 
     def contrastive_loss(
         self, q: torch.Tensor, k: torch.Tensor
@@ -188,25 +215,39 @@ class MoCo(L.LightningModule):
         """
         momentum_update(self.encoder_q, self.encoder_k, self.current_momentum if m is None else m)
 
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One MoCo step as the official builder computes it: ``(logits, labels)``, keys enqueued.
+    def step(self, im_q: torch.Tensor, im_k: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One MoCo step: queries, keys, the loss against the queue, then this step's keys enqueued.
 
-        ``logits`` is ``(N, 1 + K)`` divided by T with the positive in column 0; ``labels`` are zeros.
+        Returns ``loss``, ``logits`` ``(N, 1 + K)`` (divided by T, positive in column 0), ``labels`` (zeros) and
+        the query backbone ``features``. With ``symmetric`` the two directions' losses are summed (as the official
+        demo does), ``logits`` / ``labels`` stack both directions (``2N`` rows) and both views' keys are enqueued.
         """
-        _, q = self.encode_query(im_q)
+        self.configure_bn()
+        features, q = self.encode_query(im_q)
         k = self.encode_key(im_k)
-        _, logits, labels = self.contrastive_loss(q, k)
-        self.dequeue_and_enqueue(k)
-        return logits, labels
+        loss, logits, labels = self.contrastive_loss(q, k)
+        keys = k
+        if self.hparams.symmetric:
+            _, q2 = self.encode_query(im_k)
+            k1 = self.encode_key(im_q)
+            loss_21, logits_21, labels_21 = self.contrastive_loss(q2, k1)  # the same queue as the first direction
+            loss = loss + loss_21
+            logits, labels = torch.cat([logits, logits_21]), torch.cat([labels, labels_21])
+            keys = torch.cat([k1, k])
+        self.dequeue_and_enqueue(keys)
+        return {"loss": loss, "logits": logits, "labels": labels, "features": features}
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MoCo step as the official builder computes it: ``(logits, labels)``, keys enqueued (see :meth:`step`)."""
+        out = self.step(im_q, im_k)
+        return out["logits"], out["labels"]
 
     # ------------------------------------------------------------------ Lightning
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         """Contrast two views; ``batch`` is ``((x_q, x_k), labels)`` (labels unused by MoCo itself)."""
         (im_q, im_k), labels = batch[0], batch[1]
-        features, q = self.encode_query(im_q)
-        k = self.encode_key(im_k)
-        loss, logits, targets = self.contrastive_loss(q, k)
-        self.dequeue_and_enqueue(k)
+        out = self.step(im_q, im_k)
+        loss, logits, targets, features = out["loss"], out["logits"], out["labels"], out["features"]
 
         self.train_top1(logits, targets)
         self.train_top5(logits, targets)
@@ -237,6 +278,27 @@ class MoCo(L.LightningModule):
         self.momentum_update(m)
         self.log("train/momentum", m)
 
+    def setup(self, stage: str) -> None:
+        """Resolve the BN mode for the processes of this run, convert the encoders and say which mode runs."""
+        if getattr(self.trainer.strategy, "_layer_sync", None) is not None:
+            raise ValueError(
+                "trainer.sync_batchnorm=true converts every BatchNorm, which undoes MoCo's own BN handling; set "
+                "trainer.sync_batchnorm=false and model.bn=sync (or keep model.bn=auto: shuffle BN on many processes)"
+            )
+        mode = self.configure_bn(self.trainer.world_size)
+        what = {
+            "shuffle": "key batch shuffled across processes (paper Sec. 3.3)",
+            "split": f"{self.hparams.bn_splits} BN groups per device and the key batch shuffled on the device "
+                     "(official CIFAR-10 demo)",
+            "sync": "SyncBatchNorm over all processes",
+            "none": "plain per-process BN, no shuffle: BN statistics can leak the positive key",
+        }[mode]
+        message = f"MoCo BN mode: {mode} (model.bn={self.hparams.bn}, {self.trainer.world_size} process(es)): {what}"
+        if mode == "shuffle" and self.trainer.world_size == 1:
+            message += "; with one process shuffling does nothing, so BN can leak: consider model.bn=split"
+        if self.trainer.is_global_zero:
+            log.info(message)
+
     def on_train_start(self) -> None:
         """Check the queue against the loader before the first step: whole batches, K a multiple of them."""
         loader = self.trainer.train_dataloader
@@ -246,7 +308,13 @@ class MoCo(L.LightningModule):
                     "the pretraining DataLoader must use drop_last=True: a short last batch would write a "
                     "partial batch of keys into the queue; set drop_last=True"
                 )
-            self.key_queue.check_batch(loader.batch_size * world_size())
+            if self.bn_mode == "split" and loader.batch_size % self.hparams.bn_splits != 0:
+                raise ValueError(
+                    f"split BN needs a per-device batch that is a multiple of bn_splits={self.hparams.bn_splits}, "
+                    f"got {loader.batch_size}; change data.batch_size or model.bn_splits"
+                )
+            keys_per_step = loader.batch_size * world_size() * (2 if self.hparams.symmetric else 1)
+            self.key_queue.check_batch(keys_per_step)
             dataset_size = len(loader.dataset) if hasattr(loader.dataset, "__len__") else None
             if dataset_size is not None and self.K >= dataset_size:
                 warnings.warn(
@@ -273,7 +341,7 @@ class MoCo(L.LightningModule):
 
 def check_moco_args(
     dim: int, queue_size: int, momentum: float, temperature: float, momentum_schedule: str = "constant",
-    lr_interval: str = "epoch",
+    lr_interval: str = "epoch", bn: str = "auto", bn_splits: int = DEFAULT_BN_SPLITS,
 ) -> None:
     """Raise a ``ValueError`` naming the setting when a MoCo hyper-parameter is out of range."""
     if dim < 1:
@@ -288,3 +356,7 @@ def check_moco_args(
         raise ValueError(f"momentum_schedule must be one of {MOMENTUM_SCHEDULES}, got {momentum_schedule!r}")
     if lr_interval not in LR_INTERVALS:
         raise ValueError(f"lr_interval must be one of {LR_INTERVALS}, got {lr_interval!r}")
+    if bn not in BN_MODES:
+        raise ValueError(f"bn must be one of {BN_MODES}, got bn={bn!r}")
+    if not isinstance(bn_splits, int) or bn_splits < 1:
+        raise ValueError(f"bn_splits must be a positive number of BN groups (the demo uses 8), got {bn_splits!r}")

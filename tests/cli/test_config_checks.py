@@ -33,6 +33,23 @@ def test_queue_checked_against_all_processes(compose_train):
     assert "global batch 128" in _error(cfg)
 
 
+def test_symmetric_loss_needs_a_queue_multiple_of_twice_the_global_batch(compose_train):
+    message = _error(compose_train(["model.symmetric=true", "model.queue_size=192", "data.batch_size=64"]))
+    assert "twice the global batch 64" in message and "model.queue_size=128 or 256" in message
+
+
+def test_split_bn_on_one_device_needs_a_batch_multiple_of_the_groups(compose_train):
+    message = _error(compose_train(["data.batch_size=12", "model.queue_size=96"]))  # bn=auto, 1 process: split
+    assert "data.batch_size=12 must be a multiple of model.bn_splits=8" in message and "auto" in message
+    check_config(compose_train(["data.batch_size=12", "model.queue_size=96", "model.bn_splits=4"]))
+    check_config(compose_train(["data.batch_size=12", "model.queue_size=96", "model.bn=none"]))
+
+
+def test_unknown_bn_mode_and_lightning_syncbn_are_refused(compose_train):
+    assert "model.bn=group is not a BN mode" in _error(compose_train(["model.bn=group"]))
+    assert "trainer.sync_batchnorm=true" in _error(compose_train(["trainer.sync_batchnorm=true"]))
+
+
 @pytest.mark.parametrize("value", [0, -0.1])
 def test_temperature_must_be_positive(compose_train, value):
     assert "model.temperature" in _error(compose_train([f"model.temperature={value}"]))

@@ -18,7 +18,7 @@ def test_flagship_is_eight_device_ddp_with_resnet50(compose_train):
     cfg = compose_train(FLAGSHIP)
     assert cfg.trainer.devices == 8
     assert cfg.trainer.strategy == "ddp"
-    assert cfg.trainer.sync_batchnorm is False and cfg.model.shuffle_bn is True
+    assert cfg.trainer.sync_batchnorm is False and cfg.model.bn == "auto"
     assert cfg.model.backbone == "resnet50"
 
 

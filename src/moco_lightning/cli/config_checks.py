@@ -103,6 +103,7 @@ def check_config(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> N
                 _check_keys(node, f"{section}.{name}")
     _check_model(cfg.model)
     _check_queue(cfg)
+    _check_bn(cfg)
     _check_data_path(cfg.data)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and not os.path.isfile(str(ckpt_path)):
@@ -214,12 +215,42 @@ def _check_queue(cfg: DictConfig) -> None:
     batch = global_batch_size(cfg)
     if batch is None:
         return
-    if queue_size % batch != 0:
-        lower = max(batch, queue_size // batch * batch)
+    symmetric = bool(cfg.model.get("symmetric", False))
+    keys = batch * (2 if symmetric else 1)  # the symmetric loss enqueues both views' keys
+    if queue_size % keys != 0:
+        lower = max(keys, queue_size // keys * keys)
+        what = (f"twice the global batch {batch} (model.symmetric=true enqueues both views' keys; "
+                if symmetric else f"the global batch {batch} (")
         raise ConfigError(
-            f"model.queue_size={queue_size} must be a multiple of the global batch {batch} (data.batch_size="
+            f"model.queue_size={queue_size} must be a multiple of {what}data.batch_size="
             f"{cfg.data.batch_size} x {batch // int(cfg.data.batch_size)} processes); use model.queue_size={lower} "
-            f"or {lower + batch}, or change data.batch_size"
+            f"or {lower + keys}, or change data.batch_size"
+        )
+
+
+def _check_bn(cfg: DictConfig) -> None:
+    """``model.bn`` is a known mode; split BN divides the per-device batch; Lightning's SyncBN stays off."""
+    from moco_lightning.bn import BN_MODES
+
+    if "bn" not in cfg.model:
+        return
+    mode = str(cfg.model.bn)
+    if mode not in BN_MODES:
+        raise ConfigError(f"model.bn={mode} is not a BN mode; choose one of {', '.join(BN_MODES)}")
+    if cfg.trainer.get("sync_batchnorm", False):
+        raise ConfigError("trainer.sync_batchnorm=true converts every BatchNorm and undoes MoCo's own BN handling; "
+                          "set trainer.sync_batchnorm=false and model.bn=sync (or model.bn=auto)")
+    batch = global_batch_size(cfg)
+    processes = None if batch is None else batch // int(cfg.data.batch_size)
+    splits = int(cfg.model.get("bn_splits", 1) or 1)
+    if splits < 1:
+        raise ConfigError(f"model.bn_splits={splits} must be a positive number of BN groups (the demo uses 8)")
+    split = mode == "split" or (mode == "auto" and processes == 1)
+    if split and int(cfg.data.batch_size) % splits != 0:
+        reason = "model.bn=split" if mode == "split" else "model.bn=auto on one process means split BN"
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} must be a multiple of model.bn_splits={splits} ({reason}: each "
+            "of the groups normalises batch/bn_splits images); change data.batch_size or model.bn_splits"
         )
 
 

@@ -1,0 +1,116 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from moco_lightning.bn import (
+    AllReduceBatchNorm2d,
+    SplitBatchNorm2d,
+    convert_batchnorm,
+    encode_shuffled,
+    resolve_bn_mode,
+)
+
+
+def test_auto_is_shuffle_on_many_processes_and_split_on_one():
+    assert resolve_bn_mode("auto", 1) == "split"
+    assert resolve_bn_mode("auto", 8) == "shuffle"
+    assert resolve_bn_mode("sync", 1) == "sync"
+    with pytest.raises(ValueError, match="bn must be one of"):
+        resolve_bn_mode("group", 1)
+
+
+def test_split_bn_equals_plain_bn_on_each_group_in_train_mode():
+    torch.manual_seed(0)
+    x = torch.randn(12, 5, 4, 4, dtype=torch.float64)
+    split = SplitBatchNorm2d(5, num_splits=3).double()
+    with torch.no_grad():
+        split.weight.uniform_(0.5, 1.5)
+        split.bias.uniform_(-0.5, 0.5)
+    references = [copy.deepcopy(nn.BatchNorm2d(5)).double() for _ in range(3)]
+    for ref in references:
+        ref.load_state_dict(split.state_dict())
+    out = split(x)
+    for s, ref in enumerate(references):  # group s holds samples s, s + 3, s + 6, ...
+        torch.testing.assert_close(out[s::3], ref(x[s::3]))
+    # running statistics: the mean of the groups' own running statistics
+    torch.testing.assert_close(split.running_mean, torch.stack([r.running_mean for r in references]).mean(0))
+    torch.testing.assert_close(split.running_var, torch.stack([r.running_var for r in references]).mean(0))
+    assert int(split.num_batches_tracked) == 1
+
+
+def test_split_bn_is_plain_bn_in_eval_mode_and_keeps_the_state_dict_keys():
+    torch.manual_seed(0)
+    split, plain = SplitBatchNorm2d(3, num_splits=2), nn.BatchNorm2d(3)
+    split(torch.randn(8, 3, 2, 2))  # move the running statistics
+    plain.load_state_dict(split.state_dict())
+    split.eval(), plain.eval()
+    x = torch.randn(6, 3, 2, 2)  # any batch size in eval mode
+    torch.testing.assert_close(split(x), plain(x))
+
+
+def test_split_bn_gradients_match_per_group_bn():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    split = SplitBatchNorm2d(3, num_splits=2).double()
+    ref = nn.BatchNorm2d(3).double()
+    (split(x) ** 2 * torch.arange(8.0, dtype=torch.float64).view(8, 1, 1, 1)).sum().backward()
+    grad_split, wgrad_split = x.grad.clone(), split.weight.grad.clone()
+    x.grad = None
+    y = torch.empty_like(x)
+    y[0::2], y[1::2] = ref(x[0::2]), ref(x[1::2])
+    (y**2 * torch.arange(8.0, dtype=torch.float64).view(8, 1, 1, 1)).sum().backward()
+    torch.testing.assert_close(grad_split, x.grad)
+    torch.testing.assert_close(wgrad_split, ref.weight.grad)
+
+
+def test_split_bn_refuses_a_batch_that_is_not_a_multiple_of_the_groups():
+    with pytest.raises(ValueError, match="multiple of bn_splits=4"):
+        SplitBatchNorm2d(3, num_splits=4)(torch.randn(6, 3, 2, 2))
+
+
+def test_split_bn_accepts_channels_last_inputs():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4)
+    split = SplitBatchNorm2d(3, num_splits=2)
+    expected = split(x)
+    torch.testing.assert_close(SplitBatchNorm2d(3, num_splits=2)(x.to(memory_format=torch.channels_last)), expected)
+
+
+def test_convert_keeps_parameters_and_buffers_and_only_swaps_plain_bn():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm2d(4)), nn.BatchNorm1d(4))
+    weight, mean = net[1].weight, net[1].running_mean
+    keys = set(net.state_dict())
+    convert_batchnorm(net, "split", num_splits=2)
+    assert isinstance(net[1], SplitBatchNorm2d) and isinstance(net[2][0], SplitBatchNorm2d)
+    assert type(net[3]) is nn.BatchNorm1d
+    assert net[1].weight is weight and net[1].running_mean is mean  # an optimizer built before keeps working
+    assert set(net.state_dict()) == keys
+    convert_batchnorm(net, "none")
+    assert isinstance(net[1], SplitBatchNorm2d)
+
+
+def test_sync_on_cpu_uses_the_all_reduce_bn_which_is_plain_bn_on_one_process():
+    net = convert_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), "sync")
+    assert isinstance(net[0], AllReduceBatchNorm2d)
+    plain = nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(net(x), plain(x))
+    torch.testing.assert_close(net[0].running_var, plain.running_var)
+
+
+def test_split_mode_shuffles_the_key_batch_and_returns_it_in_order():
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Conv2d(3, 4, 1), SplitBatchNorm2d(4, num_splits=2), nn.Flatten())
+    x = torch.randn(8, 3, 2, 2)
+    seen = []
+    encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    torch.manual_seed(1)
+    out = encode_shuffled(encoder, x, "split")
+    torch.manual_seed(1)
+    perm = torch.randperm(8)
+    assert torch.equal(seen[0], x[perm])  # the encoder saw the shuffled batch ...
+    unshuffled = encoder(x[perm])[torch.argsort(perm)]
+    torch.testing.assert_close(out, unshuffled)  # ... and every output row is its own sample's
+    assert not torch.allclose(out, encoder(x))  # other groups than in order: other statistics
