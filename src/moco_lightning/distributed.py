@@ -31,11 +31,17 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
 
     Every process must pass a tensor of the same shape. On a single process the input is returned as it is.
     """
+    return concat_all_gather_dim(tensor, 0)
+
+
+@torch.no_grad()
+def concat_all_gather_dim(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """Concatenate ``tensor`` from every process along ``dim``, in rank order (the input on one process)."""
     if not is_distributed():
         return tensor
     gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, tensor.contiguous())
-    return torch.cat(gathered, dim=0)
+    return torch.cat(gathered, dim=dim)
 
 
 @torch.no_grad()

@@ -82,6 +82,23 @@ def test_eval_knn_script_prints_and_saves_accuracy(checkpoint, tmp_path):
     assert 0.3 < result["knn_top1"] <= result["knn_top5"] <= 1.0  # chance is 0.1
 
 
+def test_eval_knn_on_the_embedding_evaluates_the_whole_query_encoder(checkpoint, monkeypatch):
+    from moco_lightning.cli import eval_knn
+
+    seen = {}
+
+    def fake_knn(embed, train_loader, val_loader, **kwargs):  # the data path is tested above; check what embeds
+        seen["out"] = embed(next(iter(val_loader))[0][:2])
+        return {"top1": 0.5, "top5": 0.9}
+
+    monkeypatch.setattr(eval_knn, "knn_accuracy", fake_knn)
+    cfg = _compose("eval_knn", [f"checkpoint={checkpoint}", "features=embedding", "device=cpu", *TINY_DATA])
+    result = eval_knn.evaluate_knn(cfg)
+    assert result["features"] == "embedding" and result["feature_dim"] == 16  # the 16-d embedding, not 512
+    assert seen["out"].shape == (2, 16)
+    torch.testing.assert_close(seen["out"].norm(dim=1), torch.ones(2))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_eval_knn_of_a_non_moco_file_exits_with_a_message(tmp_path):

@@ -67,3 +67,42 @@ def test_official_moco_checkpoint_format_is_accepted(moco_checkpoint, tmp_path):
     assert ckpt.source == "official" and ckpt.cifar_stem and dim == 512
     x = make_blobs(2, seed=6)[0]
     torch.testing.assert_close(backbone(x), model.embed(x))
+
+
+def test_query_encoder_is_backbone_head_and_normalisation(moco_checkpoint):
+    from moco_lightning.eval import load_query_encoder
+
+    model, path = moco_checkpoint
+    encoder, dim, _ = load_query_encoder(path)
+    x = make_blobs(3, seed=7)[0]
+    assert dim == 16 and not encoder.training
+    torch.testing.assert_close(encoder(x), model.project(x))
+
+
+@pytest.mark.parametrize("mlp", [False, True])
+def test_query_encoder_of_an_official_checkpoint_reads_the_head_shape(moco_checkpoint, tmp_path, mlp):
+    from moco_lightning.eval import load_query_encoder
+
+    model, _ = moco_checkpoint
+    state = {f"module.encoder_q.{k}": v for k, v in model.encoder_q.backbone.state_dict().items()}
+    head = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 128)) if mlp \
+        else torch.nn.Linear(512, 128)
+    state.update({f"module.encoder_q.fc.{k}": v for k, v in head.state_dict().items()})
+    path = tmp_path / "official.pth.tar"
+    torch.save({"arch": "resnet18", "state_dict": state}, path)
+    encoder, dim, _ = load_query_encoder(path)
+    x = make_blobs(2, seed=8)[0]
+    expected = torch.nn.functional.normalize(head(model.embed(x)), dim=1)
+    assert dim == 128
+    torch.testing.assert_close(encoder(x), expected)
+
+
+def test_query_encoder_without_a_head_is_a_clear_error(moco_checkpoint, tmp_path):
+    from moco_lightning.eval import load_query_encoder
+
+    model, _ = moco_checkpoint
+    state = {f"module.encoder_q.{k}": v for k, v in model.encoder_q.backbone.state_dict().items()}
+    path = tmp_path / "no_head.pth.tar"
+    torch.save({"arch": "resnet18", "state_dict": state}, path)
+    with pytest.raises(CheckpointError, match="features=backbone"):
+        load_query_encoder(path)

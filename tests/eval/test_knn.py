@@ -142,6 +142,20 @@ def test_monitor_leaves_the_training_run_unchanged():
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_monitor_on_the_embedding_uses_the_normalised_query_encoder_output():
+    model = tiny_moco()
+    seen = []
+    project = model.project
+    model.project = lambda x: seen.append(x.shape[0]) or project(x)
+    monitor = KNNMonitor(features="embedding", k=5)
+    trainer = tiny_trainer(max_epochs=1, callbacks=[monitor], limit_train_batches=1)
+    trainer.fit(model, datamodule=BlobsDataModule())
+    assert sum(seen) == 64 + 32  # the memory bank and the queries went through project()
+    assert 0.0 <= monitor.last["top1"] <= 1.0
+    with pytest.raises(ValueError, match="features must be one of"):
+        KNNMonitor(features="head")
+
+
 def test_monitor_without_eval_loaders_is_a_clear_error():
     class NoEvalDM:
         pass

@@ -1,6 +1,7 @@
 """``python eval_knn.py checkpoint=...`` / ``moco-eval-knn``: weighted kNN accuracy of a checkpoint's backbone.
 
-Loads the query backbone of a pretraining checkpoint (:func:`moco_lightning.eval.load_backbone`), embeds the
+Loads the query backbone of a pretraining checkpoint (:func:`moco_lightning.eval.load_backbone`; with
+``features=embedding`` the whole query encoder, :func:`moco_lightning.eval.load_query_encoder`), embeds the
 datamodule's labelled train set (memory bank) and val set (queries), prints kNN top-1 / top-5 (k=200, t=0.1 by
 default) and writes them to ``<output_dir>/results.json``.
 """
@@ -19,8 +20,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from moco_lightning.cli import CONFIG_PATH, write_results
-from moco_lightning.eval.checkpoint import CheckpointError, load_backbone
-from moco_lightning.eval.knn import knn_accuracy
+from moco_lightning.eval.checkpoint import CheckpointError, load_backbone, load_query_encoder
+from moco_lightning.eval.knn import FEATURES, knn_accuracy
 
 __all__ = ["evaluate_knn", "main", "warn_if_data_differs_from_pretraining"]
 
@@ -58,7 +59,10 @@ def _device(name: str) -> torch.device:
 def evaluate_knn(cfg: DictConfig) -> dict[str, Any]:
     """Run the kNN evaluation a config describes; returns the result dict that is also saved as JSON."""
     L.seed_everything(cfg.seed, workers=True)
-    backbone, dim, ckpt = load_backbone(cfg.checkpoint)
+    if cfg.features not in FEATURES:
+        raise CheckpointError(f"features={cfg.features} is not one of {', '.join(FEATURES)}")
+    load = load_backbone if cfg.features == "backbone" else load_query_encoder
+    backbone, dim, ckpt = load(cfg.checkpoint)
     warn_if_data_differs_from_pretraining(cfg)
     device = _device(cfg.device)
     backbone.to(device).eval()
@@ -80,6 +84,7 @@ def evaluate_knn(cfg: DictConfig) -> dict[str, Any]:
     return {
         "checkpoint": ckpt.path,
         "backbone": ckpt.backbone,
+        "features": cfg.features,
         "feature_dim": dim,
         "dataset": type(datamodule).__name__,
         "k": cfg.k,

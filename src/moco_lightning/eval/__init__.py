@@ -3,7 +3,9 @@
 from moco_lightning.eval.checkpoint import (
     BackboneCheckpoint,
     CheckpointError,
+    EmbeddingEncoder,
     load_backbone,
+    load_query_encoder,
     read_backbone_checkpoint,
 )
 from moco_lightning.eval.export import (
@@ -21,6 +23,7 @@ from moco_lightning.eval.online_linear import OnlineLinearProbe
 __all__ = [
     "BackboneCheckpoint",
     "CheckpointError",
+    "EmbeddingEncoder",
     "KNNMonitor",
     "LinearProbe",
     "OnlineLinearProbe",
@@ -32,6 +35,7 @@ __all__ = [
     "knn_accuracy",
     "linear_eval",
     "load_backbone",
+    "load_query_encoder",
     "read_backbone_checkpoint",
     "torchvision_model",
     "torchvision_state_dict",

@@ -8,7 +8,9 @@ Two formats are understood:
 * an official facebookresearch/moco checkpoint (``main_moco.py``): ``state_dict`` with keys
   ``module.encoder_q.*`` (the ``fc`` head is dropped) and ``arch``.
 
-Only the query backbone is kept (the head, the key encoder and the queue are not needed downstream).
+Only the query backbone is kept for downstream use (the key encoder and the queue are not needed); the query
+encoder's projection head is kept beside it for :func:`load_query_encoder`, the embedding the MoCo loss sees (what
+the official CIFAR-10 demo's kNN monitor evaluates).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from moco_lightning.backbones import build_backbone
+from moco_lightning.heads import ProjectionHead
 
 #: State-dict prefixes of the query backbone, tried in order: (prefix, keys to drop after stripping it).
 _BACKBONE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -30,6 +34,8 @@ _BACKBONE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("module.encoder_q.", ("fc.",)),  # official facebookresearch/moco main_moco.py (DDP-wrapped)
     ("encoder_q.", ("fc.",)),  # official code saved without the DDP wrapper
 )
+#: State-dict prefixes of the query encoder's projection head, tried in the same order.
+_HEAD_PREFIXES: tuple[str, ...] = ("encoder_q.head.", "module.encoder_q.fc.", "encoder_q.fc.")
 
 
 class CheckpointError(ValueError):
@@ -48,6 +54,7 @@ class BackboneCheckpoint:
         feature_dim: feature width recorded in the hyper-parameters (``None`` if not recorded).
         source: ``"moco_lightning"`` or ``"official"``.
         hyper_parameters: all hyper-parameters found in the checkpoint.
+        head_state_dict: the query encoder's projection head (``Linear`` or ``Linear-ReLU-Linear``), may be empty.
 
     """
 
@@ -58,6 +65,7 @@ class BackboneCheckpoint:
     feature_dim: int | None = None
     source: str = "moco_lightning"
     hyper_parameters: dict[str, Any] = field(default_factory=dict)
+    head_state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _torch_load(path: Path) -> Any:
@@ -112,6 +120,10 @@ def read_backbone_checkpoint(checkpoint: str | Path | Mapping[str, Any]) -> Back
             "pass a checkpoint written by moco-train or by facebookresearch/moco main_moco.py"
         )
 
+    head_prefix = next((h for h in _HEAD_PREFIXES if any(k.startswith(h) for k in state)), None)
+    head_state = {}
+    if head_prefix is not None:
+        head_state = {k[len(head_prefix) :]: v for k, v in state.items() if k.startswith(head_prefix)}
     if prefix.startswith("encoder_q.backbone."):
         hparams = dict(ckpt.get("hyper_parameters") or {})
         name = hparams.get("backbone")
@@ -123,6 +135,7 @@ def read_backbone_checkpoint(checkpoint: str | Path | Mapping[str, Any]) -> Back
             feature_dim=hparams.get("feature_dim"),
             source="moco_lightning",
             hyper_parameters=hparams,
+            head_state_dict=head_state,
         )
     conv1 = backbone_state.get("conv1.weight")
     return BackboneCheckpoint(
@@ -132,6 +145,7 @@ def read_backbone_checkpoint(checkpoint: str | Path | Mapping[str, Any]) -> Back
         cifar_stem=conv1 is not None and tuple(conv1.shape[-2:]) == (3, 3),
         source="official",
         hyper_parameters={"arch": ckpt.get("arch")},
+        head_state_dict=head_state,
     )
 
 
@@ -211,3 +225,50 @@ def load_backbone(
     load_backbone_state(module, ckpt, what=f"the requested {name} backbone (cifar_stem={stem})")
     module.eval()
     return module, dim, ckpt
+
+
+class EmbeddingEncoder(nn.Module):
+    """A backbone, its projection head and L2 normalisation: images to the unit embeddings the MoCo loss compares."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed images ``(N, 3, H, W)`` into unit vectors ``(N, dim)``."""
+        return F.normalize(self.head(self.backbone(x)), dim=1)
+
+
+def load_query_encoder(
+    checkpoint: str | Path | Mapping[str, Any] | BackboneCheckpoint,
+) -> tuple[EmbeddingEncoder, int, BackboneCheckpoint]:
+    """Rebuild the whole query encoder of a checkpoint (backbone + projection head), normalised, in eval mode.
+
+    The head's shape is read from its weights: one ``Linear`` (v1, the CIFAR-10 demo) or ``Linear-ReLU-Linear``
+    (v2). Returns ``(encoder, embedding width, ckpt)``.
+
+    Raises:
+        CheckpointError: if the checkpoint holds no projection head.
+
+    """
+    ckpt = checkpoint if isinstance(checkpoint, BackboneCheckpoint) else read_backbone_checkpoint(checkpoint)
+    backbone, feature_dim, ckpt = load_backbone(ckpt)
+    head_state = ckpt.head_state_dict
+    if "weight" in head_state:  # the official v1 head: the ResNet's own fc
+        head_state = {f"0.{k}": v for k, v in head_state.items()}
+    if "0.weight" in head_state and "2.weight" in head_state:  # Linear-ReLU-Linear
+        out_dim, hidden = head_state["2.weight"].shape[0], head_state["0.weight"].shape[0]
+    elif "0.weight" in head_state:
+        out_dim, hidden = head_state["0.weight"].shape[0], None
+    else:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} has no projection head of the query encoder (keys {sorted(head_state)[:4]}); "
+            "use features=backbone, which needs only the backbone"
+        )
+    head = ProjectionHead(feature_dim, out_dim, hidden_dim=hidden, mlp=hidden is not None)
+    try:
+        head.load_state_dict(head_state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"the projection head of {ckpt.path} does not load: {err}") from None
+    return EmbeddingEncoder(backbone, head).eval(), out_dim, ckpt

@@ -3,6 +3,11 @@
 The classifier is the one of InstDisc (Wu et al. 2018, Sec. 3.4) used by the official MoCo CIFAR-10 demo: on
 L2-normalised features, each of the ``k`` most cosine-similar memory-bank samples votes for its label with
 weight ``exp(sim / t)``; the class with the largest summed weight wins (defaults k=200, t=0.1 as in both).
+
+Under ``torch.distributed`` the memory bank is sharded: each process embeds and keeps its own part of the train
+set, the queries are gathered, every process finds each query's ``k`` nearest neighbours in its part, and the
+candidates of all processes are merged into the global top ``k``. The bank's memory per process falls with the
+number of processes; the result is the single-process one, on every process.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
 from moco_lightning import distributed
+
+#: What the kNN monitor embeds: the query backbone's features (``embed``) or the normalised query-encoder output
+#: (``project``, the 128-d embedding of the official CIFAR-10 demo's monitor).
+FEATURES = ("backbone", "embedding")
 
 
 @contextmanager
@@ -81,30 +90,54 @@ def weighted_knn_predict(
     device = query_features.device
     bank = F.normalize(bank_features, dim=1) if normalize else bank_features
     bank_labels = bank_labels.to(bank.device, torch.long)
-    k = min(k, bank.shape[0])
-    bank_step = bank_chunk_size or bank.shape[0]
+    sharded = distributed.is_distributed()
+    if sharded:  # every process needs the same k: the global bank size
+        k = min(k, int(distributed.concat_all_gather(torch.tensor([bank.shape[0]], device=bank.device)).sum()))
+    else:
+        k = min(k, bank.shape[0])
     scores = []
     for start in range(0, query_features.shape[0], chunk_size):
         q = query_features[start : start + chunk_size].to(bank.device, bank.dtype)
         if normalize:
             q = F.normalize(q, dim=1)
-        top_sim = top_idx = None
-        for b0 in range(0, bank.shape[0], bank_step):
-            sim = (q @ bank[b0 : b0 + bank_step].T).float()
-            s, i = sim.topk(min(k, sim.shape[1]), dim=1)
-            i = i + b0
-            if top_sim is not None:  # merge with the best neighbours of the previous blocks
-                s, j = torch.cat([top_sim, s], 1), torch.cat([top_idx, i], 1)
-                s, pick = s.topk(k, dim=1)
-                i = j.gather(1, pick)
-            top_sim, top_idx = s, i
-        weights = (top_sim / temperature).exp()
-        chunk_scores = torch.zeros(q.shape[0], num_classes, device=bank.device, dtype=torch.float32)
-        chunk_scores.scatter_add_(1, bank_labels[top_idx], weights)
-        scores.append(chunk_scores.to(device))
+        top_sim, top_label = nearest_neighbours(q, bank, bank_labels, k, bank_chunk_size)
+        if sharded:  # the candidates of every process's part of the bank, merged into the global top k
+            top_sim, top_label = _merge_topk(distributed.concat_all_gather_dim(top_sim, dim=1),
+                                             distributed.concat_all_gather_dim(top_label, dim=1), k)
+        scores.append(vote(top_sim, top_label, num_classes, temperature).to(device))
     if not scores:
         return torch.zeros(0, num_classes, device=device)
     return torch.cat(scores)
+
+
+def _merge_topk(sim: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    sim, pick = sim.topk(k, dim=1)
+    return sim, labels.gather(1, pick)
+
+
+@torch.no_grad()
+def nearest_neighbours(
+    queries: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, k: int, bank_chunk_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities ``(N, k)`` (float32) and labels of each query's ``k`` most similar bank rows.
+
+    Both sides must be normalised. With ``bank_chunk_size`` the bank is scanned in blocks with a running top k.
+    A bank of fewer than ``k`` rows (a process's part of a sharded bank) is padded with similarity ``-inf``.
+    """
+    top_sim = torch.full((queries.shape[0], k), float("-inf"), device=bank.device)
+    top_label = torch.zeros((queries.shape[0], k), dtype=torch.long, device=bank.device)
+    step = bank_chunk_size or max(bank.shape[0], 1)
+    for b0 in range(0, bank.shape[0], step):
+        sim = (queries @ bank[b0 : b0 + step].T).float()
+        s, i = sim.topk(min(k, sim.shape[1]), dim=1)
+        top_sim, top_label = _merge_topk(torch.cat([top_sim, s], 1), torch.cat([top_label, bank_labels[b0 + i]], 1), k)
+    return top_sim, top_label
+
+
+def vote(similarities: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:
+    """Class scores ``(N, C)``: each neighbour adds ``exp(sim / t)`` to its label's score (``-inf`` adds 0)."""
+    scores = torch.zeros(similarities.shape[0], num_classes, device=similarities.device, dtype=torch.float32)
+    return scores.scatter_add_(1, labels, (similarities / temperature).exp())
 
 
 def _distributed_loader(loader: DataLoader) -> tuple[DataLoader, torch.Tensor]:
@@ -134,12 +167,14 @@ def extract_features(
     loader: Iterable[Any],
     device: torch.device | str | None = None,
     shard: bool = True,
+    gather: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embed every ``(x, y)`` batch of ``loader``; returns float32 features ``(N, D)`` and labels ``(N,)``.
 
     Under ``torch.distributed`` with ``shard=True`` and a map-style :class:`DataLoader`, each process embeds
-    only its shard and the features of all processes are gathered, so every process returns the whole
-    dataset in dataset order (the sampler's padding duplicates are dropped). Call it on every process then.
+    only its shard. With ``gather=True`` the features of all processes are gathered, so every process returns the
+    whole dataset in dataset order (the sampler's padding duplicates are dropped); with ``gather=False`` each
+    process returns its own shard, without duplicates (a sharded kNN bank). Call it on every process then.
     ``embed_fn`` is called under ``torch.no_grad``; put the model in eval mode yourself.
     """
     device = torch.device(device) if device is not None else None
@@ -161,6 +196,11 @@ def extract_features(
     features, targets = torch.cat(feats), torch.cat(labels).long()
     if indices is None:
         return features, targets
+    if not gather:  # this process's shard; the padding repeats the first samples after position num_samples
+        padded_positions = torch.arange(distributed.rank(), len(indices) * distributed.world_size(),
+                                        distributed.world_size())
+        keep = (padded_positions < num_samples).to(features.device)
+        return features[keep], targets[keep]
     indices = indices.to(features.device)
     all_feats = distributed.concat_all_gather(features)
     all_labels = distributed.concat_all_gather(targets)
@@ -212,13 +252,14 @@ def knn_accuracy(
         bank_chunk_size: bank samples per similarity block (None: the whole bank at once).
 
     Returns:
-        ``{"top1": ..., "top5": ...}`` as fractions in [0, 1] (top-5 is top-min(5, C)).
+        ``{"top1": ..., "top5": ...}`` as fractions in [0, 1] (top-5 is top-min(5, C)), the same on every process.
 
     """
-    bank, bank_labels = extract_features(embed_fn, train_loader, device)
-    queries, labels = extract_features(embed_fn, val_loader, device)
+    bank, bank_labels = extract_features(embed_fn, train_loader, device, gather=False)  # this process's part
+    queries, labels = extract_features(embed_fn, val_loader, device)  # all queries, on every process
     if num_classes is None:
-        num_classes = int(max(bank_labels.max().item(), labels.max().item())) + 1
+        largest = torch.stack([bank_labels.max(), labels.max()]).max().reshape(1)
+        num_classes = int(distributed.concat_all_gather(largest).max()) + 1
     bank = bank.to(_resolve_bank_dtype(bank_dtype, bank.device))
     scores = weighted_knn_predict(queries, bank, bank_labels, num_classes, k, temperature, chunk_size, bank_chunk_size)
     result = {}
@@ -229,17 +270,20 @@ def knn_accuracy(
 
 
 class KNNMonitor(Callback):
-    """Log weighted-kNN accuracy of the query backbone every ``every_n_epochs`` training epochs.
+    """Log weighted-kNN accuracy of the query encoder every ``every_n_epochs`` training epochs.
 
-    At the end of a training epoch the module is put in eval mode, ``pl_module.embed`` embeds
-    ``trainer.datamodule.eval_train_dataloader()`` (the memory bank) and ``eval_val_dataloader()`` (the
-    queries), and ``val/knn_top1`` / ``val/knn_top5`` (fractions) are logged; the train/eval mode of every
-    submodule is restored afterwards. Under DDP each process embeds a shard and the features are gathered,
-    so every process computes (and logs) the same numbers. Memory: the bank is ``N x D`` in ``bank_dtype``
-    (float16 on GPU: 1.28M x 2048 ImageNet features take 5.2 GB), the similarity block ``chunk_size x N``.
+    At the end of a training epoch the module is put in eval mode, ``pl_module.embed`` (``features="backbone"``)
+    or ``pl_module.project`` (``features="embedding"``) embeds ``trainer.datamodule.eval_train_dataloader()``
+    (the memory bank) and ``eval_val_dataloader()`` (the queries), and ``val/knn_top1`` / ``val/knn_top5``
+    (fractions) are logged; the train/eval mode of every submodule is restored afterwards. Under DDP each process
+    keeps its part of the bank and every process computes (and logs) the same numbers. Memory per process: the
+    bank is ``N / processes x D`` in ``bank_dtype`` (float16 on GPU: 1.28M x 2048 ImageNet features take 5.2 GB
+    in all, 0.66 GB per GPU on 8 GPUs), plus all queries and a similarity block of ``chunk_size x N / processes``.
 
     Args:
         every_n_epochs: run after epochs ``n-1, 2n-1, ...`` and always after the last one.
+        features: ``"backbone"`` (the query backbone, what downstream tasks use) or ``"embedding"`` (the
+            normalised output of the query encoder, as the official CIFAR-10 demo's monitor).
         k, temperature: kNN parameters (InstDisc / official MoCo demo: 200, 0.1).
         bank_dtype: "auto" (float16 on GPU, float32 on CPU), "float16" or "float32".
         chunk_size, bank_chunk_size: block sizes of the similarity computation.
@@ -250,6 +294,7 @@ class KNNMonitor(Callback):
     def __init__(
         self,
         every_n_epochs: int = 1,
+        features: str = "backbone",
         k: int = DEFAULT_K,
         temperature: float = DEFAULT_TEMPERATURE,
         bank_dtype: str = "auto",
@@ -259,7 +304,10 @@ class KNNMonitor(Callback):
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}; set callbacks.knn.every_n_epochs")
+        if features not in FEATURES:
+            raise ValueError(f"features must be one of {FEATURES}, got {features!r}; set callbacks.knn.features")
         self.every_n_epochs = every_n_epochs
+        self.features = features
         self.k = k
         self.temperature = temperature
         self.bank_dtype = bank_dtype
@@ -282,8 +330,10 @@ class KNNMonitor(Callback):
                 "passed to trainer.fit(model, datamodule=...); remove the knn callback or use a "
                 "moco_lightning.data datamodule"
             )
-        if not hasattr(pl_module, "embed"):
-            raise RuntimeError(f"KNNMonitor needs pl_module.embed(x) -> features; {type(pl_module).__name__} has none")
+        method = "embed" if self.features == "backbone" else "project"
+        if not hasattr(pl_module, method):
+            raise RuntimeError(f"KNNMonitor(features={self.features!r}) needs pl_module.{method}(x); "
+                               f"{type(pl_module).__name__} has none")
         plugin = getattr(trainer, "precision_plugin", None)
         context = plugin.forward_context() if plugin is not None else nullcontext()
         # a private RNG state: creating the loader iterators draws seeds from the global generator, and the
@@ -291,7 +341,7 @@ class KNNMonitor(Callback):
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         with eval_mode(pl_module), context, torch.random.fork_rng(devices=devices):
             return knn_accuracy(
-                pl_module.embed,
+                getattr(pl_module, method),
                 dm.eval_train_dataloader(),
                 dm.eval_val_dataloader(),
                 num_classes=getattr(dm, "num_classes", None),
