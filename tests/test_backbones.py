@@ -23,6 +23,15 @@ def test_cifar_stem_is_3x3_stride1_without_maxpool():
     assert out.shape == (2, dim)
 
 
+def test_cifar_stem_conv_keeps_the_default_conv_init_as_the_official_demo():
+    torch.manual_seed(0)
+    net, _ = build_backbone("resnet18", cifar_stem=True)
+    torch.manual_seed(0)
+    models.resnet18()  # the demo: torchvision's ResNet (its init draws first) ...
+    expected = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)  # ... then a fresh conv1
+    torch.testing.assert_close(net.conv1.weight, expected.weight)
+
+
 def test_torchvision_module_has_fc_removed_and_width_from_fc():
     resnet = models.resnet18(num_classes=10)
     net, dim = build_backbone(resnet)

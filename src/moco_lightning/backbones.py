@@ -25,10 +25,10 @@ def use_cifar_stem(resnet: models.ResNet) -> models.ResNet:
     """Swap a ResNet's ImageNet stem for the small-image stem: a 3x3 stride-1 conv and no max-pool.
 
     This is the stem of the official CIFAR-10 MoCo demo (and of He et al.'s CIFAR ResNets): on 32 px inputs the
-    7x7 stride-2 conv plus max-pool would shrink the image 4x before the first residual block.
+    7x7 stride-2 conv plus max-pool would shrink the image 4x before the first residual block. The new conv keeps
+    ``nn.Conv2d``'s default initialisation, as in the demo (which replaces ``conv1`` after torchvision's init).
     """
     resnet.conv1 = nn.Conv2d(3, resnet.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-    nn.init.kaiming_normal_(resnet.conv1.weight, mode="fan_out", nonlinearity="relu")
     resnet.maxpool = nn.Identity()
     return resnet
 
