@@ -61,7 +61,21 @@ def test_eval_linear_config_defaults_are_the_official_protocol():
         "step",
         [60, 80],
     )
-    assert cfg.trainer.max_epochs == 100 and cfg.data.eval_batch_size == 256
+    assert cfg.trainer.max_epochs == 100 and cfg.batch_size == 256
+
+
+def test_eval_linear_keeps_the_global_batch_of_the_protocol_on_any_device_count():
+    from moco_lightning.cli.config_checks import ConfigError
+    from moco_lightning.cli.eval_linear import per_device_batch
+
+    one = _compose("eval_linear", ["checkpoint=x.ckpt", "trainer.accelerator=cpu"])
+    four = _compose("eval_linear", ["checkpoint=x.ckpt", "trainer.accelerator=cpu", "trainer.devices=4"])
+    nodes = _compose("eval_linear", ["checkpoint=x.ckpt", "trainer.accelerator=cpu", "trainer.devices=4",
+                                     "trainer.num_nodes=2"])
+    assert (per_device_batch(one), per_device_batch(four), per_device_batch(nodes)) == (256, 64, 32)
+    three = _compose("eval_linear", ["checkpoint=x.ckpt", "trainer.accelerator=cpu", "trainer.devices=3"])
+    with pytest.raises(ConfigError, match="batch_size=256 .* not divisible by the 3 processes"):
+        per_device_batch(three)
 
 
 @pytest.mark.slow
@@ -135,6 +149,8 @@ def test_eval_linear_runs_the_protocol_from_the_config(checkpoint, tmp_path):
     result, trainer = evaluate_linear(cfg)
     assert trainer.current_epoch == 1  # the sanity check after the first epoch passed
     assert result["epochs"] == 1 and 0.0 <= result["linear_top1"] <= result["linear_top5"] <= 1.0
+    assert result["linear_best_top1"] == result["linear_top1"] and result["best_epoch"] == 0  # one epoch
+    assert result["global_batch"] == 256 and cfg.data.eval_batch_size == 256  # one process: all of it
     assert (tmp_path / "csv" / "metrics.csv").is_file()  # the configured logger wrote the curves
 
 

@@ -68,6 +68,14 @@ def test_unknown_schedule_names_the_setting():
         _probe(schedule="linear")
 
 
+def test_best_epoch_is_the_highest_validation_top1_and_the_earliest_on_ties():
+    probe = LinearProbe(torch.nn.Identity(), 4, 2)
+    probe.val_history = {0: 0.5, 1: 0.75, 2: 0.75, 3: 0.6}
+    assert probe.best() == (0.75, 1)
+    with pytest.raises(RuntimeError, match="no validation epoch"):
+        LinearProbe(torch.nn.Identity(), 4, 2).best()
+
+
 def test_sanity_check_catches_a_changed_bn_statistic():
     probe = _probe()
     probe.check_backbone_unchanged()  # untouched: passes
@@ -99,8 +107,9 @@ def test_linear_eval_from_a_checkpoint_checks_against_the_checkpoint_weights(moc
     dm = BlobsDataModule()
     result = linear_eval(path, dm, epochs=2, milestones=(1,), trainer_kwargs=FAST)
     assert dm.augment_calls == [True]  # trained on the augmented linear-probe view
-    assert set(result) == {"top1", "top5"}
+    assert set(result) == {"top1", "top5", "best_top1", "best_epoch"}
     assert result["top1"] > 1.5 / NUM_CLASSES and result["top5"] == 1.0
+    assert result["best_top1"] >= result["top1"] and result["best_epoch"] in (0, 1)
 
 
 @pytest.mark.timeout(180)

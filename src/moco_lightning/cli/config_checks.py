@@ -29,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from moco_lightning.backbones import BACKBONES
 from moco_lightning.cli import CONFIG_PATH, count_devices
 
-__all__ = ["ConfigError", "check_command_line", "check_config", "global_batch_size", "group_options"]
+__all__ = ["ConfigError", "check_command_line", "check_config", "count_processes", "global_batch_size",
+           "group_options"]
 
 #: Config groups and what their options are called in messages.
 _GROUP_NOUNS = {"data": "dataset", "backbone": "backbone", "model": "model", "trainer": "trainer",
@@ -196,16 +197,23 @@ def _resolve_device_count(trainer: DictConfig) -> tuple[int | None, str]:
     return None, f"trainer.devices={trainer.get('devices')} on accelerator {accelerator}"
 
 
+def count_processes(trainer: DictConfig) -> int | None:
+    """Processes of a run: ``trainer.devices`` (auto resolved with the accelerator's count) x ``num_nodes``.
+
+    ``None`` when the device count cannot be known before the run (``devices=auto`` on an absent accelerator).
+    """
+    devices, _ = _resolve_device_count(trainer)
+    return None if devices is None else devices * int(trainer.get("num_nodes", 1) or 1)
+
+
 def global_batch_size(cfg: DictConfig) -> int | None:
     """Images per training step over all processes: ``data.batch_size x devices x num_nodes``.
 
     ``None`` when the device count cannot be known before the run (``devices=auto`` on an accelerator that is not
     here); the module checks the queue against the real batch at the start of training then.
     """
-    devices, _ = _resolve_device_count(cfg.trainer)
-    if devices is None:
-        return None
-    return int(cfg.data.batch_size) * devices * int(cfg.trainer.get("num_nodes", 1) or 1)
+    processes = count_processes(cfg.trainer)
+    return None if processes is None else int(cfg.data.batch_size) * processes
 
 
 def _check_queue(cfg: DictConfig) -> None:

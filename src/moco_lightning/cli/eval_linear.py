@@ -3,7 +3,9 @@
 Loads the query backbone of a pretraining checkpoint, freezes it in eval mode, trains a new linear classifier
 (:class:`moco_lightning.eval.linear.LinearProbe`) with the Trainer of ``conf/trainer`` and the loggers of
 ``conf/logger``, checks after the first epoch that the backbone still equals the checkpoint, and prints and saves
-(``<output_dir>/results.json``) validation top-1 / top-5.
+(``<output_dir>/results.json``) validation top-1 / top-5 of the last epoch and the best epoch's top-1 (the number
+the official script reports). ``batch_size`` is the protocol's global batch: the per-device batch is
+``batch_size / processes``, so the lr of the protocol holds on any number of devices.
 """
 
 from __future__ import annotations
@@ -17,11 +19,23 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from moco_lightning.cli import CONFIG_PATH, write_results
+from moco_lightning.cli.config_checks import ConfigError, count_processes
 from moco_lightning.cli.eval_knn import warn_if_data_differs_from_pretraining
 from moco_lightning.eval.checkpoint import CheckpointError, read_backbone_checkpoint
 from moco_lightning.eval.linear import linear_eval
 
-__all__ = ["evaluate_linear", "main"]
+__all__ = ["evaluate_linear", "main", "per_device_batch"]
+
+
+def per_device_batch(cfg: DictConfig) -> int:
+    """The probe's per-device batch: the protocol's global ``batch_size`` over the run's processes."""
+    processes = count_processes(cfg.trainer) or 1
+    if cfg.batch_size % processes != 0:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} (the protocol's global batch) is not divisible by the {processes} processes "
+            "of trainer.devices x trainer.num_nodes; use a device count that divides it, or change batch_size"
+        )
+    return cfg.batch_size // processes
 
 
 def evaluate_linear(cfg: DictConfig) -> tuple[dict[str, Any], L.Trainer]:
@@ -29,6 +43,7 @@ def evaluate_linear(cfg: DictConfig) -> tuple[dict[str, Any], L.Trainer]:
     L.seed_everything(cfg.seed, workers=True)
     ckpt = read_backbone_checkpoint(cfg.checkpoint)  # fail on a bad file before building anything
     warn_if_data_differs_from_pretraining(cfg)
+    cfg.data.eval_batch_size = per_device_batch(cfg)
     datamodule = instantiate(cfg.data)
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
     trainer = instantiate(cfg.trainer, logger=loggers or False, enable_checkpointing=False)
@@ -51,8 +66,11 @@ def evaluate_linear(cfg: DictConfig) -> tuple[dict[str, Any], L.Trainer]:
         "backbone": ckpt.backbone,
         "dataset": type(datamodule).__name__,
         "epochs": cfg.trainer.max_epochs,
+        "global_batch": cfg.batch_size,
         "linear_top1": result["top1"],
         "linear_top5": result["top5"],
+        "linear_best_top1": result["best_top1"],
+        "best_epoch": result["best_epoch"],
     }, trainer
 
 
@@ -60,13 +78,14 @@ def evaluate_linear(cfg: DictConfig) -> tuple[dict[str, Any], L.Trainer]:
 def _hydra_main(cfg: DictConfig) -> float:
     try:
         result, trainer = evaluate_linear(cfg)
-    except (CheckpointError, FileNotFoundError) as err:
+    except (CheckpointError, ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     if trainer.is_global_zero:
         print(
-            f"linear evaluation on {result['dataset']} ({result['epochs']} epochs): "
-            f"top-1 {100 * result['linear_top1']:.2f} %, top-5 {100 * result['linear_top5']:.2f} %",
+            f"linear evaluation on {result['dataset']} ({result['epochs']} epochs, batch {result['global_batch']}): "
+            f"last epoch top-1 {100 * result['linear_top1']:.2f} %, top-5 {100 * result['linear_top5']:.2f} %; "
+            f"best top-1 {100 * result['linear_best_top1']:.2f} % (epoch {result['best_epoch'] + 1})",
             flush=True,
         )
         write_results(result, OmegaConf.select(cfg, "paths.output_dir"))

@@ -81,6 +81,8 @@ class LinearProbe(L.LightningModule):
         self.val_top1 = MulticlassAccuracy(num_classes=num_classes, average="micro")
         top_k = min(5, num_classes)
         self.val_top5 = MulticlassAccuracy(num_classes=num_classes, top_k=top_k, average="micro")
+        #: validation top-1 after each training epoch, ``{epoch: top1}``: the official script keeps the best one.
+        self.val_history: dict[int, float] = {}
 
     def train(self, mode: bool = True) -> LinearProbe:
         """Set the classifier's mode; the backbone stays in eval mode so BN statistics cannot move."""
@@ -116,6 +118,20 @@ class LinearProbe(L.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Log ``val/loss``, ``val/top1``, ``val/top5`` (fractions)."""
         self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        """Remember this epoch's validation top-1 (not during Lightning's sanity check); log the best so far."""
+        if self.trainer.sanity_checking or self.trainer.state.fn != "fit":
+            return
+        self.val_history[self.current_epoch] = float(self.val_top1.compute())
+        self.log("val/best_top1", max(self.val_history.values()))
+
+    def best(self) -> tuple[float, int]:
+        """``(top1, epoch)`` of the best validation epoch so far (the number the official script reports)."""
+        if not self.val_history:
+            raise RuntimeError("no validation epoch has run yet")
+        epoch = max(self.val_history, key=lambda e: (self.val_history[e], -e))
+        return self.val_history[epoch], epoch
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """Log ``test/loss``, ``test/top1``, ``test/top5`` (fractions)."""
@@ -210,7 +226,8 @@ def linear_eval(
         trainer_kwargs: extra ``L.Trainer`` arguments (devices, precision, logger...).
 
     Returns:
-        ``{"top1": ..., "top5": ...}`` validation accuracy, as fractions in [0, 1].
+        ``{"top1", "top5"}`` of the last epoch and ``{"best_top1", "best_epoch"}`` of the best validation epoch
+        (the official script reports the best), accuracies as fractions in [0, 1].
 
     """
     if datamodule is None:
@@ -255,4 +272,9 @@ def linear_eval(
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
         trainer.fit(probe, train_dataloaders=_train_loader(datamodule, augment_train), val_dataloaders=val_loader)
     metrics = trainer.validate(probe, dataloaders=val_loader, verbose=False)[0]
-    return {"top1": float(metrics["val/top1"]), "top5": float(metrics["val/top5"])}
+    result = {"top1": float(metrics["val/top1"]), "top5": float(metrics["val/top5"])}
+    if probe.val_history:
+        result["best_top1"], result["best_epoch"] = probe.best()
+    else:  # no validation ran during fit (e.g. limit_val_batches=0): the last is the only one
+        result["best_top1"], result["best_epoch"] = result["top1"], trainer.current_epoch - 1
+    return result
