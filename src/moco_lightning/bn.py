@@ -141,7 +141,7 @@ class AllReduceBatchNorm2d(nn.BatchNorm2d):
         if not self.training or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(input)
         factor = _momentum_factor(self)
-        x = input.float()
+        x = input.to(torch.promote_types(input.dtype, torch.float32))  # half precision: statistics in float32
         count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
         stats = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), count])
         stats = _AllReduceSum.apply(stats)
@@ -155,8 +155,8 @@ class AllReduceBatchNorm2d(nn.BatchNorm2d):
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 unbiased = var.detach() * total / (total - 1).clamp(min=1)
-                self.running_mean.lerp_(mean.detach(), factor)
-                self.running_var.lerp_(unbiased, factor)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
         return out.to(input.dtype)
 
 

@@ -1,0 +1,27 @@
+"""A callback the two-process train.py test adds from the command line: each rank saves what must be identical."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class QueueDump(L.Callback):
+    """At the end of training, save what must be identical on every rank to ``<path>/rank<r>.pt``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        state = {
+            "queue": pl_module.queue.detach().cpu().clone(),
+            "ptr": int(pl_module.queue_ptr),
+            "key_encoder": {k: v.detach().cpu().clone() for k, v in pl_module.encoder_k.state_dict().items()},
+            "bn_mode": pl_module.bn_mode,
+            "steps": trainer.global_step,
+            "world_size": trainer.world_size,
+        }
+        torch.save(state, self.path / f"rank{trainer.global_rank}.pt")
