@@ -40,7 +40,9 @@ def test_only_the_k_nearest_neighbours_vote():
 def test_features_are_l2_normalised_so_scale_does_not_matter():
     a = weighted_knn_predict(QUERY * 7, BANK * torch.tensor([[3.0], [0.5], [9.0]]), BANK_LABELS, 2, k=3)
     b = weighted_knn_predict(QUERY, BANK, BANK_LABELS, 2, k=3)
-    torch.testing.assert_close(a, b)
+    # scores up to exp(1 / 0.1): normalising 7x a vector rounds differently than the unit vector, so the
+    # comparison is relative to the magnitude of the scores
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_chunked_queries_and_bank_give_the_same_scores():
