@@ -166,6 +166,19 @@ def test_lr_is_constant_within_an_epoch_by_default(tmp_path):
     assert lrs[4:] == pytest.approx([0.1 * 0.5 * (1 + math.cos(math.pi / 2))] * 4)
 
 
+def test_milestones_count_loader_epochs_when_only_max_steps_is_set(tmp_path):
+    model = tiny_moco(lr=0.1, lr_schedule="step", lr_milestones=(1,), lr_interval="epoch")
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = tiny_trainer(tmp_path, max_epochs=-1, max_steps=6, callbacks=[Record()])
+    trainer.fit(model, loader())  # 4 steps per epoch: epoch 1 starts at step 4 whatever max_steps says
+    assert lrs == pytest.approx([0.1] * 4 + [0.01] * 2)
+
+
 def test_checkpoint_restores_encoders_queue_and_pointer(tmp_path):
     model = tiny_moco()
     trainer = tiny_trainer(tmp_path, max_steps=3)
