@@ -39,10 +39,12 @@ def test_symmetric_loss_needs_a_queue_multiple_of_twice_the_global_batch(compose
 
 
 def test_split_bn_on_one_device_needs_a_batch_multiple_of_the_groups(compose_train):
-    message = _error(compose_train(["data.batch_size=12", "model.queue_size=96"]))  # bn=auto, 1 process: split
+    tiny = ["data.batch_size=12", "model.queue_size=96"]
+    message = _error(compose_train([*tiny, "model.bn=auto"]))  # auto on one process: split
     assert "data.batch_size=12 must be a multiple of model.bn_splits=8" in message and "auto" in message
-    check_config(compose_train(["data.batch_size=12", "model.queue_size=96", "model.bn_splits=4"]))
-    check_config(compose_train(["data.batch_size=12", "model.queue_size=96", "model.bn=none"]))
+    assert "model.bn=split" in _error(compose_train([*tiny, "model.bn=split"]))
+    check_config(compose_train([*tiny, "model.bn=auto", "model.bn_splits=4"]))
+    check_config(compose_train([*tiny, "model.bn=none"]))
 
 
 def test_unknown_bn_mode_and_lightning_syncbn_are_refused(compose_train):
