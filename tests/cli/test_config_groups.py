@@ -101,3 +101,9 @@ def test_wandb_is_offline_without_a_login(compose_train, monkeypatch, tmp_path):
     assert compose_train(["logger=wandb"]).logger.wandb.offline is True
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert compose_train(["logger=wandb"]).logger.wandb.offline is False
+
+
+def test_digits_recipe_uses_plain_bn_on_one_process_and_shuffle_bn_on_several(compose_train):
+    assert compose_train([]).model.bn == "none"  # measured best on one device (benchmarks/RESULTS.md)
+    assert compose_train(["trainer.devices=2", "trainer.accelerator=cpu"]).model.bn == "shuffle"
+    assert compose_train(["trainer.num_nodes=2"]).model.bn == "shuffle"

@@ -28,7 +28,7 @@ def test_train_py_on_two_processes_writes_one_run_and_keeps_one_queue(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "MoCo BN mode: shuffle (model.bn=auto, 2 process(es))" in proc.stdout + proc.stderr
+    assert "MoCo BN mode: shuffle (model.bn=shuffle, 2 process(es))" in proc.stdout + proc.stderr  # the recipe
 
     r0, r1 = (torch.load(dumps / f"rank{r}.pt") for r in (0, 1))
     assert r0["world_size"] == r1["world_size"] == 2 and r0["steps"] == r1["steps"] == 3

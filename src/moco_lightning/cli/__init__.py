@@ -6,8 +6,8 @@ installed package when it is importable, else ``conf/`` next to ``src/`` in a ch
 from any working directory, as scripts at the repository root and as console scripts.
 
 Importing this module registers the OmegaConf resolvers the configs use (``${moco.strategy:...}``,
-``${moco.cifar_stem:...}``, ``${moco.wandb_offline:}``); call :func:`register_resolvers` before composing the
-configs with Hydra's compose API from your own code.
+``${moco.one_or_many:...}``, ``${moco.cifar_stem:...}``, ``${moco.wandb_offline:}``); call
+:func:`register_resolvers` before composing the configs with Hydra's compose API from your own code.
 """
 
 from __future__ import annotations
@@ -78,6 +78,11 @@ def _strategy(devices: Any, num_nodes: Any = 1) -> str:
     return "auto"
 
 
+def _one_or_many(devices: Any, num_nodes: Any, one: Any, many: Any) -> Any:
+    """``one`` for a run of one process, ``many`` for several (devices x nodes); ``one`` when it cannot be known."""
+    return many if _strategy(devices, num_nodes) == "ddp" else one
+
+
 def _cifar_stem(image_size: Any) -> bool:
     """The CIFAR stem for small images (at most :data:`SMALL_IMAGE_MAX` px), the ImageNet stem otherwise."""
     return image_size is not None and int(image_size) <= SMALL_IMAGE_MAX
@@ -110,6 +115,7 @@ def register_resolvers() -> None:
     """Register the ``moco.*`` OmegaConf resolvers used by the configs (idempotent)."""
     for name, resolver in (
         ("moco.strategy", _strategy),
+        ("moco.one_or_many", _one_or_many),
         ("moco.cifar_stem", _cifar_stem),
         ("moco.wandb_offline", _wandb_offline),
     ):
