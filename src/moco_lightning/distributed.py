@@ -6,6 +6,8 @@ GPU, or many nodes under Lightning's DDP.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
@@ -70,3 +72,23 @@ def unshuffle_batch(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tenso
     x_all = concat_all_gather(x)
     mine = idx_unshuffle.view(dist.get_world_size(), local)[dist.get_rank()]
     return x_all[mine]
+
+
+def convert_sync_batchnorm(module: torch.nn.Module, processes: int, device: torch.device | str) -> bool:
+    """Turn every BatchNorm of ``module`` into ``SyncBatchNorm`` when training runs on several accelerator processes.
+
+    MoCo v3 normalises with statistics of the global batch (the official code converts the whole model). One
+    process needs nothing; CPU processes cannot (PyTorch's ``SyncBatchNorm`` runs on accelerators only), so there
+    each process keeps its own batch statistics and a warning says so. Converts in place; returns whether it did.
+    """
+    if processes <= 1:
+        return False
+    if torch.device(device).type == "cpu":
+        warnings.warn(
+            f"{processes} CPU processes: BatchNorm stays per process (PyTorch's SyncBatchNorm needs GPUs); MoCo v3 "
+            "normalises over the global batch on GPUs",
+            stacklevel=2,
+        )
+        return False
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return True
