@@ -1,18 +1,24 @@
 """Read the query backbone out of a pretraining checkpoint, for evaluation and export.
 
-Two formats are understood:
+Four formats are understood:
 
 * a Lightning checkpoint of :class:`moco_lightning.MoCo`: ``state_dict`` with keys
   ``encoder_q.backbone.*`` and ``hyper_parameters`` naming the backbone (``backbone``, ``cifar_stem``,
   ``feature_dim``);
+* a Lightning checkpoint of :class:`moco_lightning.MoCoV3`: keys ``base_encoder.backbone.*``, the same
+  hyper-parameters;
 * an official facebookresearch/moco checkpoint (``main_moco.py``): ``state_dict`` with keys
-  ``module.encoder_q.*`` (the ``fc`` head is dropped) and ``arch``.
+  ``module.encoder_q.*`` (the ``fc`` head is dropped) and ``arch``;
+* an official facebookresearch/moco-v3 checkpoint: keys ``module.base_encoder.*`` (the projector, ``fc`` of a
+  ResNet or ``head`` of a ViT, is dropped, as the official ``main_lincls.py`` does) and ``arch``.
 
-Only the query backbone is kept (the head, the key encoder and the queue are not needed downstream).
+Only the query (base) backbone is kept (heads, predictor, key / momentum encoder and queue are not needed
+downstream). A ViT's image and patch size are read from the shapes of its weights.
 """
 
 from __future__ import annotations
 
+import math
 import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,14 +28,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from moco_lightning.backbones import build_backbone
+from moco_lightning.backbones import VITS, build_backbone
 
 #: State-dict prefixes of the query backbone, tried in order: (prefix, keys to drop after stripping it).
 _BACKBONE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("encoder_q.backbone.", ()),  # moco_lightning.MoCo
+    ("base_encoder.backbone.", ()),  # moco_lightning.MoCoV3
     ("module.encoder_q.", ("fc.",)),  # official facebookresearch/moco main_moco.py (DDP-wrapped)
     ("encoder_q.", ("fc.",)),  # official code saved without the DDP wrapper
+    ("module.base_encoder.", ("fc.", "head.")),  # official facebookresearch/moco-v3 main_moco.py (DDP-wrapped)
+    ("base_encoder.", ("fc.", "head.")),  # official v3 code saved without the DDP wrapper
 )
+#: The prefixes of this project's own modules (their checkpoints carry hyper-parameters).
+_OWN_PREFIXES = ("encoder_q.backbone.", "base_encoder.backbone.")
 
 
 class CheckpointError(ValueError):
@@ -48,6 +59,8 @@ class BackboneCheckpoint:
         feature_dim: feature width recorded in the hyper-parameters (``None`` if not recorded).
         source: ``"moco_lightning"`` or ``"official"``.
         hyper_parameters: all hyper-parameters found in the checkpoint.
+        backbone_options: extra arguments of :func:`~moco_lightning.backbones.build_backbone` that the weights
+            need (a ViT's ``image_size`` and ``patch_size``).
 
     """
 
@@ -58,6 +71,7 @@ class BackboneCheckpoint:
     feature_dim: int | None = None
     source: str = "moco_lightning"
     hyper_parameters: dict[str, Any] = field(default_factory=dict)
+    backbone_options: dict[str, int] = field(default_factory=dict)
 
 
 def _torch_load(path: Path) -> Any:
@@ -107,12 +121,14 @@ def read_backbone_checkpoint(checkpoint: str | Path | Mapping[str, Any]) -> Back
             break
     else:
         raise CheckpointError(
-            f"{path} is not a MoCo checkpoint: no 'encoder_q.backbone.*' (moco-lightning) or "
-            f"'module.encoder_q.*' (official MoCo) keys in its state_dict (first keys: {sorted(state)[:5]}); "
-            "pass a checkpoint written by moco-train or by facebookresearch/moco main_moco.py"
+            f"{path} is not a MoCo checkpoint: no 'encoder_q.backbone.*' / 'base_encoder.backbone.*' "
+            f"(moco-lightning) or 'module.encoder_q.*' / 'module.base_encoder.*' (official MoCo, MoCo v3) keys in "
+            f"its state_dict (first keys: {sorted(state)[:5]}); pass a checkpoint written by moco-train or by the "
+            "official main_moco.py"
         )
 
-    if prefix.startswith("encoder_q.backbone."):
+    options = vit_geometry(backbone_state)
+    if prefix in _OWN_PREFIXES:
         hparams = dict(ckpt.get("hyper_parameters") or {})
         name = hparams.get("backbone")
         return BackboneCheckpoint(
@@ -123,6 +139,7 @@ def read_backbone_checkpoint(checkpoint: str | Path | Mapping[str, Any]) -> Back
             feature_dim=hparams.get("feature_dim"),
             source="moco_lightning",
             hyper_parameters=hparams,
+            backbone_options=options,
         )
     conv1 = backbone_state.get("conv1.weight")
     return BackboneCheckpoint(
@@ -132,7 +149,21 @@ def read_backbone_checkpoint(checkpoint: str | Path | Mapping[str, Any]) -> Back
         cifar_stem=conv1 is not None and tuple(conv1.shape[-2:]) == (3, 3),
         source="official",
         hyper_parameters={"arch": ckpt.get("arch")},
+        backbone_options=options,
     )
+
+
+def vit_geometry(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """``{"image_size", "patch_size"}`` of a ViT state dict; ``{}`` for anything else.
+
+    Read from the patch projection and the position embedding (a square grid behind one class token).
+    """
+    proj, pos = state.get("patch_embed.proj.weight"), state.get("pos_embed")
+    if proj is None or pos is None or proj.dim() != 4 or pos.dim() != 3:
+        return {}
+    patch = int(proj.shape[-1])
+    grid = math.isqrt(int(pos.shape[1]) - 1)
+    return {"image_size": grid * patch, "patch_size": patch}
 
 
 def _feature_width(state: Mapping[str, torch.Tensor]) -> int | None:
@@ -206,7 +237,8 @@ def load_backbone(
         )
     stem = ckpt.cifar_stem if cifar_stem is None else cifar_stem
     feature_dim = ckpt.feature_dim if isinstance(spec, nn.Module) else None
-    module, dim = build_backbone(spec, cifar_stem=stem, feature_dim=feature_dim)
+    options = ckpt.backbone_options if isinstance(spec, str) and spec in VITS else {}
+    module, dim = build_backbone(spec, cifar_stem=stem, feature_dim=feature_dim, **options)
     name = spec if isinstance(spec, str) else type(spec).__name__
     load_backbone_state(module, ckpt, what=f"the requested {name} backbone (cifar_stem={stem})")
     module.eval()
