@@ -114,3 +114,21 @@ def test_split_mode_shuffles_the_key_batch_and_returns_it_in_order():
     unshuffled = encoder(x[perm])[torch.argsort(perm)]
     torch.testing.assert_close(out, unshuffled)  # ... and every output row is its own sample's
     assert not torch.allclose(out, encoder(x))  # other groups than in order: other statistics
+
+
+def _bn_types(module: nn.Module) -> list[str]:
+    return [type(m).__name__ for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def test_sync_turns_every_batchnorm_into_syncbatchnorm_on_accelerators():
+    module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(8), nn.BatchNorm1d(8))
+    weight = module[1].weight
+    module = convert_batchnorm(module, "sync", device_type="cuda")
+    assert _bn_types(module) == ["SyncBatchNorm", "SyncBatchNorm"]
+    assert module[1].weight is weight  # the same parameters, now synchronised
+
+
+def test_sync_on_cpu_processes_uses_the_all_reduce_bn_for_1d_and_2d():
+    module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(8), nn.BatchNorm1d(8))
+    module = convert_batchnorm(module, "sync")
+    assert _bn_types(module) == ["AllReduceBatchNorm2d", "AllReduceBatchNorm1d"]

@@ -3,7 +3,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from moco_lightning.losses import info_nce_logits, info_nce_loss
+from moco_lightning.losses import batch_contrastive_logits, info_nce_logits, info_nce_loss, moco_v3_loss
 
 
 def reference_info_nce(q, k, queue, t):
@@ -40,3 +40,34 @@ def test_loss_is_low_when_positive_dominates():
     queue = -q.repeat(3, 1)  # every negative points the other way
     logits, labels = info_nce_logits(q, q.clone(), queue, temperature=0.07)
     assert info_nce_loss(logits, labels).item() < 1e-6
+
+
+def reference_moco_v3_loss(q, k_all, t, offset):
+    """MoCo v3's loss of one direction from its formula in float64 loops: 2T · mean_i −log softmax_j(q̂_i·k̂_j / T)
+    at j = i + offset."""
+    total = 0.0
+    for i in range(q.shape[0]):
+        qi = q[i] / math.sqrt(float(q[i] @ q[i]))
+        logits = [float(qi @ k) / math.sqrt(float(k @ k)) / t for k in k_all]
+        total += -(logits[i + offset] - math.log(sum(math.exp(x) for x in logits)))
+    return 2 * t * total / q.shape[0]
+
+
+def test_v3_loss_equals_float64_reference_on_one_process():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(5, 6, generator=g, dtype=torch.float64), torch.randn(5, 6, generator=g, dtype=torch.float64)
+    for t in (0.2, 1.0):  # the ViT and the ResNet temperatures
+        assert abs(moco_v3_loss(q, k, t).item() - reference_moco_v3_loss(q, k, t, offset=0)) < 1e-9
+
+
+def test_v3_logits_normalise_both_sides_and_label_each_query_with_its_own_key():
+    q, k = 3 * torch.randn(4, 5), 7 * torch.randn(4, 5)
+    logits, labels = batch_contrastive_logits(q, k, 0.5)
+    torch.testing.assert_close(logits, F.normalize(q, dim=1) @ F.normalize(k, dim=1).t() / 0.5)
+    assert torch.equal(labels, torch.arange(4))
+
+
+def test_v3_loss_gradient_flows_to_queries_only():
+    q, k = torch.randn(4, 5, requires_grad=True), torch.randn(4, 5, requires_grad=True)
+    moco_v3_loss(q, k, 1.0).backward()
+    assert q.grad is not None and k.grad is None  # keys are targets, gathered without gradient

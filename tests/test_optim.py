@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from moco_lightning.optim import build_optimizer, lr_lambda, scaled_lr
+from moco_lightning.optim import LARS, build_optimizer, lr_lambda, scaled_lr
 
 
 def test_step_schedule_decays_at_milestone_epochs():
@@ -57,4 +57,63 @@ def test_unknown_names_are_errors():
     with pytest.raises(ValueError, match="lr_interval"):
         lr_lambda("cosine", 10, 1, interval="batch")
     with pytest.raises(ValueError, match="optimizer"):
-        build_optimizer([torch.nn.Parameter(torch.zeros(1))], name="adamw")
+        build_optimizer([torch.nn.Parameter(torch.zeros(1))], name="rmsprop")
+
+
+def _reference_lars(w, grads, lr, wd, momentum, eta, lars_on):
+    """LARS from its formula in float64 (official moco-v3 optimizer.py): the weights after each gradient."""
+    w, mu, out = w.clone(), torch.zeros_like(w), []
+    for g in grads:
+        d = g.clone()
+        if lars_on:
+            d = d + wd * w
+            w_norm, d_norm = math.sqrt(float((w * w).sum())), math.sqrt(float((d * d).sum()))
+            d = d * (eta * w_norm / d_norm if w_norm > 0 and d_norm > 0 else 1.0)
+        mu = momentum * mu + d
+        w = w - lr * mu
+        out.append(w.clone())
+    return out
+
+
+def _run_lars(params, grads_per_step, **kwargs):
+    opt = LARS(params, **kwargs)
+    history = []
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        history.append([p.detach().clone() for p in params])
+    return history
+
+
+@pytest.mark.parametrize("exclude_1d", [True, False])
+def test_lars_update_matches_the_formula_with_and_without_the_1d_exclusion(exclude_1d):
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    bias = torch.randn(3, generator=g, dtype=torch.float64)
+    grads = [(torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64))
+             for _ in range(3)]
+    hp = dict(lr=0.5, weight_decay=0.01, momentum=0.9, trust_coefficient=0.001)
+    params = [torch.nn.Parameter(weight.clone()), torch.nn.Parameter(bias.clone())]
+    history = _run_lars(params, grads, exclude_1d=exclude_1d, **hp)
+    args = dict(lr=0.5, wd=0.01, momentum=0.9, eta=0.001)
+    want_w = _reference_lars(weight, [gw for gw, _ in grads], lars_on=True, **args)
+    want_b = _reference_lars(bias, [gb for _, gb in grads], lars_on=not exclude_1d, **args)
+    for step, (w, b) in enumerate(history):
+        torch.testing.assert_close(w, want_w[step], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(b, want_b[step], rtol=1e-12, atol=1e-12)
+
+
+def test_lars_trust_ratio_is_one_for_a_zero_weight():
+    w = torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))
+    history = _run_lars([w], [[torch.ones(2, 2, dtype=torch.float64)]], lr=0.1, weight_decay=0.0, momentum=0.9)
+    torch.testing.assert_close(history[0][0], torch.full((2, 2), -0.1, dtype=torch.float64))
+
+
+def test_build_optimizer_offers_the_v3_optimizers_with_their_settings():
+    params = [torch.nn.Parameter(torch.zeros(2, 2))]
+    lars = build_optimizer(params, "lars", lr=0.1, momentum=0.9, weight_decay=1e-6, trust_coefficient=0.002)
+    assert isinstance(lars, LARS) and lars.defaults["trust_coefficient"] == 0.002 and lars.defaults["exclude_1d"]
+    adamw = build_optimizer(params, "adamw", lr=1.5e-4, weight_decay=0.1, betas=[0.9, 0.95])
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert adamw.defaults["betas"] == (0.9, 0.95) and adamw.defaults["weight_decay"] == 0.1

@@ -2,23 +2,31 @@
 
 A backbone here is any ``nn.Module`` taking images ``(N, 3, H, W)`` to features ``(N, D)``. The registry builds
 torchvision ResNets with their classifier removed (``fc = nn.Identity()``), so the state dict of a backbone is
-exactly torchvision's minus ``fc.*`` and exports without renaming.
+exactly torchvision's minus ``fc.*`` and exports without renaming, and the Vision Transformers of MoCo v3
+(:mod:`moco_lightning.vit`, timm's ``VisionTransformer`` without its head: a DeiT state dict minus ``head.*``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
 from torchvision import models
 
-#: Backbone names accepted by :func:`build_backbone`, mapped to their torchvision constructors.
-BACKBONES: dict[str, Callable[..., models.ResNet]] = {
+from moco_lightning.vit import VIT_SIZES, MoCoViT, build_vit
+
+#: torchvision ResNets accepted by :func:`build_backbone`, by name.
+RESNETS: dict[str, Callable[..., models.ResNet]] = {
     "resnet18": models.resnet18,
     "resnet34": models.resnet34,
     "resnet50": models.resnet50,
 }
+#: MoCo v3 Vision Transformers accepted by :func:`build_backbone`, by name.
+VITS: dict[str, Callable[..., MoCoViT]] = {name: partial(build_vit, name) for name in VIT_SIZES}
+#: Every backbone name accepted by :func:`build_backbone`, mapped to its constructor.
+BACKBONES: dict[str, Callable[..., nn.Module]] = {**RESNETS, **VITS}
 
 
 def use_cifar_stem(resnet: models.ResNet) -> models.ResNet:
@@ -57,7 +65,14 @@ def infer_feature_dim(module: nn.Module, image_size: int = 32) -> int:
 
 
 def build_backbone(
-    backbone: str | nn.Module, cifar_stem: bool = False, feature_dim: int | None = None
+    backbone: str | nn.Module,
+    cifar_stem: bool = False,
+    feature_dim: int | None = None,
+    *,
+    zero_init_residual: bool = False,
+    image_size: int = 224,
+    patch_size: int = 16,
+    freeze_patch_embed: bool = False,
 ) -> tuple[nn.Module, int]:
     """Build a backbone and report its feature width.
 
@@ -67,6 +82,14 @@ def build_backbone(
             ``fc.in_features``; any other module must already map images to ``(N, D)`` features.
         cifar_stem: replace the ResNet stem by a 3x3 stride-1 conv without max-pool (for 32 px images or smaller).
         feature_dim: width D of a custom module's output; found by one dry forward pass when not given.
+        zero_init_residual: ResNets by name only: zero the weight of the last BN of every residual block, so each
+            block starts as the identity (torchvision's option; MoCo v3 turns it on, Goyal et al. 2017).
+        image_size: ViTs only: side of the input images in pixels (the position-embedding grid).
+        patch_size: ViTs only: side of a patch in pixels (16 at 224 px, 4 at 32 px).
+        freeze_patch_embed: ViTs only: keep the random patch projection frozen (MoCo v3's ``--stop-grad-conv1``).
+
+    The ResNet-only options are ignored for a ViT and the ViT-only ones for a ResNet, so one set of settings can
+    serve every backbone name.
 
     Returns:
         ``(module, D)``: the backbone and the width of its features.
@@ -77,7 +100,13 @@ def build_backbone(
             raise ValueError(
                 f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)} or pass an nn.Module"
             )
-        backbone = BACKBONES[backbone]()
+        if backbone in VITS:
+            if cifar_stem:
+                raise ValueError(f"cifar_stem=True only applies to ResNets, not to {backbone}; set cifar_stem=False "
+                                 "(a ViT on small images uses a small patch_size instead)")
+            vit = VITS[backbone](image_size=image_size, patch_size=patch_size, freeze_patch_embed=freeze_patch_embed)
+            return vit, vit.embed_dim
+        backbone = RESNETS[backbone](zero_init_residual=zero_init_residual)
     elif not isinstance(backbone, nn.Module):
         raise TypeError(f"backbone must be a name or an nn.Module, got {type(backbone).__name__}")
 
@@ -93,6 +122,8 @@ def build_backbone(
 
     if cifar_stem:
         raise ValueError("cifar_stem=True only applies to torchvision ResNets; set cifar_stem=False")
+    if isinstance(backbone, MoCoViT) and feature_dim is None:
+        return backbone, backbone.embed_dim
     if feature_dim is None:
         feature_dim = infer_feature_dim(backbone)
     return backbone, int(feature_dim)

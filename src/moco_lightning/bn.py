@@ -29,6 +29,7 @@ from moco_lightning.distributed import shuffle_batch, unshuffle_batch
 __all__ = [
     "BN_MODES",
     "DEFAULT_BN_SPLITS",
+    "AllReduceBatchNorm1d",
     "AllReduceBatchNorm2d",
     "SplitBatchNorm2d",
     "convert_batchnorm",
@@ -127,6 +128,33 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
+def _all_reduce_batch_norm(bn: nn.modules.batchnorm._BatchNorm, input: torch.Tensor) -> torch.Tensor:
+    """BatchNorm of ``input`` with the statistics of the batches of every process (training mode)."""
+    factor = _momentum_factor(bn)
+    x = input.to(torch.promote_types(input.dtype, torch.float32))  # half precision: statistics in float32
+    dims = (0, *range(2, x.dim()))  # every dimension but the channels
+    count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+    stats = _AllReduceSum.apply(torch.cat([x.sum(dim=dims), (x * x).sum(dim=dims), count]))
+    c = x.shape[1]
+    total = stats[-1]
+    mean = stats[:c] / total
+    var = stats[c : 2 * c] / total - mean * mean
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
+    if bn.weight is not None:
+        out = out * bn.weight.view(shape) + bn.bias.view(shape)
+    if bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            unbiased = var.detach() * total / (total - 1).clamp(min=1)
+            bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), factor)
+            bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
+    return out.to(input.dtype)
+
+
+def _synced() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class AllReduceBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm over the global batch of all processes, for processes on the CPU.
 
@@ -138,31 +166,21 @@ class AllReduceBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalise with the statistics of the batches of every process (training) or the running ones (eval)."""
-        if not self.training or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(input)
-        factor = _momentum_factor(self)
-        x = input.to(torch.promote_types(input.dtype, torch.float32))  # half precision: statistics in float32
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
-        stats = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), count])
-        stats = _AllReduceSum.apply(stats)
-        c = x.shape[1]
-        total = stats[-1]
-        mean = stats[:c] / total
-        var = stats[c : 2 * c] / total - mean * mean
-        out = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
-        if self.weight is not None:
-            out = out * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-        if self.track_running_stats and self.running_mean is not None:
-            with torch.no_grad():
-                unbiased = var.detach() * total / (total - 1).clamp(min=1)
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
-        return out.to(input.dtype)
+        return _all_reduce_batch_norm(self, input) if self.training and _synced() else super().forward(input)
 
 
-def _replace(module: nn.Module, make: type[nn.BatchNorm2d], **kwargs: object) -> nn.Module:
-    """Replace each plain ``BatchNorm2d`` of ``module`` by ``make``, keeping its parameters and buffers."""
-    if type(module) is nn.BatchNorm2d:
+class AllReduceBatchNorm1d(nn.BatchNorm1d):
+    """:class:`AllReduceBatchNorm2d` for ``(N, C)`` / ``(N, C, L)`` inputs (the BN of MoCo v3's MLP heads)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """Normalise with the statistics of the batches of every process (training) or the running ones (eval)."""
+        return _all_reduce_batch_norm(self, input) if self.training and _synced() else super().forward(input)
+
+
+def _replace(module: nn.Module, makes: dict[type, type], **kwargs: object) -> nn.Module:
+    """Replace each plain BN layer of a type in ``makes`` by its counterpart, keeping its parameters and buffers."""
+    make = makes.get(type(module))
+    if make is not None:
         new = make(module.num_features, eps=module.eps, momentum=module.momentum, affine=module.affine,
                    track_running_stats=module.track_running_stats, **kwargs)
         new.weight, new.bias = module.weight, module.bias
@@ -171,7 +189,7 @@ def _replace(module: nn.Module, make: type[nn.BatchNorm2d], **kwargs: object) ->
         new.train(module.training)
         return new
     for name, child in module.named_children():
-        replaced = _replace(child, make, **kwargs)
+        replaced = _replace(child, makes, **kwargs)
         if replaced is not child:
             setattr(module, name, replaced)
     return module
@@ -180,22 +198,23 @@ def _replace(module: nn.Module, make: type[nn.BatchNorm2d], **kwargs: object) ->
 def convert_batchnorm(
     module: nn.Module, mode: str, num_splits: int = DEFAULT_BN_SPLITS, device_type: str = "cpu"
 ) -> nn.Module:
-    """Turn the ``BatchNorm2d`` layers of ``module`` into the layers that ``mode`` needs; returns the module.
+    """Turn the BatchNorm layers of ``module`` into the layers that ``mode`` needs; returns the module.
 
-    ``"split"``: :class:`SplitBatchNorm2d`; ``"sync"``: ``torch.nn.SyncBatchNorm`` when the run's device
-    (``device_type``) is an accelerator, :class:`AllReduceBatchNorm2d` on the CPU; ``"shuffle"`` and ``"none"``
-    keep plain BatchNorm2d.
+    ``"split"``: each ``BatchNorm2d`` a :class:`SplitBatchNorm2d`; ``"sync"``: every BatchNorm a
+    ``torch.nn.SyncBatchNorm`` when the run's device (``device_type``) is an accelerator, an
+    :class:`AllReduceBatchNorm2d` / :class:`AllReduceBatchNorm1d` on the CPU; ``"shuffle"`` and ``"none"`` keep
+    plain BatchNorm.
     Parameters and buffers are the same tensors as before (an optimizer built earlier keeps working) and the state
     dict keeps its keys, so checkpoints load into either form.
     """
     if mode not in BN_MODES or mode == "auto":
         raise ValueError(f"convert_batchnorm needs a concrete mode (resolve_bn_mode resolves 'auto'), got {mode!r}")
     if mode == "split":
-        return _replace(module, SplitBatchNorm2d, num_splits=num_splits)
+        return _replace(module, {nn.BatchNorm2d: SplitBatchNorm2d}, num_splits=num_splits)
     if mode == "sync":
         if device_type != "cpu":
             return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-        return _replace(module, AllReduceBatchNorm2d)
+        return _replace(module, {nn.BatchNorm2d: AllReduceBatchNorm2d, nn.BatchNorm1d: AllReduceBatchNorm1d})
     return module
 
 

@@ -1,11 +1,19 @@
-"""The momentum update of the key encoder (He et al. 2019, Eq. 2) and its schedules."""
+"""The momentum update of the key encoder (He et al. 2019, Eq. 2), its schedules, and the hook that applies it.
+
+:class:`MomentumUpdateAfterStep` is the small piece MoCo v1/v2 (:class:`moco_lightning.MoCo`) and MoCo v3
+(:class:`moco_lightning.MoCoV3`) share: one momentum update after every optimizer step, with the scheduled m.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
+
+#: Momentum schedules: m constant, or rising from its base value to 1 on a half cosine (BYOL; MoCo v3).
+MOMENTUM_SCHEDULES = ("constant", "cosine")
 
 
 @torch.no_grad()
@@ -43,3 +51,39 @@ def cosine_momentum(step: int, total_steps: int, base: float) -> float:
         return base
     progress = min(max(step / total_steps, 0.0), 1.0)
     return 1.0 - 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - base)
+
+
+class MomentumUpdateAfterStep:
+    """LightningModule mixin: one momentum update of the momentum (key) encoder after every optimizer step.
+
+    The host class sets ``self.m`` (the base momentum), has ``hparams.momentum_schedule`` (one of
+    :data:`MOMENTUM_SCHEDULES`) and defines ``momentum_update(m)``; it lists this mixin before
+    ``LightningModule``. The update after optimizer step ``j`` (counted from 1) uses ``m(j / total steps)``.
+    """
+
+    m: float
+
+    def momentum_at(self, step: int) -> float:
+        """The momentum m of the update that follows optimizer step number ``step`` (from 1)."""
+        trainer = getattr(self, "_trainer", None)
+        if self.hparams.momentum_schedule == "cosine" and trainer is not None:
+            return cosine_momentum(step, int(trainer.estimated_stepping_batches), self.m)
+        return self.m
+
+    @property
+    def current_momentum(self) -> float:
+        """The momentum m of the last update (of the next one, before the first step)."""
+        trainer = getattr(self, "_trainer", None)
+        return self.momentum_at(trainer.global_step if trainer is not None else 0)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The optimizer step, then the momentum update: once per optimizer step, logged as ``train/momentum``.
+
+        Lightning calls this hook once per optimizer step (not per micro-batch of gradient accumulation) and
+        before any callback's ``on_train_batch_end``, so a checkpoint written by a callback at any step holds a
+        momentum encoder that has seen exactly as many updates as the trained encoder has seen steps.
+        """
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        m = self.momentum_at(self.trainer.global_step + 1)  # the step counter moves after this hook
+        self.momentum_update(m)
+        self.log("train/momentum", m)

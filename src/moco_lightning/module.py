@@ -23,31 +23,16 @@ from torchmetrics.classification import MulticlassAccuracy
 from moco_lightning.backbones import build_backbone
 from moco_lightning.bn import BN_MODES, DEFAULT_BN_SPLITS, convert_batchnorm, encode_shuffled, resolve_bn_mode
 from moco_lightning.distributed import world_size
-from moco_lightning.ema import cosine_momentum, momentum_update
-from moco_lightning.heads import ProjectionHead
+from moco_lightning.ema import MOMENTUM_SCHEDULES, MomentumUpdateAfterStep, momentum_update
+from moco_lightning.heads import Encoder, ProjectionHead
 from moco_lightning.losses import info_nce_logits, info_nce_loss
 from moco_lightning.optim import LR_INTERVALS, configure_optimization, global_batch_size
 from moco_lightning.queue import KeyQueue
 
-MOMENTUM_SCHEDULES = ("constant", "cosine")
-
 log = logging.getLogger(__name__)
 
 
-class Encoder(nn.Module):
-    """A backbone followed by a projection head: images to (unnormalised) embeddings."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Embed images ``(N, 3, H, W)`` into ``(N, dim)``."""
-        return self.head(self.backbone(x))
-
-
-class MoCo(L.LightningModule):
+class MoCo(MomentumUpdateAfterStep, L.LightningModule):
     """Momentum Contrast (He et al. 2019, "MoCo v1"; Chen et al. 2020, "MoCo v2").
 
     The query encoder ``encoder_q`` learns by backprop; the key encoder ``encoder_k`` follows it as an
@@ -143,17 +128,6 @@ class MoCo(L.LightningModule):
     def queue_ptr(self) -> torch.Tensor:
         """Index of the row the next batch of keys is written to."""
         return self.key_queue.ptr
-
-    def momentum_at(self, step: int) -> float:
-        """The momentum m of the key-encoder update that follows optimizer step number ``step`` (from 1)."""
-        if self.hparams.momentum_schedule == "cosine" and self._trainer is not None:
-            return cosine_momentum(step, int(self.trainer.estimated_stepping_batches), self.m)
-        return self.m
-
-    @property
-    def current_momentum(self) -> float:
-        """The momentum m of the last key-encoder update (of the next one, before the first step)."""
-        return self.momentum_at(self.trainer.global_step if self._trainer is not None else 0)
 
     # ------------------------------------------------------------------ the algorithm, hook by hook
     def configure_bn(self, processes: int | None = None) -> str:
@@ -266,18 +240,6 @@ class MoCo(L.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
         return {"loss": loss, "features": features.detach(), "labels": labels}
 
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        """The optimizer step, then the key encoder's momentum update: once per optimizer step.
-
-        Lightning calls this hook once per optimizer step (not per micro-batch of gradient accumulation) and
-        before any callback's ``on_train_batch_end``, so a checkpoint written by a callback at any step holds a
-        key encoder that has seen exactly as many updates as the query encoder has seen steps.
-        """
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        m = self.momentum_at(self.trainer.global_step + 1)  # the step counter moves after this hook returns
-        self.momentum_update(m)
-        self.log("train/momentum", m)
-
     def setup(self, stage: str) -> None:
         """Resolve the BN mode for the processes of this run, convert the encoders and say which mode runs."""
         if getattr(self.trainer.strategy, "_layer_sync", None) is not None:
@@ -298,7 +260,6 @@ class MoCo(L.LightningModule):
             message += "; with one process shuffling does nothing, so BN can leak: consider model.bn=split"
         if self.trainer.is_global_zero:
             log.info(message)
-
     def on_train_start(self) -> None:
         """Check the queue against the loader before the first step: whole batches, K a multiple of them."""
         loader = self.trainer.train_dataloader

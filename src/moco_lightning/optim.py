@@ -1,5 +1,8 @@
 """Optimizers and learning-rate schedules of the MoCo recipes, and the numbers they need from the Trainer.
 
+Optimizers: SGD (v1/v2), LARS as in the official MoCo v3 code (ResNet) and AdamW (v3, ViT); see
+:func:`build_optimizer`.
+
 Schedules are written in epochs, as the papers state them, and applied per optimizer step through
 ``torch.optim.lr_scheduler.LambdaLR``: ``lr_interval="epoch"`` holds the lr constant within an epoch, as the
 official v1/v2 code does (``adjust_learning_rate`` once at the start of each epoch); ``"step"`` moves it at every
@@ -19,13 +22,77 @@ import torch
 LR_SCHEDULES = ("step", "cosine", "constant")
 #: When the lr changes: once per epoch (official v1/v2) or at every optimizer step (v3).
 LR_INTERVALS = ("epoch", "step")
-#: Optimizers understood by :func:`build_optimizer` (LARS arrives with MoCo v3).
-OPTIMIZERS = ("sgd",)
+#: Optimizers understood by :func:`build_optimizer`.
+OPTIMIZERS = ("sgd", "lars", "adamw")
 
 
 def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256) -> float:
     """The linear scaling rule (Goyal et al. 2017): ``lr = base_lr × global_batch / 256``."""
     return base_lr * global_batch / reference_batch
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS as the official MoCo v3 code applies it (``moco/optimizer.py``).
+
+    You et al. 2017, "Large Batch Training of Convolutional Networks".
+
+    For a parameter ``w`` with gradient ``g``, per step::
+
+        d  = g + weight_decay · w
+        d ← d · trust_coefficient · ‖w‖ / ‖d‖      (1 instead of the ratio when ‖w‖ = 0 or ‖d‖ = 0)
+        μ ← momentum · μ + d                        (μ starts at 0)
+        w ← w − lr · μ
+
+    With ``exclude_1d`` (the official behaviour) parameters of at most one dimension (biases, BN and LayerNorm
+    weights) skip the first two lines: no weight decay and no trust ratio, plain SGD with momentum.
+
+    timm's ``Lars`` is not used because its trust ratio divides by ``‖g‖ + weight_decay·‖w‖`` (+ eps), not by the
+    norm of the decayed gradient ``‖g + weight_decay·w‖`` as the official code does, and it decays 1-D parameters
+    unless they are put in separate groups.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate.
+        weight_decay: L2 penalty added to the gradient before the trust ratio (official ResNet-50: 1e-6).
+        momentum: momentum of the update (official: 0.9).
+        trust_coefficient: η of the trust ratio (official: 0.001).
+        exclude_1d: leave parameters with ``ndim <= 1`` out of weight decay and the trust ratio (official: on).
+
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001, exclude_1d: bool = True) -> None:
+        if lr < 0 or weight_decay < 0 or momentum < 0 or trust_coefficient <= 0:
+            raise ValueError(f"LARS needs lr, weight_decay, momentum >= 0 and trust_coefficient > 0, got lr={lr}, "
+                             f"weight_decay={weight_decay}, momentum={momentum}, trust_coefficient={trust_coefficient}")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient,
+                        exclude_1d=exclude_1d)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One LARS step over every parameter that has a gradient; returns the closure's loss if given one."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1 or not group["exclude_1d"]:
+                    d = d.add(p, alpha=group["weight_decay"])
+                    w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    ratio = torch.where((w_norm > 0) & (d_norm > 0),
+                                        group["trust_coefficient"] * w_norm / d_norm, torch.ones_like(w_norm))
+                    d = d.mul(ratio)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                state["mu"].mul_(group["momentum"]).add_(d)
+                p.add_(state["mu"], alpha=-group["lr"])
+        return loss
 
 
 def build_optimizer(
@@ -34,14 +101,26 @@ def build_optimizer(
     lr: float = 0.03,
     momentum: float = 0.9,
     weight_decay: float = 1e-4,
+    trust_coefficient: float = 0.001,
+    betas: Sequence[float] = (0.9, 0.999),
 ) -> torch.optim.Optimizer:
-    """The optimizer of MoCo v1/v2: SGD with momentum 0.9 and weight decay 1e-4 on every parameter.
+    """The optimizer of a MoCo recipe, with weight decay on every parameter as the official code does.
 
-    The official code decays every parameter (BN and biases included); so does this.
+    * ``"sgd"`` (v1/v2): SGD with ``momentum`` (0.9) and ``weight_decay`` (1e-4) on every parameter, BN and
+      biases included.
+    * ``"lars"`` (v3, ResNet): :class:`LARS` with ``momentum`` (0.9) and ``trust_coefficient`` (0.001); 1-D
+      parameters get neither weight decay nor the trust ratio.
+    * ``"adamw"`` (v3, ViT): ``torch.optim.AdamW`` with ``betas`` (PyTorch's default (0.9, 0.999), which the
+      official code keeps) and decoupled ``weight_decay`` (0.1) on every parameter; ``momentum`` is unused.
     """
-    if name != "sgd":
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "lars":
+        return LARS(params, lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
+    if name == "adamw":
+        b1, b2 = (float(b) for b in betas)
+        return torch.optim.AdamW(params, lr=lr, betas=(b1, b2), weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
 
 
 def lr_factor(
@@ -147,10 +226,13 @@ def configure_optimization(
     lr_interval: str = "step",
     lr_milestones: Sequence[float] = (),
     warmup_epochs: float = 0,
+    trust_coefficient: float = 0.001,
+    betas: Sequence[float] = (0.9, 0.999),
 ) -> dict[str, Any]:
     """The ``configure_optimizers`` result of a MoCo module: optimizer and per-step ``LambdaLR``.
 
     ``lr`` is the base lr per 256 images when ``scale_lr`` (``lr × global batch / 256``), else the lr itself.
+    ``trust_coefficient`` (LARS) and ``betas`` (AdamW) go to :func:`build_optimizer`.
     """
     estimated = trainer.estimated_stepping_batches
     if math.isinf(estimated):
@@ -160,6 +242,7 @@ def configure_optimization(
                        interval=lr_interval)
     if scale_lr:
         lr = scaled_lr(lr, global_batch_size(trainer))
-    opt = build_optimizer(params, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = build_optimizer(params, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                          trust_coefficient=trust_coefficient, betas=betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -22,6 +22,17 @@ def test_default_config_passes(compose_train):
     check_config(compose_train())
 
 
+@pytest.mark.parametrize("overrides", [["model=mocov3"], ["model=mocov3", "backbone=vit_small"],
+                                       ["model=mocov3", "backbone=vit_base", "data=cifar10"]])
+def test_mocov3_configs_pass_without_a_queue(compose_train, overrides):
+    check_config(compose_train(overrides))
+
+
+def test_a_vit_backbone_with_mocov2_names_the_model_to_use(compose_train):
+    message = _error(compose_train(["backbone=vit_small"]))
+    assert "backbone=vit_small" in message and "model=mocov3" in message
+
+
 def test_queue_not_a_multiple_of_the_global_batch(compose_train):
     message = _error(compose_train(["model.queue_size=1000", "data.batch_size=64"]))
     assert "model.queue_size=1000" in message and "global batch 64" in message and "960" in message
@@ -64,7 +75,7 @@ def test_momentum_must_be_in_unit_interval(compose_train, value):
 
 def test_unknown_backbone_names_the_choices(compose_train):
     message = _error(compose_train(["model.backbone=resnet101"]))
-    assert "model.backbone" in message and "resnet18, resnet34, resnet50" in message
+    assert "model.backbone" in message and "resnet18, resnet34, resnet50, vit_base, vit_small" in message
 
 
 @pytest.mark.parametrize(("argument", "names"), [

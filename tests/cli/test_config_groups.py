@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from pathlib import Path
 
 import lightning as L
@@ -11,13 +12,19 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from moco_lightning import MoCo
+from moco_lightning import BACKBONES, MoCo, MoCoV3
+from moco_lightning.backbones import VITS
 from moco_lightning.cli import CONFIG_PATH
 from moco_lightning.cli.config_checks import group_options
 from moco_lightning.data import MoCoDataModule
 
 GROUPS = sorted(p.name for p in Path(CONFIG_PATH).iterdir() if p.is_dir() and not p.name.startswith("_"))
-OPTIONS = [(group, option) for group in GROUPS for option in group_options(CONFIG_PATH, group)]
+#: recipes live in one folder per model family: conf/recipe/<family>/<data>_<backbone>.yaml
+RECIPES = sorted(f"{p.parent.name}/{p.stem}" for p in Path(CONFIG_PATH, "recipe").glob("*/*.yaml"))
+OPTIONS = [(group, option) for group in GROUPS
+           for option in (RECIPES if group == "recipe" else group_options(CONFIG_PATH, group))]
+#: a model of each family (conf/model_family/), the one its recipes are for
+FAMILY_MODEL = {"moco": "mocov2", "mocov3": "mocov3"}
 
 
 def _has_optuna_sweeper() -> bool:
@@ -32,10 +39,15 @@ CPU_ONLY = ["trainer.accelerator=cpu"] if not torch.cuda.is_available() else []
 
 
 def _group_overrides(group: str, option: str, tmp_path: Path) -> list[str]:
-    if group == "recipe":  # recipes are chosen by the data + backbone pair they are named after
-        data, backbone = option.rsplit("_", 1)
-        return [f"data={data}", f"backbone={backbone}"]
+    if group == "recipe":  # recipes are chosen by the model family + data + backbone they are named after
+        family, pair = option.split("/")
+        data, backbone = pair.split("_", 1)  # data options have no underscore, backbones may (vit_small)
+        return [f"model={FAMILY_MODEL[family]}", f"data={data}", f"backbone={backbone}"]
+    if group == "model_family":  # set by the model file: the family's own model
+        return [f"model={FAMILY_MODEL[option]}"]
     overrides = [f"{group}={option}"]
+    if group == "backbone" and option in VITS:  # ViTs are MoCo v3 backbones
+        overrides.append("model=mocov3")
     if (group, option) == ("data", "imagefolder"):
         overrides.append(f"data.data_dir={tmp_path}")
     return overrides
@@ -43,30 +55,43 @@ def _group_overrides(group: str, option: str, tmp_path: Path) -> list[str]:
 
 def test_every_group_has_options():
     expected = {"backbone", "callbacks", "data", "experiment", "hparams_search", "logger", "model", "recipe",
-                "trainer"}
+                "trainer", "model_family"}
     assert expected <= set(GROUPS)
-    assert {"resnet18", "resnet34", "resnet50"} <= set(group_options(CONFIG_PATH, "backbone"))
+    assert {"resnet18", "resnet34", "resnet50", "vit_small", "vit_base"} <= set(group_options(CONFIG_PATH, "backbone"))
+    assert {"mocov1", "mocov2", "mocov3"} <= set(group_options(CONFIG_PATH, "model"))
+    assert {"moco/digits_resnet18", "mocov3/digits_resnet18", "mocov3/imagenet_resnet50",
+            "mocov3/imagenet_vit_small"} <= set(RECIPES)
     assert {"digits", "cifar10", "cifar100", "stl10", "imagenet", "imagefolder"} <= set(
         group_options(CONFIG_PATH, "data"))
     assert {"default", "cpu", "gpu", "ddp"} <= set(group_options(CONFIG_PATH, "trainer"))
     assert {"csv", "tensorboard", "wandb", "many"} <= set(group_options(CONFIG_PATH, "logger"))
 
 
-@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}/{o}" for g, o in OPTIONS])
+TRAIN_OPTIONS = [(g, o) for g, o in OPTIONS if g != "linear_protocol"]  # linear_protocol: of eval_linear.yaml
+
+
+@pytest.mark.parametrize(("group", "option"), TRAIN_OPTIONS, ids=[f"{g}/{o}" for g, o in TRAIN_OPTIONS])
 def test_option_composes_and_instantiates(group, option, compose_train, tmp_path):
     if group == "hparams_search" and option == "optuna" and not HAS_OPTUNA_SWEEPER:
         pytest.skip("hydra-optuna-sweeper is an optional extra (pip install 'moco-lightning[optuna]')")
     overrides = [*_group_overrides(group, option, tmp_path), *CPU_ONLY]
     cfg = compose_train(overrides)
+    if group == "recipe":  # the recipe the model family + data + backbone pick is this file
+        assert compose_train(overrides, return_hydra_config=True).hydra.runtime.choices.recipe == option
     container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-    assert container["model"]["backbone"] in ("resnet18", "resnet34", "resnet50")
+    assert container["model"]["backbone"] in BACKBONES
 
     if group in ("data", "experiment", "recipe"):
         assert isinstance(instantiate(cfg.data), MoCoDataModule)
-    if group in ("model", "backbone", "experiment", "recipe"):
-        model = instantiate(cfg.model)
-        assert isinstance(model, MoCo)
-        assert model.hparams.backbone == cfg.model.backbone
+    if group in ("model", "backbone", "experiment", "recipe", "model_family"):
+        if cfg.model.backbone in VITS and (group, option) != ("backbone", "vit_small"):
+            # building a ViT-B or a 224 px ViT twice (base and momentum encoder) takes seconds: bind the
+            # arguments; backbone/vit_small builds one for real
+            inspect.signature(MoCoV3).bind(**{k: v for k, v in container["model"].items() if k != "_target_"})
+        else:
+            model = instantiate(cfg.model)
+            assert isinstance(model, MoCoV3 if cfg.model._target_.endswith("MoCoV3") else MoCo)
+            assert model.hparams.backbone == cfg.model.backbone
     if group in ("trainer", "experiment"):
         trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
         assert isinstance(trainer, L.Trainer)
@@ -86,6 +111,57 @@ def test_recipe_follows_the_data_backbone_pair(compose_train):
     assert digits.model.queue_size < 1437 and digits.trainer.max_epochs < 200  # the measured digits recipe
     other_backbone = compose_train(["backbone=resnet34"])
     assert other_backbone.model.queue_size == 65536  # no recipe for digits_resnet34: the official settings
+
+
+def test_mocov1_and_mocov2_share_the_moco_recipes(compose_train):
+    v1, v2 = compose_train(["model=mocov1"]), compose_train()
+    assert v1.model.mlp is False and v2.model.mlp is True
+    for key in ("queue_size", "temperature", "lr", "cifar_stem"):
+        assert v1.model[key] == v2.model[key], key
+    assert v1.data == v2.data and v1.trainer == v2.trainer
+
+
+def test_mocov3_gets_its_own_recipes_not_the_queue_ones(compose_train):
+    cfg = compose_train(["model=mocov3"], return_hydra_config=True)
+    assert cfg.hydra.runtime.choices.recipe == "mocov3/digits_resnet18"
+    assert cfg.model._target_ == "moco_lightning.MoCoV3" and "queue_size" not in cfg.model
+    imagenet = compose_train(["model=mocov3", "data=imagenet", "backbone=vit_small"])
+    assert (imagenet.model.optimizer, imagenet.model.temperature, imagenet.model.warmup_epochs) == ("adamw", 0.2, 40)
+    assert imagenet.data.augmentation == "v3" and imagenet.trainer.max_epochs == 300
+
+
+def test_v3_experiments_are_the_official_recipes(compose_train):
+    from moco_lightning.cli.config_checks import global_batch_size
+
+    r50 = compose_train(["experiment=imagenet_mocov3_resnet50", *CPU_ONLY])
+    assert (r50.model.optimizer, r50.model.lr, r50.model.weight_decay, r50.model.temperature) == (
+        "lars", 0.6, 1e-6, 1.0)
+    assert r50.model.zero_init_residual is True and r50.model.momentum_schedule == "cosine"
+    assert global_batch_size(r50) == 4096 and r50.trainer.max_epochs == 100 and r50.model.warmup_epochs == 10
+    vit = compose_train(["experiment=imagenet_mocov3_vit_small", *CPU_ONLY])
+    assert (vit.model.optimizer, vit.model.lr, vit.model.weight_decay, vit.model.temperature) == (
+        "adamw", 1.5e-4, 0.1, 0.2)
+    assert global_batch_size(vit) == 4096 and vit.trainer.max_epochs == 300 and vit.model.freeze_patch_embed
+    assert vit.data.augmentation_kwargs.crop_scale == [0.08, 1.0] and (vit.model.patch_size, vit.model.image_size) == (
+        16, 224)
+
+
+def test_vit_patch_follows_the_image_size(compose_train):
+    cifar = compose_train(["model=mocov3", "backbone=vit_small", "data=cifar10"])
+    assert (cifar.model.image_size, cifar.model.patch_size) == (32, 4)
+    assert compose_train(["model=mocov3", "backbone=vit_base", "data=stl10"]).model.patch_size == 16
+
+
+@pytest.mark.parametrize("protocol", group_options(CONFIG_PATH, "linear_protocol"))
+def test_linear_protocols_compose_for_eval_linear(protocol, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        cfg = compose("eval_linear", overrides=[f"linear_protocol={protocol}", "checkpoint=x.ckpt",
+                                                f"paths.output_dir={tmp_path}"])
+    expected = {"moco": (30.0, False, "step", 100), "mocov3": (0.1, True, "cosine", 90)}[protocol]
+    assert (cfg.lr, cfg.scale_lr, cfg.schedule, cfg.trainer.max_epochs) == expected
+    assert cfg.weight_decay == 0.0 and cfg.momentum == 0.9
 
 
 def test_cifar_stem_follows_the_image_size_and_can_be_forced(compose_train):

@@ -6,8 +6,8 @@ installed package when it is importable, else ``conf/`` next to ``src/`` in a ch
 from any working directory, as scripts at the repository root and as console scripts.
 
 Importing this module registers the OmegaConf resolvers the configs use (``${moco.strategy:...}``,
-``${moco.one_or_many:...}``, ``${moco.cifar_stem:...}``, ``${moco.wandb_offline:}``); call
-:func:`register_resolvers` before composing the configs with Hydra's compose API from your own code.
+``${moco.one_or_many:...}``, ``${moco.cifar_stem:...}``, ``${moco.patch_size:...}``, ``${moco.wandb_offline:}``);
+call :func:`register_resolvers` before composing the configs with Hydra's compose API from your own code.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from omegaconf import ListConfig, OmegaConf
 
 __all__ = ["CONFIG_PATH", "config_dir", "count_devices", "register_resolvers", "write_results"]
 
-#: Images of at most this many pixels a side get the CIFAR stem (3x3 stride-1 conv, no max-pool) by default.
+#: Images of at most this many pixels a side get the CIFAR stem (3x3 stride-1 conv, no max-pool) by default, and
+#: ViTs a patch of :data:`SMALL_IMAGE_PATCH` pixels instead of 16.
 SMALL_IMAGE_MAX = 64
+SMALL_IMAGE_PATCH = 4
 
 
 def config_dir() -> Path:
@@ -88,6 +90,11 @@ def _cifar_stem(image_size: Any) -> bool:
     return image_size is not None and int(image_size) <= SMALL_IMAGE_MAX
 
 
+def _patch_size(image_size: Any) -> int:
+    """ViT patch side: 16 (ViT's and MoCo v3's) on large images, 4 on small ones (32 px CIFAR: an 8 x 8 grid)."""
+    return SMALL_IMAGE_PATCH if _cifar_stem(image_size) else 16
+
+
 def _wandb_offline() -> bool:
     """Offline unless the user chose a mode (WANDB_MODE) or is logged in (WANDB_API_KEY or a netrc entry)."""
     mode = os.environ.get("WANDB_MODE")
@@ -117,6 +124,7 @@ def register_resolvers() -> None:
         ("moco.strategy", _strategy),
         ("moco.one_or_many", _one_or_many),
         ("moco.cifar_stem", _cifar_stem),
+        ("moco.patch_size", _patch_size),
         ("moco.wandb_offline", _wandb_offline),
     ):
         if not OmegaConf.has_resolver(name):

@@ -8,8 +8,9 @@ as ``error: <message>`` and exits with status 2.
 Checked: the group options named on the command line exist (``backbone=resnet101``, ``data=mnist``); the keys of
 ``model``, ``data``, ``trainer``, ``callbacks.*`` and ``logger.*`` are arguments of their ``_target_`` (a typo in
 a YAML file is an error, as Hydra already makes it one on the command line); ``model.backbone`` is a known
-backbone; ``model.temperature > 0``; ``model.momentum`` in [0, 1]; ``model.queue_size`` a positive multiple of the
-global batch (``data.batch_size`` x devices x nodes); the dataset files or folders exist where no download will
+backbone, and a ViT is only asked of a model that builds one (MoCo v3); ``model.temperature > 0``;
+``model.momentum`` in [0, 1]; ``model.queue_size`` (MoCo v1/v2) a positive multiple of the global batch
+(``data.batch_size`` x devices x nodes); the dataset files or folders exist where no download will
 fetch them; ``ckpt_path`` exists.
 """
 
@@ -26,7 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from moco_lightning.backbones import BACKBONES
+from moco_lightning.backbones import BACKBONES, VITS
 from moco_lightning.cli import CONFIG_PATH, count_devices
 
 __all__ = ["ConfigError", "check_command_line", "check_config", "count_processes", "global_batch_size",
@@ -35,7 +36,8 @@ __all__ = ["ConfigError", "check_command_line", "check_config", "count_processes
 #: Config groups and what their options are called in messages.
 _GROUP_NOUNS = {"data": "dataset", "backbone": "backbone", "model": "model", "trainer": "trainer",
                 "logger": "logger", "callbacks": "callbacks", "experiment": "experiment",
-                "hparams_search": "search", "recipe": "recipe"}
+                "hparams_search": "search", "recipe": "recipe", "model_family": "model family",
+                "linear_protocol": "linear protocol"}
 #: Sweep syntax of the basic sweeper that names no option literally (range(...), glob(...), ...).
 _SWEEP_FUNCTION = re.compile(r"^\s*(range|glob|choice|interval|tag|sort|shuffle)\(")
 
@@ -97,6 +99,8 @@ def check_config(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> N
     for section in ("model", "data", "trainer"):
         if cfg.get(section) is None:
             raise ConfigError(f"the config has no '{section}' section; choose one with {section}=<option>")
+    _check_backbone_fits_model(cfg.model)
+    for section in ("model", "data", "trainer"):
         _check_keys(cfg[section], section)
     for section in ("callbacks", "logger"):
         for name, node in (cfg.get(section) or {}).items():
@@ -162,6 +166,17 @@ def _check_keys(node: DictConfig, key: str) -> None:
             raise ConfigError(f"{key}.{name} is not a setting of {target_path}; {hint}")
 
 
+def _check_backbone_fits_model(model: DictConfig) -> None:
+    """A ViT backbone needs a model that builds one (MoCo v3); say so before the ViT keys look like typos."""
+    backbone = model.get("backbone")
+    if not (isinstance(backbone, str) and backbone in VITS) or model.get("_target_") is None:
+        return
+    accepted = _accepted_keywords(_import_target(model._target_, "model"))
+    if accepted is not None and "patch_size" not in accepted:
+        raise ConfigError(f"backbone={backbone} is a Vision Transformer, which {model._target_} does not build "
+                          "(MoCo v1/v2 take ResNets); use model=mocov3 with a ViT, or a ResNet backbone")
+
+
 def _check_model(model: DictConfig) -> None:
     backbone = model.get("backbone")
     if isinstance(backbone, str) and backbone not in BACKBONES:
@@ -169,10 +184,11 @@ def _check_model(model: DictConfig) -> None:
                           f"{', '.join(sorted(BACKBONES))} (backbone=<name>)")
     temperature = model.get("temperature")
     if temperature is not None and not float(temperature) > 0:
-        raise ConfigError(f"model.temperature={temperature} must be > 0 (MoCo v1 uses 0.07, v2 0.2)")
+        raise ConfigError(f"model.temperature={temperature} must be > 0 (MoCo v1 uses 0.07, v2 0.2, v3 1.0 for "
+                          "ResNet and 0.2 for ViT)")
     momentum = model.get("momentum")
     if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
-        raise ConfigError(f"model.momentum={momentum} must be in [0, 1] (the paper uses 0.999)")
+        raise ConfigError(f"model.momentum={momentum} must be in [0, 1] (v1/v2 use 0.999, v3 0.99)")
 
 
 def _resolve_device_count(trainer: DictConfig) -> tuple[int | None, str]:
@@ -217,7 +233,9 @@ def global_batch_size(cfg: DictConfig) -> int | None:
 
 
 def _check_queue(cfg: DictConfig) -> None:
-    queue_size = int(cfg.model.get("queue_size", 0))
+    if "queue_size" not in cfg.model:  # MoCo v3 has no queue
+        return
+    queue_size = int(cfg.model.queue_size)
     if queue_size < 1:
         raise ConfigError(f"model.queue_size={queue_size} must be a positive number of negative keys")
     batch = global_batch_size(cfg)

@@ -1,4 +1,6 @@
-"""``python eval_linear.py checkpoint=...`` / ``moco-eval-linear``: linear evaluation, official MoCo protocol.
+"""``python eval_linear.py checkpoint=...`` / ``moco-eval-linear``: linear evaluation, official MoCo protocols.
+
+``linear_protocol=moco`` (default) is the v1/v2 protocol, ``linear_protocol=mocov3`` the v3 one (conf/linear_protocol/).
 
 Loads the query backbone of a pretraining checkpoint, freezes it in eval mode, trains a new linear classifier
 (:class:`moco_lightning.eval.linear.LinearProbe`) with the Trainer of ``conf/trainer`` and the loggers of
@@ -52,6 +54,7 @@ def evaluate_linear(cfg: DictConfig) -> tuple[dict[str, Any], L.Trainer]:
         datamodule,
         epochs=cfg.trainer.max_epochs,
         lr=cfg.lr,
+        scale_lr=cfg.scale_lr,
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         schedule=cfg.schedule,

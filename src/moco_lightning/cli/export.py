@@ -1,11 +1,13 @@
-"""``python export.py CHECKPOINT`` / ``moco-export``: the pretrained backbone for torchvision and detectron2.
+"""``python export.py CHECKPOINT`` / ``moco-export``: the pretrained backbone for torchvision, detectron2 and DeiT.
 
-    moco-export outputs/.../checkpoints/last.ckpt                  # both formats next to the checkpoint
+    moco-export outputs/.../checkpoints/last.ckpt                  # every format that fits, next to the checkpoint
     moco-export run.ckpt --format torchvision --output r50.pth
     moco-export run.ckpt --format detectron2 --output r50_d2.pkl   # MODEL.WEIGHTS of the detection recipes
+    moco-export vit.ckpt --format deit --output vit_s_deit.pth     # as MoCo v3's convert_to_deit.py
 
 torchvision: ``torchvision.models.resnet50().load_state_dict(torch.load("r50.pth"), strict=False)`` loads it
 with only ``fc.*`` missing. detectron2: the official MoCo key renaming (stem, res2-res5, norms, shortcuts).
+DeiT (ViT backbones of MoCo v3): ``{"model": state_dict}`` with timm's names, only ``head.*`` missing.
 """
 
 from __future__ import annotations
@@ -15,26 +17,35 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from moco_lightning.eval.checkpoint import CheckpointError, read_backbone_checkpoint
-from moco_lightning.eval.export import export_detectron2, export_torchvision
+from moco_lightning.eval.checkpoint import BackboneCheckpoint, CheckpointError, read_backbone_checkpoint
+from moco_lightning.eval.export import export_deit, export_detectron2, export_torchvision
 
 __all__ = ["main"]
 
-SUFFIXES = {"torchvision": "_torchvision.pth", "detectron2": "_detectron2.pkl"}
+SUFFIXES = {"torchvision": "_torchvision.pth", "detectron2": "_detectron2.pkl", "deit": "_deit.pth"}
+WRITERS = {"torchvision": export_torchvision, "detectron2": export_detectron2, "deit": export_deit}
+
+
+def _formats(choice: str, ckpt: BackboneCheckpoint) -> list[str]:
+    """The formats a ``--format`` choice means for this checkpoint (``auto``: every one its backbone fits)."""
+    if choice == "auto":
+        return ["deit"] if ckpt.backbone_options else ["torchvision", "detectron2"]
+    return ["torchvision", "detectron2"] if choice == "both" else [choice]
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moco-export",
         description="Export the query backbone of a MoCo checkpoint as a torchvision state dict and/or a "
-        "detectron2 checkpoint.",
+        "detectron2 checkpoint (ResNets), or a DeiT state dict (ViTs).",
     )
     parser.add_argument("checkpoint", type=Path, help="a moco-train .ckpt or an official MoCo checkpoint")
     parser.add_argument(
         "--format",
-        choices=["torchvision", "detectron2", "both"],
-        default="both",
-        help="what to write (default: both)",
+        choices=["auto", "torchvision", "detectron2", "deit", "both"],
+        default="auto",
+        help="what to write: auto (default) = torchvision and detectron2 for a ResNet, deit for a ViT; both = "
+        "torchvision and detectron2",
     )
     parser.add_argument(
         "--output",
@@ -49,9 +60,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point ``moco-export``; exits with status 2 and a message on a bad checkpoint."""
     args = _parser().parse_args(argv)
-    formats = ["torchvision", "detectron2"] if args.format == "both" else [args.format]
     try:
         ckpt = read_backbone_checkpoint(args.checkpoint)
+        formats = _formats(args.format, ckpt)
         for fmt in formats:
             if args.output is None:
                 out = args.checkpoint.with_name(args.checkpoint.stem + SUFFIXES[fmt])
@@ -66,8 +77,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     file=sys.stderr,
                 )
                 continue
-            writer = export_torchvision if fmt == "torchvision" else export_detectron2
-            print(f"{fmt}: {writer(ckpt, out)}")
+            print(f"{fmt}: {WRITERS[fmt](ckpt, out)}")
     except (CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -9,8 +9,10 @@ from moco_lightning.eval.checkpoint import (
     read_backbone_checkpoint,
 )
 from moco_lightning.eval.export import (
+    deit_state_dict,
     detectron2_checkpoint,
     detectron2_key,
+    export_deit,
     export_detectron2,
     export_torchvision,
     torchvision_model,
@@ -27,8 +29,10 @@ __all__ = [
     "KNNMonitor",
     "LinearProbe",
     "OnlineLinearProbe",
+    "deit_state_dict",
     "detectron2_checkpoint",
     "detectron2_key",
+    "export_deit",
     "export_detectron2",
     "export_torchvision",
     "extract_features",

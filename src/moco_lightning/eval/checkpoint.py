@@ -1,20 +1,26 @@
 """Read the query backbone out of a pretraining checkpoint, for evaluation and export.
 
-Two formats are understood:
+Four formats are understood:
 
 * a Lightning checkpoint of :class:`moco_lightning.MoCo`: ``state_dict`` with keys
   ``encoder_q.backbone.*`` and ``hyper_parameters`` naming the backbone (``backbone``, ``cifar_stem``,
   ``feature_dim``);
+* a Lightning checkpoint of :class:`moco_lightning.MoCoV3`: keys ``base_encoder.backbone.*``, the same
+  hyper-parameters;
 * an official facebookresearch/moco checkpoint (``main_moco.py``): ``state_dict`` with keys
-  ``module.encoder_q.*`` (the ``fc`` head is dropped) and ``arch``.
+  ``module.encoder_q.*`` (the ``fc`` head is dropped) and ``arch``;
+* an official facebookresearch/moco-v3 checkpoint: keys ``module.base_encoder.*`` (the projector, ``fc`` of a
+  ResNet or ``head`` of a ViT, is dropped, as the official ``main_lincls.py`` does) and ``arch``.
 
-Only the query backbone is kept for downstream use (the key encoder and the queue are not needed); the query
-encoder's projection head is kept beside it for :func:`load_query_encoder`, the embedding the MoCo loss sees (what
-the official CIFAR-10 demo's kNN monitor evaluates).
+Only the query (base) backbone is kept for downstream use (predictor, key / momentum encoder and queue are not
+needed); the query encoder's projection head is kept beside it for :func:`load_query_encoder`, the embedding the
+contrastive loss sees (what the official CIFAR-10 demo's kNN monitor evaluates). A ViT's image and patch size are
+read from the shapes of its weights.
 """
 
 from __future__ import annotations
 
+import math
 import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,17 +31,23 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from moco_lightning.backbones import build_backbone
-from moco_lightning.heads import ProjectionHead
+from moco_lightning.backbones import VITS, build_backbone
+from moco_lightning.heads import ProjectionHead, build_mlp
 
 #: State-dict prefixes of the query backbone, tried in order: (prefix, keys to drop after stripping it).
 _BACKBONE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("encoder_q.backbone.", ()),  # moco_lightning.MoCo
+    ("base_encoder.backbone.", ()),  # moco_lightning.MoCoV3
     ("module.encoder_q.", ("fc.",)),  # official facebookresearch/moco main_moco.py (DDP-wrapped)
     ("encoder_q.", ("fc.",)),  # official code saved without the DDP wrapper
+    ("module.base_encoder.", ("fc.", "head.")),  # official facebookresearch/moco-v3 main_moco.py (DDP-wrapped)
+    ("base_encoder.", ("fc.", "head.")),  # official v3 code saved without the DDP wrapper
 )
-#: State-dict prefixes of the query encoder's projection head, tried in the same order.
-_HEAD_PREFIXES: tuple[str, ...] = ("encoder_q.head.", "module.encoder_q.fc.", "encoder_q.fc.")
+#: State-dict prefixes of the query encoder's projection head (v1/v2 linear or MLP, v3 MLP with BN), in order.
+_HEAD_PREFIXES: tuple[str, ...] = ("encoder_q.head.", "base_encoder.head.", "module.encoder_q.fc.", "encoder_q.fc.",
+                                   "module.base_encoder.fc.", "module.base_encoder.head.", "base_encoder.fc.")
+#: The prefixes of this project's own modules (their checkpoints carry hyper-parameters).
+_OWN_PREFIXES = ("encoder_q.backbone.", "base_encoder.backbone.")
 
 
 class CheckpointError(ValueError):
@@ -54,7 +66,10 @@ class BackboneCheckpoint:
         feature_dim: feature width recorded in the hyper-parameters (``None`` if not recorded).
         source: ``"moco_lightning"`` or ``"official"``.
         hyper_parameters: all hyper-parameters found in the checkpoint.
-        head_state_dict: the query encoder's projection head (``Linear`` or ``Linear-ReLU-Linear``), may be empty.
+        backbone_options: extra arguments of :func:`~moco_lightning.backbones.build_backbone` that the weights
+            need (a ViT's ``image_size`` and ``patch_size``).
+        head_state_dict: the query encoder's projection head (``Linear``, ``Linear-ReLU-Linear`` or v3's MLP with
+            BN), may be empty.
 
     """
 
@@ -65,6 +80,7 @@ class BackboneCheckpoint:
     feature_dim: int | None = None
     source: str = "moco_lightning"
     hyper_parameters: dict[str, Any] = field(default_factory=dict)
+    backbone_options: dict[str, int] = field(default_factory=dict)
     head_state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -115,16 +131,18 @@ def read_backbone_checkpoint(checkpoint: str | Path | Mapping[str, Any]) -> Back
             break
     else:
         raise CheckpointError(
-            f"{path} is not a MoCo checkpoint: no 'encoder_q.backbone.*' (moco-lightning) or "
-            f"'module.encoder_q.*' (official MoCo) keys in its state_dict (first keys: {sorted(state)[:5]}); "
-            "pass a checkpoint written by moco-train or by facebookresearch/moco main_moco.py"
+            f"{path} is not a MoCo checkpoint: no 'encoder_q.backbone.*' / 'base_encoder.backbone.*' "
+            f"(moco-lightning) or 'module.encoder_q.*' / 'module.base_encoder.*' (official MoCo, MoCo v3) keys in "
+            f"its state_dict (first keys: {sorted(state)[:5]}); pass a checkpoint written by moco-train or by the "
+            "official main_moco.py"
         )
 
+    options = vit_geometry(backbone_state)
     head_prefix = next((h for h in _HEAD_PREFIXES if any(k.startswith(h) for k in state)), None)
     head_state = {}
     if head_prefix is not None:
         head_state = {k[len(head_prefix) :]: v for k, v in state.items() if k.startswith(head_prefix)}
-    if prefix.startswith("encoder_q.backbone."):
+    if prefix in _OWN_PREFIXES:
         hparams = dict(ckpt.get("hyper_parameters") or {})
         name = hparams.get("backbone")
         return BackboneCheckpoint(
@@ -135,6 +153,7 @@ def read_backbone_checkpoint(checkpoint: str | Path | Mapping[str, Any]) -> Back
             feature_dim=hparams.get("feature_dim"),
             source="moco_lightning",
             hyper_parameters=hparams,
+            backbone_options=options,
             head_state_dict=head_state,
         )
     conv1 = backbone_state.get("conv1.weight")
@@ -145,8 +164,22 @@ def read_backbone_checkpoint(checkpoint: str | Path | Mapping[str, Any]) -> Back
         cifar_stem=conv1 is not None and tuple(conv1.shape[-2:]) == (3, 3),
         source="official",
         hyper_parameters={"arch": ckpt.get("arch")},
+        backbone_options=options,
         head_state_dict=head_state,
     )
+
+
+def vit_geometry(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """``{"image_size", "patch_size"}`` of a ViT state dict; ``{}`` for anything else.
+
+    Read from the patch projection and the position embedding (a square grid behind one class token).
+    """
+    proj, pos = state.get("patch_embed.proj.weight"), state.get("pos_embed")
+    if proj is None or pos is None or proj.dim() != 4 or pos.dim() != 3:
+        return {}
+    patch = int(proj.shape[-1])
+    grid = math.isqrt(int(pos.shape[1]) - 1)
+    return {"image_size": grid * patch, "patch_size": patch}
 
 
 def _feature_width(state: Mapping[str, torch.Tensor]) -> int | None:
@@ -220,7 +253,8 @@ def load_backbone(
         )
     stem = ckpt.cifar_stem if cifar_stem is None else cifar_stem
     feature_dim = ckpt.feature_dim if isinstance(spec, nn.Module) else None
-    module, dim = build_backbone(spec, cifar_stem=stem, feature_dim=feature_dim)
+    options = ckpt.backbone_options if isinstance(spec, str) and spec in VITS else {}
+    module, dim = build_backbone(spec, cifar_stem=stem, feature_dim=feature_dim, **options)
     name = spec if isinstance(spec, str) else type(spec).__name__
     load_backbone_state(module, ckpt, what=f"the requested {name} backbone (cifar_stem={stem})")
     module.eval()
@@ -257,18 +291,26 @@ def load_query_encoder(
     head_state = ckpt.head_state_dict
     if "weight" in head_state:  # the official v1 head: the ResNet's own fc
         head_state = {f"0.{k}": v for k, v in head_state.items()}
-    if "0.weight" in head_state and "2.weight" in head_state:  # Linear-ReLU-Linear
-        out_dim, hidden = head_state["2.weight"].shape[0], head_state["0.weight"].shape[0]
-    elif "0.weight" in head_state:
-        out_dim, hidden = head_state["0.weight"].shape[0], None
-    else:
+    linears = [k for k, v in head_state.items() if k.endswith("weight") and v.dim() == 2]
+    if not linears:
         raise CheckpointError(
             f"checkpoint {ckpt.path} has no projection head of the query encoder (keys {sorted(head_state)[:4]}); "
             "use features=backbone, which needs only the backbone"
         )
-    head = ProjectionHead(feature_dim, out_dim, hidden_dim=hidden, mlp=hidden is not None)
-    try:
-        head.load_state_dict(head_state, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"the projection head of {ckpt.path} does not load: {err}") from None
-    return EmbeddingEncoder(backbone, head).eval(), out_dim, ckpt
+    out_dim = int(head_state[linears[-1]].shape[0])
+    candidates: list[nn.Module]
+    if any(k.endswith("running_mean") for k in head_state):  # MoCo v3: Linear-BN-ReLU ... Linear(-BN)
+        mlp_dim = int(head_state[linears[0]].shape[0])
+        candidates = [build_mlp(len(linears), feature_dim, mlp_dim, out_dim, last_bn=b) for b in (True, False)]
+    else:  # v1: Linear; v2: Linear-ReLU-Linear
+        hidden = int(head_state[linears[0]].shape[0]) if len(linears) > 1 else None
+        candidates = [ProjectionHead(feature_dim, out_dim, hidden_dim=hidden, mlp=hidden is not None)]
+    errors = []
+    for head in candidates:
+        try:
+            head.load_state_dict(head_state, strict=True)
+        except RuntimeError as err:
+            errors.append(str(err).splitlines()[0])
+            continue
+        return EmbeddingEncoder(backbone, head).eval(), out_dim, ckpt
+    raise CheckpointError(f"the projection head of {ckpt.path} does not load: {errors[0]}")

@@ -1,4 +1,4 @@
-"""Export the pretrained query backbone for use elsewhere: torchvision and detectron2.
+"""Export the pretrained query backbone for use elsewhere: torchvision and detectron2 (ResNets), DeiT / timm (ViTs).
 
 * torchvision: the backbone of a moco-lightning ResNet *is* a torchvision ResNet with ``fc = nn.Identity()``,
   so its state dict already has torchvision's names; ``torchvision.models.resnet50().load_state_dict(sd,
@@ -15,6 +15,10 @@
 
   saved as a pickle ``{"model": {name: numpy array}, "__author__": "MOCO", "matching_heuristics": True}``.
   ``num_batches_tracked`` counters are left out (detectron2's frozen BN has none).
+* DeiT / timm: a ViT backbone is timm's ``VisionTransformer`` without its head, so its state dict is a DeiT state
+  dict minus ``head.*``, saved as ``{"model": state_dict}``: what the official MoCo v3 ``convert_to_deit.py``
+  writes. ``timm``'s ``VisionTransformer(embed_dim=384, depth=12, num_heads=12)`` (ViT-S of MoCo v3: 12 heads,
+  where DeiT-S has 6) loads it with ``strict=False``, only ``head.*`` missing.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torchvision import models
 
 from moco_lightning.backbones import use_cifar_stem
 from moco_lightning.eval.checkpoint import BackboneCheckpoint, CheckpointError, load_backbone
+from moco_lightning.vit import MoCoViT
 
 #: torchvision ResNet constructors by name; export targets.
 TORCHVISION_RESNETS = {
@@ -56,9 +61,29 @@ def torchvision_state_dict(
     """
     module, _, ckpt = load_backbone(checkpoint)
     if not isinstance(module, models.ResNet):
+        hint = "export it with format deit" if isinstance(module, MoCoViT) else \
+            "save module.encoder_q.backbone.state_dict() yourself instead"
         raise CheckpointError(
             f"checkpoint {ckpt.path} has a {type(module).__name__} backbone; torchvision/detectron2 export "
-            "supports ResNet backbones only (save module.encoder_q.backbone.state_dict() yourself instead)"
+            f"supports ResNet backbones only ({hint})"
+        )
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}, ckpt
+
+
+def deit_state_dict(
+    checkpoint: str | Path | Mapping[str, Any] | BackboneCheckpoint,
+) -> tuple[dict[str, torch.Tensor], BackboneCheckpoint]:
+    """Return the ViT backbone of a pretraining checkpoint as a DeiT / timm state dict (no ``head.*``).
+
+    Raises:
+        CheckpointError: if the checkpoint is not a MoCo checkpoint, or its backbone is not a ViT.
+
+    """
+    module, _, ckpt = load_backbone(checkpoint)
+    if not isinstance(module, MoCoViT):
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} has a {type(module).__name__} backbone; the DeiT export is for ViT backbones "
+            "(export a ResNet with format torchvision or detectron2)"
         )
     return {k: v.detach().clone() for k, v in module.state_dict().items()}, ckpt
 
@@ -133,6 +158,20 @@ def export_detectron2(checkpoint: str | Path | Mapping[str, Any] | BackboneCheck
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("wb") as f:
         pickle.dump(detectron2_checkpoint(state), f)
+    return output
+
+
+def export_deit(checkpoint: str | Path | Mapping[str, Any] | BackboneCheckpoint, output: str | Path) -> Path:
+    """Write a ViT backbone as the official MoCo v3 ``convert_to_deit.py`` does, ``{"model": state_dict}``.
+
+    Fine-tune it in the DeiT repository (``--resume``, loading with ``strict=False``; for MoCo v3's ViT-S set 12
+    heads) or load it into timm: ``VisionTransformer(...).load_state_dict(torch.load(path)["model"],
+    strict=False)`` misses only ``head.*``.
+    """
+    state, _ = deit_state_dict(checkpoint)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state}, output)
     return output
 
 

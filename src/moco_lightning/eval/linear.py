@@ -1,10 +1,11 @@
-"""Linear evaluation with the official MoCo protocol (facebookresearch/moco ``main_lincls.py``).
+"""Linear evaluation with the official MoCo protocols (facebookresearch/moco and moco-v3 ``main_lincls.py``).
 
 The pretrained query backbone is frozen *and kept in eval mode*, so neither its weights nor its batch-norm
-statistics can move; only a new linear layer trains, initialised N(0, 0.01) with zero bias, with SGD lr 30,
-momentum 0.9, weight decay 0 and the lr divided by 10 at epochs 60 and 80 of 100 (MoCo v1/v2 protocol; a
-cosine schedule is offered as in v3). After the first epoch, a sanity check compares every backbone weight and
-buffer with the checkpoint and fails loudly if one changed, as the official code does.
+statistics can move; only a new linear layer trains, initialised N(0, 0.01) with zero bias. MoCo v1/v2 protocol:
+SGD lr 30, momentum 0.9, weight decay 0, the lr divided by 10 at epochs 60 and 80 of 100, batch 256. MoCo v3
+protocol: 90 epochs, batch 1024, SGD momentum 0.9, weight decay 0, base lr 0.1 (ResNet-50; 3 for ViTs) per 256
+images, cosine per epoch (``schedule="cosine", scale_lr=True``). After the first epoch, a sanity check compares
+every backbone weight and buffer with the checkpoint and fails loudly if one changed, as the official code does.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from moco_lightning.eval.checkpoint import load_backbone
-from moco_lightning.optim import LR_SCHEDULES, lr_lambda
+from moco_lightning.optim import LR_SCHEDULES, lr_lambda, scaled_lr
 
 SCHEDULES = LR_SCHEDULES
 
@@ -191,6 +192,7 @@ def linear_eval(
     num_classes: int | None = None,
     epochs: int = 100,
     lr: float = 30.0,
+    scale_lr: bool = False,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     schedule: str = "step",
@@ -213,8 +215,10 @@ def linear_eval(
         backbone: override the checkpoint's backbone (name or module), or the module to evaluate without one.
         feature_dim: feature width when ``backbone`` is a module and no checkpoint is given.
         num_classes: defaults to ``datamodule.num_classes``.
-        epochs: training epochs (official v1/v2: 100).
-        lr: SGD learning rate (30).
+        epochs: training epochs (official v1/v2: 100; v3: 90).
+        lr: SGD learning rate (v1/v2: 30), or with ``scale_lr`` the base lr per 256 images (v3: 0.1 ResNet, 3 ViT).
+        scale_lr: use ``lr × global batch / 256``, global batch = the train loader's batch × processes ×
+            accumulation (official v3).
         momentum: SGD momentum (0.9).
         weight_decay: SGD weight decay (0).
         schedule: "step", "cosine" or "constant".
@@ -248,6 +252,13 @@ def linear_eval(
     num_classes = num_classes or getattr(datamodule, "num_classes", None)
     if num_classes is None:
         raise ValueError("number of classes unknown: pass num_classes=... or give the datamodule num_classes")
+    if trainer is None:
+        kwargs = {"max_epochs": epochs, "logger": False, "enable_checkpointing": False}
+        kwargs.update(trainer_kwargs or {})
+        trainer = L.Trainer(**kwargs)
+    train_loader = _train_loader(datamodule, augment_train)
+    if scale_lr:
+        lr = scaled_lr(lr, train_loader.batch_size * trainer.world_size * trainer.accumulate_grad_batches)
     probe = LinearProbe(
         module,
         dim,
@@ -262,15 +273,11 @@ def linear_eval(
         sanity_check=sanity_check,
         reference_state=reference,
     )
-    if trainer is None:
-        kwargs = {"max_epochs": epochs, "logger": False, "enable_checkpointing": False}
-        kwargs.update(trainer_kwargs or {})
-        trainer = L.Trainer(**kwargs)
     val_loader = datamodule.eval_val_dataloader()
     with warnings.catch_warnings():
         # the frozen backbone is in eval mode on purpose: Lightning's warning about it would only confuse
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-        trainer.fit(probe, train_dataloaders=_train_loader(datamodule, augment_train), val_dataloaders=val_loader)
+        trainer.fit(probe, train_dataloaders=train_loader, val_dataloaders=val_loader)
     metrics = trainer.validate(probe, dataloaders=val_loader, verbose=False)[0]
     result = {"top1": float(metrics["val/top1"]), "top5": float(metrics["val/top5"])}
     if probe.val_history:
