@@ -83,3 +83,10 @@ def test_uniformity_is_zero_when_collapsed_and_lower_when_spread():
     assert uniformity(spread).item() < -1.0
     with pytest.raises(ValueError, match="at least 2"):
         uniformity(collapsed[:1])
+
+
+@pytest.mark.parametrize("chunk_numel", [1, 7, 10**9])
+def test_drift_does_not_depend_on_how_parameters_are_grouped(chunk_numel):
+    online, target = _pair()
+    expected = parameter_drift(online, target, chunk_numel=10**9).item()
+    assert parameter_drift(online, target, chunk_numel=chunk_numel).item() == pytest.approx(expected, rel=1e-6)

@@ -42,11 +42,17 @@ def _columns(folder: Path) -> dict[str, list[float]]:
     return {name: [float(r[name]) for r in rows if r[name]] for name in rows[0]}
 
 
+@pytest.fixture(autouse=True)
+def one_thread(_seed_and_threads):
+    """After the suite's thread setting: two threads on two busy shared cores measured 10-20x slower per forward."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, tuple[Path, MoCo]]:
     on, off = tmp_path_factory.mktemp("on"), tmp_path_factory.mktemp("off")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads on two busy shared cores measured 10-20x slower per forward here
+    torch.set_num_threads(1)  # a module fixture is set up before the function fixtures above
     try:
         return {"on": (on, _fit(on, True, True)), "off": (off, _fit(off, False, False))}
     finally:
@@ -95,7 +101,21 @@ def test_embedding_maps_are_drawn_every_n_runs_and_at_the_end(runs):
     from matplotlib.image import imread
 
     maps = runs["on"][0] / "maps"
-    assert sorted(p.name for p in maps.glob("*.png")) == ["epoch001.png", "epoch002.png", "final.png"]
+    assert sorted(p.name for p in maps.glob("*.png")) == ["epoch001.png", "final.png"]  # epoch 2 is the final
     image = imread(maps / "final.png")
     assert image.shape[0] > 200 and image.shape[1] > 200
     assert image[..., :3].std() > 0.05  # not a blank canvas
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("cache_bytes", [DiagnosticsMonitor.VIEW_CACHE_BYTES, 0])
+def test_alignment_views_are_the_same_at_every_run_whether_kept_or_not(cache_bytes, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(DiagnosticsMonitor, "VIEW_CACHE_BYTES", cache_bytes)
+    trainer = SimpleNamespace(datamodule=DigitsDataModule(batch_size=BATCH, image_size=8), precision_plugin=None)
+    model = MoCo("resnet18", dim=8, queue_size=QUEUE, cifar_stem=False)
+    monitor = DiagnosticsMonitor(max_samples=64)
+    first, again = monitor.representation_metrics(trainer, model), monitor.representation_metrics(trainer, model)
+    assert first == again == DiagnosticsMonitor(max_samples=64).representation_metrics(trainer, model)
+    assert (monitor._view_cache is not None) == (cache_bytes > 0)

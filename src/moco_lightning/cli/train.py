@@ -3,7 +3,7 @@
 Checks the config (:mod:`moco_lightning.cli.config_checks`), builds the datamodule, the module, the callbacks, the
 loggers and the Trainer from their ``_target_`` entries, runs ``fit`` (resuming from ``ckpt_path`` when given)
 and, with ``knn_report=true``, ends with a table of kNN top-1 of the trained encoder next to the same encoder at
-initialisation and raw pixels.
+initialisation and raw pixels, followed by the path of the embedding map (``callbacks.embedding_map``).
 """
 
 from __future__ import annotations

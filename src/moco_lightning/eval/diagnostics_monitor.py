@@ -74,6 +74,9 @@ class DiagnosticsMonitor(Callback):
 
     """
 
+    #: Largest size of the alignment views kept between runs (see :meth:`_views`).
+    VIEW_CACHE_BYTES = 256 * 2**20
+
     def __init__(self, enabled: bool = True, every_n_epochs: int | None = None, max_samples: int = 4096,
                  seed: int = 0) -> None:
         if every_n_epochs is not None and every_n_epochs < 1:
@@ -87,6 +90,7 @@ class DiagnosticsMonitor(Callback):
         self.seed = seed
         self._last_step = -1
         self._warned: set[str] = set()
+        self._view_cache: tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     # ---------------------------------------------------------------- at the logging steps
     def step_metrics(self, pl_module: L.LightningModule, outputs: Any, step: int) -> dict[str, torch.Tensor]:
@@ -113,7 +117,7 @@ class DiagnosticsMonitor(Callback):
         step = trainer.global_step
         every = trainer.log_every_n_steps
         # global_step moves once per optimizer step: a repeated value is a micro-batch of gradient accumulation
-        if not self.enabled or every < 1 or step == self._last_step or step % every != 0:
+        if not self.enabled or every < 1 or step == 0 or step == self._last_step or step % every != 0:
             return
         self._last_step = step
         metrics = self.step_metrics(pl_module, outputs, step)
@@ -138,14 +142,42 @@ class DiagnosticsMonitor(Callback):
             torch.manual_seed(self.seed)
             z = self._embed(project, (batch[0] for batch in dm.eval_val_dataloader()), pl_module.device)
             metrics["val/uniformity"] = float(uniformity(z))
-            views = self._two_view_loader(dm)
+            views = self._views(dm)
             if views is not None:
                 z1, z2 = [], []
-                for (x1, x2), _ in views:
+                for x1, x2 in views:
                     z1.append(project(x1.to(pl_module.device)).float())
                     z2.append(project(x2.to(pl_module.device)).float())
                 metrics["val/alignment"] = float(alignment(torch.cat(z1), torch.cat(z2)))
         return metrics
+
+    def _views(self, dm: Any) -> Iterable[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The two augmented views of the validation images, batch by batch: the same at every run (fixed seed).
+
+        Being the same, they are kept after the first run when they fit in :attr:`VIEW_CACHE_BYTES` (on the
+        digits, augmenting the 720 views costs more than embedding them); larger sets are augmented again each run.
+        """
+        if self._view_cache is not None and self._view_cache[0] is dm:
+            return self._view_cache[1]
+        loader = self._two_view_loader(dm)
+        if loader is None:
+            return None
+        return self._caching(dm, ((x1, x2) for (x1, x2), _ in loader))
+
+    def _caching(self, dm: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                 ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        kept: list[tuple[torch.Tensor, torch.Tensor]] | None = []
+        size = 0
+        for x1, x2 in batches:
+            if kept is not None:
+                size += x1.numel() * x1.element_size() + x2.numel() * x2.element_size()
+                if size <= self.VIEW_CACHE_BYTES:
+                    kept.append((x1, x2))
+                else:
+                    kept = None
+            yield x1, x2
+        if kept is not None:
+            self._view_cache = (dm, kept)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Log ``val/alignment`` and ``val/uniformity`` at the epochs of the kNN monitor."""

@@ -112,11 +112,12 @@ class EmbeddingMap(Callback):
         return path
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Count the kNN monitor's runs; draw at every ``every_n_runs``-th one."""
+        """Count the kNN monitor's runs; draw at every ``every_n_runs``-th one (the last epoch's is ``final.png``)."""
         if not is_monitor_epoch(trainer, self.every_n_epochs):
             return
         self._runs += 1
-        if self.every_n_runs and self._runs % self.every_n_runs == 0 and trainer.is_global_zero:
+        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        if self.every_n_runs and self._runs % self.every_n_runs == 0 and not last and trainer.is_global_zero:
             self.draw(trainer, pl_module, f"epoch{trainer.current_epoch + 1:03d}", trainer.current_epoch + 1)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
