@@ -37,7 +37,42 @@ def test_queue_and_pointer_are_in_state_dict():
     q = KeyQueue(4, 2)
     q.enqueue(torch.ones(2, 2))
     state = q.state_dict()
-    assert set(state) == {"queue", "ptr"}
+    assert set(state) == {"queue", "ptr", "written_at"}
     fresh = KeyQueue(4, 2)
     fresh.load_state_dict(state)
     assert torch.equal(fresh.queue, q.queue) and int(fresh.ptr) == 2
+
+
+def test_enqueue_stamps_each_slot_with_the_step_of_its_keys():
+    q = KeyQueue(6, 3)
+    assert torch.equal(q.written_at, torch.zeros(6, dtype=torch.long))  # the random keys of the start: step 0
+    for step in (1, 2, 3, 4):
+        q.enqueue(torch.ones(2, 3), step=step)
+    assert q.written_at.tolist() == [4, 4, 2, 2, 3, 3]  # step 4 overwrote the oldest slots, those of step 1
+
+
+def test_enqueue_without_a_step_counts_calls():
+    q = KeyQueue(4, 2)
+    for _ in range(3):
+        q.enqueue(torch.ones(2, 2))
+    assert q.written_at.tolist() == [3, 3, 2, 2]
+
+
+def test_queue_saved_before_key_ages_loads_with_every_key_at_step_0():
+    q = KeyQueue(4, 2)
+    q.enqueue(torch.ones(2, 2), step=7)
+    old = {k: v for k, v in q.state_dict().items() if k != "written_at"}  # a checkpoint of an earlier version
+    fresh = KeyQueue(4, 2)
+    fresh.written_at.fill_(9)
+    with pytest.warns(UserWarning, match="no 'written_at'.*step 0"):
+        fresh.load_state_dict(old)
+    assert torch.equal(fresh.queue, q.queue) and int(fresh.ptr) == 2
+    assert fresh.written_at.tolist() == [0, 0, 0, 0]
+
+
+def test_old_queue_inside_a_model_loads_under_its_prefix():
+    model = torch.nn.Module()
+    model.key_queue = KeyQueue(4, 2)
+    old = {k: v for k, v in model.state_dict().items() if k != "key_queue.written_at"}
+    with pytest.warns(UserWarning, match="written_at"):
+        model.load_state_dict(old)  # strict: no missing key

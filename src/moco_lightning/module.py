@@ -176,8 +176,11 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
 
     @torch.no_grad()
     def dequeue_and_enqueue(self, k: torch.Tensor) -> None:
-        """Hook: put this step's keys (gathered from every process) into the queue, dropping the oldest."""
-        self.key_queue.enqueue(k)
+        """Hook: put this step's keys (gathered from every process) into the queue, dropping the oldest.
+
+        The keys are stamped with the optimizer step they belong to (from 1), for the key ages of the diagnostics.
+        """
+        self.key_queue.enqueue(k, step=self.global_step + 1 if self._trainer is not None else None)
 
     @torch.no_grad()
     def momentum_update(self, m: float | None = None) -> None:
@@ -218,7 +221,10 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        """Contrast two views; ``batch`` is ``((x_q, x_k), labels)`` (labels unused by MoCo itself)."""
+        """Contrast two views; ``batch`` is ``((x_q, x_k), labels)`` (labels unused by MoCo itself).
+
+        Returns the loss and, detached, for callbacks: backbone ``features``, ``labels`` and the ``logits``.
+        """
         (im_q, im_k), labels = batch[0], batch[1]
         out = self.step(im_q, im_k)
         loss, logits, targets, features = out["loss"], out["logits"], out["labels"], out["features"]
@@ -226,9 +232,9 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
         self.train_top1(logits, targets)
         self.train_top5(logits, targets)
         n = im_q.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log_dict(
             {
-                "train/loss": loss,
                 "train/acc_top1": self.train_top1,
                 "train/acc_top5": self.train_top5,
                 "train/pos_sim": logits[:, 0].mean().detach() * self.T,
@@ -238,7 +244,7 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
             batch_size=n,
         )
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
-        return {"loss": loss, "features": features.detach(), "labels": labels}
+        return {"loss": loss, "features": features.detach(), "labels": labels, "logits": logits.detach()}
 
     def setup(self, stage: str) -> None:
         """Resolve the BN mode for the processes of this run, convert the encoders and say which mode runs."""

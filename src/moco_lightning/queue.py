@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -17,12 +20,17 @@ class KeyQueue(nn.Module):
     (gathered with ``all_gather``, so all processes hold the same queue) and advances ``ptr`` modulo ``size``.
     Both buffers are part of the state dict, so a checkpoint resumes with the same dictionary.
 
+    A third buffer, ``written_at``, holds for every slot the optimizer step (counted from 1) at which its key was
+    written; 0 marks the random keys of the start. The age of a key is the current step minus its stamp
+    (:func:`moco_lightning.diagnostics.key_ages`): how stale the dictionary is, in optimizer steps.
+
     As in the official code, ``size`` must be a multiple of the global batch so that a batch never straddles
     the end of the buffer; :meth:`check_batch` says so with the numbers before any compute happens.
     """
 
     queue: torch.Tensor
     ptr: torch.Tensor
+    written_at: torch.Tensor
 
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
@@ -31,6 +39,7 @@ class KeyQueue(nn.Module):
         self.size, self.dim = size, dim
         self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("written_at", torch.zeros(size, dtype=torch.long))
 
     def check_batch(self, global_batch: int) -> None:
         """Raise a clear error unless ``size`` is a positive multiple of ``global_batch`` (batch x processes)."""
@@ -43,14 +52,38 @@ class KeyQueue(nn.Module):
             )
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Replace the oldest keys by ``keys`` gathered from every process (no gradient is kept)."""
+    def enqueue(self, keys: torch.Tensor, step: int | None = None) -> None:
+        """Replace the oldest keys by ``keys`` gathered from every process (no gradient is kept).
+
+        ``step`` is the optimizer step (from 1) the keys belong to, stamped into ``written_at``; ``None`` stamps
+        one more than the newest stamp (so a queue used on its own counts its ``enqueue`` calls).
+        """
         keys = concat_all_gather(keys.detach())
         n = keys.shape[0]
         self.check_batch(n)
+        self._stamp(n, step)
         start = int(self.ptr)
         self.queue[start : start + n] = keys.to(self.queue.dtype)
         self.ptr.fill_((start + n) % self.size)
+
+    @torch.no_grad()
+    def _stamp(self, n: int, step: int | None) -> None:
+        """Write ``step`` into ``written_at`` for the ``n`` slots from ``ptr`` on, on the device (no host sync)."""
+        slots = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size
+        # a Python int is a kernel argument; the None case stays a device tensor: neither copies to the host
+        self.written_at.index_fill_(0, slots, self.written_at.max() + 1 if step is None else step)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Load a queue; one saved before ``written_at`` existed gets every key stamped at step 0, with a warning."""
+        if prefix + "queue" in state_dict and prefix + "written_at" not in state_dict:
+            warnings.warn(
+                "the checkpoint's key queue has no 'written_at' buffer (saved before key ages were tracked): "
+                "every key counts as written at step 0, so the key ages logged read too old until the queue "
+                "has been refilled once (queue_size / global batch steps)",
+                stacklevel=2,
+            )
+            state_dict[prefix + "written_at"] = torch.zeros_like(self.written_at)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         """Show size and width in the module summary."""

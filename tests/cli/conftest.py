@@ -38,4 +38,5 @@ def run_train(args: Sequence[str], cwd: Path, timeout: float) -> subprocess.Comp
 #: A training run of a couple of steps on 8 px digits: small batch, small queue, one epoch.
 TINY = ["data.image_size=8", "data.batch_size=16", "model.queue_size=48", "trainer.max_epochs=1",
         "trainer.limit_train_batches=2", "trainer.log_every_n_steps=1", "trainer.accelerator=cpu",
-        "trainer.enable_model_summary=false", "callbacks.progress_bar.refresh_rate=0"]
+        "trainer.enable_model_summary=false", "callbacks.progress_bar.refresh_rate=0",
+        "callbacks.embedding_map.method=pca"]  # t-SNE is tested on its own; PCA keeps the many tiny runs short

@@ -35,6 +35,9 @@ def test_train_runs_and_reports_knn(first_run):
     assert list((out / "checkpoints").glob("epoch000-knn*.ckpt")), "no best-by-kNN checkpoint"
     metrics = (out / "csv" / "metrics.csv").read_text()
     assert "train/loss" in metrics and "val/knn_top1" in metrics
+    assert "dictionary/key_drift" in metrics and "val/uniformity" in metrics
+    embedding_map = out / "embedding_maps" / "final.png"
+    assert f"embedding map: {embedding_map}" in stdout and embedding_map.is_file()
     saved = yaml.safe_load((out / ".hydra" / "config.yaml").read_text())
     assert saved["model"]["queue_size"] == 48
 
@@ -65,6 +68,12 @@ def test_multirun_runs_each_job_in_its_own_folder(tmp_path):
         assert (tmp_path / job / "checkpoints" / "last.ckpt").is_file()
         momenta.append(yaml.safe_load((tmp_path / job / ".hydra" / "config.yaml").read_text())["model"]["momentum"])
     assert sorted(momenta) == [0.99, 0.999]
+
+    from moco_lightning.cli.sweep_report import read_sweep  # the report reads the real layout of a Hydra sweep
+
+    sweep = read_sweep(tmp_path, metric="train/loss")  # the kNN monitor is off in this sweep
+    assert sweep.swept == ["model.momentum"] and not sweep.problems()
+    assert sorted(float(job.overrides["model.momentum"]) for job in sweep.jobs) == [0.99, 0.999]
 
 
 @pytest.mark.timeout(120)

@@ -3,7 +3,7 @@
 Checks the config (:mod:`moco_lightning.cli.config_checks`), builds the datamodule, the module, the callbacks, the
 loggers and the Trainer from their ``_target_`` entries, runs ``fit`` (resuming from ``ckpt_path`` when given)
 and, with ``knn_report=true``, ends with a table of kNN top-1 of the trained encoder next to the same encoder at
-initialisation and raw pixels.
+initialisation and raw pixels, followed by the path of the embedding map (``callbacks.embedding_map``).
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ def train(cfg: DictConfig) -> float | None:
         report.rows["trained encoder"] = KNNReport.measure(model.embed, datamodule, model)
         if trainer.is_global_zero:
             print(report.table(), flush=True)
+    _print_embedding_map(trainer)
     checkpoint = trainer.checkpoint_callback
     if trainer.is_global_zero and checkpoint is not None and checkpoint.dirpath:
         print(f"checkpoints: {checkpoint.dirpath} (resume with ckpt_path={checkpoint.dirpath}/last.ckpt)")
@@ -118,6 +119,15 @@ def train(cfg: DictConfig) -> float | None:
     if metric and metric in trainer.callback_metrics:
         return float(trainer.callback_metrics[metric])
     return None
+
+
+def _print_embedding_map(trainer: L.Trainer) -> None:
+    """Say where the embedding map of the trained encoder is (callbacks.embedding_map), next to the kNN table."""
+    from moco_lightning.eval.embedding_map import EmbeddingMap
+
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, EmbeddingMap) and callback.last_path is not None and trainer.is_global_zero:
+            print(f"embedding map: {callback.last_path}", flush=True)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")

@@ -1,0 +1,148 @@
+"""A callback that draws the validation embeddings as a 2-D map coloured by label, during and after training.
+
+The picture to look at when a kNN number moves: are the classes separate clusters, or one cloud? It is saved as
+a PNG in the run folder at the end of training (``final.png``) and every ``every_n_runs``-th time the kNN monitor
+runs (``epoch<NNN>.png``), and sent as an image to the TensorBoard and Weights & Biases loggers when they are
+active. The projection is t-SNE (scikit-learn), or UMAP when ``umap-learn`` is installed.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+from moco_lightning.eval.cadence import is_monitor_epoch
+from moco_lightning.eval.diagnostics_monitor import projector
+from moco_lightning.eval.knn import eval_mode
+from moco_lightning.plots import PROJECTIONS, embedding_map_figure, project_2d, save_figure
+
+__all__ = ["FEATURES", "EmbeddingMap"]
+
+#: What is drawn: the query backbone's features (what kNN and linear probes see) or the normalised embedding.
+FEATURES = ("backbone", "embedding")
+
+
+class EmbeddingMap(Callback):
+    """Save a 2-D map of the validation embeddings coloured by label, at the end and every N kNN-monitor runs.
+
+    Args:
+        dirpath: folder of the PNGs; ``None`` = ``<trainer.default_root_dir>/embedding_maps``.
+        every_n_runs: also draw after every n-th run of the kNN monitor (``epoch<NNN>.png``); 0 = only at the end.
+        every_n_epochs: the monitor's cadence; ``None`` = the kNN monitor's ``every_n_epochs`` (see
+            :mod:`moco_lightning.eval.cadence`).
+        method: ``"auto"`` (UMAP if installed, else t-SNE), ``"tsne"``, ``"umap"`` or ``"pca"``.
+        features: ``"backbone"`` (``pl_module.embed``) or ``"embedding"`` (normalised query-encoder output).
+        max_points: validation images drawn at most (the first ones).
+        seed: seed of the projection.
+        log_image: send the PNG to the TensorBoard / wandb loggers of the trainer.
+
+    Attributes:
+        last_path: the PNG written last (``None`` before the first).
+
+    """
+
+    def __init__(self, dirpath: str | None = None, every_n_runs: int = 10, every_n_epochs: int | None = None,
+                 method: str = "auto", features: str = "backbone", max_points: int = 2000, seed: int = 0,
+                 log_image: bool = True) -> None:
+        if every_n_runs < 0:
+            raise ValueError(f"every_n_runs must be >= 0 (0 = only at the end), got {every_n_runs}; "
+                             "set callbacks.embedding_map.every_n_runs")
+        if method not in PROJECTIONS:
+            raise ValueError(f"unknown method {method!r}; set callbacks.embedding_map.method to one of "
+                             f"{', '.join(PROJECTIONS)}")
+        if features not in FEATURES:
+            raise ValueError(f"unknown features {features!r}; set callbacks.embedding_map.features to one of "
+                             f"{', '.join(FEATURES)}")
+        if max_points < 3:
+            raise ValueError(f"max_points must be >= 3, got {max_points}; set callbacks.embedding_map.max_points")
+        self.dirpath = dirpath
+        self.every_n_runs = every_n_runs
+        self.every_n_epochs = every_n_epochs
+        self.method = method
+        self.features = features
+        self.max_points = max_points
+        self.seed = seed
+        self.log_image = log_image
+        self.last_path: Path | None = None
+        self._runs = 0
+
+    def folder(self, trainer: L.Trainer) -> Path:
+        """Where the PNGs go."""
+        return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "embedding_maps"
+
+    @torch.no_grad()
+    def embeddings(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[np.ndarray, np.ndarray]:
+        """Features ``(N, D)`` and labels ``(N,)`` of the first ``max_points`` validation images, in eval mode."""
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "eval_val_dataloader"):
+            raise RuntimeError("EmbeddingMap needs a datamodule with eval_val_dataloader(); remove "
+                               "callbacks.embedding_map or use a moco_lightning.data datamodule")
+        embed = pl_module.embed if self.features == "backbone" else projector(pl_module)
+        plugin = getattr(trainer, "precision_plugin", None)
+        context = plugin.forward_context() if plugin is not None else nullcontext()
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        feats, labels, count = [], [], 0
+        with eval_mode(pl_module), context, torch.random.fork_rng(devices=devices):
+            for x, y in dm.eval_val_dataloader():
+                x, y = x[: self.max_points - count], torch.as_tensor(y)[: self.max_points - count]
+                feats.append(embed(x.to(pl_module.device)).float().cpu())
+                labels.append(y.cpu())
+                count += len(y)
+                if count >= self.max_points:
+                    break
+        return torch.cat(feats).numpy(), torch.cat(labels).numpy()
+
+    def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, epochs: int) -> Path:
+        """Embed, project and save ``<folder>/<name>.png`` (after ``epochs`` epochs); log it to image loggers."""
+        features, labels = self.embeddings(trainer, pl_module)
+        coords, method = project_2d(features, self.method, self.seed)
+        title = (f"{method} of {len(labels)} validation images\n{self.features} features after {epochs} "
+                 f"epoch{'s' if epochs != 1 else ''} ({trainer.global_step} steps)")
+        path = save_figure(embedding_map_figure(coords, labels, title), self.folder(trainer) / f"{name}.png")
+        self.last_path = path
+        if self.log_image:
+            log_png(trainer, "val/embedding_map", path)
+        return path
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Count the kNN monitor's runs; draw at every ``every_n_runs``-th one (the last epoch's is ``final.png``)."""
+        if not is_monitor_epoch(trainer, self.every_n_epochs):
+            return
+        self._runs += 1
+        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        if self.every_n_runs and self._runs % self.every_n_runs == 0 and not last and trainer.is_global_zero:
+            self.draw(trainer, pl_module, f"epoch{trainer.current_epoch + 1:03d}", trainer.current_epoch + 1)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Draw the map of the trained encoder (``final.png``), on the main process only."""
+        if trainer.is_global_zero:
+            self.draw(trainer, pl_module, "final", trainer.current_epoch)  # the loop has counted the last epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The number of kNN-monitor runs seen, so that a resumed run keeps the cadence."""
+        return {"runs": self._runs}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the run counter."""
+        self._runs = int(state_dict.get("runs", 0))
+
+
+def log_png(trainer: L.Trainer, tag: str, path: Path) -> None:
+    """Send a PNG to every TensorBoard and Weights & Biases logger of the trainer (others have no images)."""
+    image = None
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=tag, images=[str(path)], step=trainer.global_step)
+        elif isinstance(logger, TensorBoardLogger):
+            if image is None:
+                from matplotlib.image import imread
+
+                image = imread(path)[..., :3]  # RGBA floats in [0, 1] -> RGB
+            logger.experiment.add_image(tag, image, trainer.global_step, dataformats="HWC")

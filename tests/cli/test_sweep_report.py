@@ -1,0 +1,92 @@
+"""`moco-sweep-report <multirun folder>`: table sorted by the metric, heatmap, CSV, and the jobs that went wrong.
+
+The sweep folder is written by hand in the layout Hydra's basic sweeper produces (checked against a real
+`train.py -m` run in test_train_run.py), so these tests run no training.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+from matplotlib.image import imread
+
+from moco_lightning.cli.sweep_report import main, read_sweep
+
+GRID = {"model.momentum": ["0.99", "0.999"], "model.queue_size": ["64", "256"]}
+
+
+def _job(root: Path, number: int, momentum: str, queue: str, knn: list[float] | None, max_epochs: int = 3) -> None:
+    job = root / str(number)
+    (job / ".hydra").mkdir(parents=True)
+    overrides = ["trainer.max_epochs=3", f"model.momentum={momentum}", f"model.queue_size={queue}"]
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    config = {"optimized_metric": "val/knn_top1", "trainer": {"max_epochs": max_epochs}}
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    if knn is None:
+        return
+    (job / "csv").mkdir()
+    rows = ["epoch,step,train/loss,val/knn_top1"]
+    for epoch, value in enumerate(knn):
+        rows += [f"{epoch},{2 * epoch},5.0,", f"{epoch},{2 * epoch + 1},,{value}"]
+    (job / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    task = ["trainer.max_epochs=3", *(f"{k}={','.join(v)}" for k, v in GRID.items())]
+    multirun = {"hydra": {"sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                                      "params": None},
+                          "overrides": {"task": task}}}
+    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump(multirun))
+    _job(tmp_path, 0, "0.99", "64", [0.70, 0.80, 0.82])
+    _job(tmp_path, 1, "0.99", "256", [0.70, 0.85, 0.90])
+    _job(tmp_path, 2, "0.999", "64", [0.75])  # stopped after its first epoch
+    _job(tmp_path, 3, "0.999", "256", None)  # failed before its first log
+    return tmp_path
+
+
+def test_jobs_are_ranked_by_the_final_metric_with_their_status(sweep):
+    report = read_sweep(sweep)
+    assert report.metric == "val/knn_top1" and report.swept == ["model.momentum", "model.queue_size"]
+    ranked = [(j.name, j.metric, j.status) for j in report.ranked()]
+    assert ranked == [("1", 0.90, "done"), ("0", 0.82, "done"), ("2", 0.75, "unfinished"), ("3", None, "failed")]
+
+
+def test_problems_name_failed_unfinished_and_missing_jobs(sweep):
+    _job_dir = sweep / "1"
+    for path in sorted(_job_dir.rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    _job_dir.rmdir()  # the sweep stopped before this grid point
+    problems = read_sweep(sweep).problems()
+    assert any(line.startswith("job 2 (model.momentum=0.999 model.queue_size=64): unfinished") and "epoch 1 of 3"
+               in line for line in problems)
+    assert any(line.startswith("job 3 (") and "failed" in line for line in problems)
+    assert "not started (model.momentum=0.99 model.queue_size=256): no job folder" in problems
+
+
+def test_report_prints_the_table_and_saves_heatmap_and_csv(sweep, capsys):
+    main([str(sweep)])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("job "))
+    assert [line.split()[0] for line in lines[header + 1 : header + 5]] == ["1", "0", "2", "3"]
+    assert "90.0 %" in lines[header + 1] and "2 job(s) failed or did not finish" in out
+    image = imread(sweep / "sweep_heatmap.png")
+    assert image.shape[0] > 150 and image.shape[1] > 200 and image[..., :3].std() > 0.05
+    with open(sweep / "sweep_report.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["job"], r["status"]) for r in rows] == [("1", "done"), ("0", "done"), ("2", "unfinished"),
+                                                        ("3", "failed")]
+
+
+def test_heatmap_keys_can_be_chosen_and_must_be_swept(sweep, capsys, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("report")
+    main([str(sweep), "--x", "model.queue_size", "--y", "model.momentum", "--out", str(out_dir)])
+    assert (out_dir / "sweep_heatmap.png").is_file() and (out_dir / "sweep_report.csv").is_file()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(sweep), "--x", "model.lr"])
+    assert exit_info.value.code == 2
+    assert "--x model.lr: not a swept key" in capsys.readouterr().err
