@@ -100,4 +100,23 @@ def test_wandb_is_offline_without_a_login(compose_train, monkeypatch, tmp_path):
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     assert compose_train(["logger=wandb"]).logger.wandb.offline is True
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setattr("moco_lightning.cli._reachable", lambda host, port: True)
     assert compose_train(["logger=wandb"]).logger.wandb.offline is False
+
+
+def test_wandb_is_offline_when_logged_in_without_network(compose_train, monkeypatch):
+    import socket
+    import time
+
+    from moco_lightning.cli import _reachable
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    with socket.socket() as probe:  # a local port with nothing listening: the connection is refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    _reachable.cache_clear()
+    start = time.monotonic()
+    assert compose_train(["logger=wandb"]).logger.wandb.offline is True
+    assert time.monotonic() - start < 10  # no wait for wandb's own connection timeout
