@@ -105,9 +105,11 @@ class NonFiniteLossGuard(Callback):
             shown = ", ".join(f"{name}={value:.6g}" for name, value in sorted(values.items()))
             parts.append(f"last values logged (by step {logged_step}): {shown}")
         newest = _newest_checkpoint(trainer)
-        kept = f"the newest checkpoint, {newest}, is from before it" if newest else "no checkpoint was written"
-        return ("; ".join(parts) + f". No checkpoint is written after step {step - 1}: {kept}. Resume from it with a "
-                "lower model.lr (or a longer warm-up, model.warmup_epochs), or check the data of that step")
+        advice = "a lower model.lr (or a longer warm-up, model.warmup_epochs), or check the data of that step"
+        if newest is None:
+            return "; ".join(parts) + f". No checkpoint was written; start again with {advice}"
+        return ("; ".join(parts) + f". No checkpoint is written after step {step - 1}: the newest one, {newest}, is "
+                f"from before it; resume from it with {advice}")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Check at the end of every epoch (the epoch's logged values are reduced on the host there)."""

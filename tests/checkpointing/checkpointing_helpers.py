@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
 from moco_lightning import MoCo
@@ -46,7 +46,8 @@ def tiny_moco(**kwargs: Any) -> MoCo:
 def tiny_trainer(root: Path, callbacks: Sequence[Callback] = (), **kwargs: Any) -> L.Trainer:
     defaults: dict[str, Any] = dict(max_epochs=1, accelerator="cpu", devices=1, logger=False,
                                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-                                    plugins=[AtomicCheckpointIO()], enable_checkpointing=bool(callbacks))
+                                    plugins=[AtomicCheckpointIO()],
+                                    enable_checkpointing=any(isinstance(cb, ModelCheckpoint) for cb in callbacks))
     defaults.update(kwargs)
     return L.Trainer(callbacks=list(callbacks), **defaults)
 
