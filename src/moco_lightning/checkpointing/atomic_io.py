@@ -72,7 +72,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException as err:
             partial.unlink(missing_ok=True)
             if isinstance(err, Exception) and _is_disk_full(err, target.parent):
-                raise DiskFullError(errno.ENOSPC, _disk_full_message(target)) from err
+                full = DiskFullError(_disk_full_message(target))
+                full.errno = errno.ENOSPC
+                raise full from err
             raise
         _fsync_folder(target.parent)
         _remove_stale_partials(target)
@@ -108,8 +110,8 @@ def _disk_full_message(target: Path) -> str:
         kept = (f"the checkpoints already there are intact (newest: {others[-1].name})" if others
                 else "no earlier checkpoint was there")
     return (f"the disk is full: no space left in {folder} to write the checkpoint {target.name}; nothing was "
-            f"overwritten and {kept}. Free some space (or set callbacks.model_checkpoint.dirpath to a larger disk) "
-            "and resume with ckpt_path=auto")
+            f"overwritten and {kept}. Free some space (or move the run folder to a larger disk) and resume with "
+            "ckpt_path=auto")
 
 
 def _fsync_folder(folder: Path) -> None:
