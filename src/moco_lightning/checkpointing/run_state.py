@@ -125,11 +125,18 @@ class ResumeState(Callback):
 
 
 def _restore_loader_position(trainer: L.Trainer) -> None:
-    """Load the loader states Lightning kept pending (issue #20550) and re-create the fetcher's iterator."""
+    """Load the loader states Lightning kept pending (issue #20550) and re-create the fetcher's iterator.
+
+    Only for a checkpoint taken mid-epoch with batches left: after a checkpoint at an epoch's end the next epoch
+    starts from its own first batch (its order is drawn from the seed and the epoch), whatever the saved position.
+    """
     fit_loop = trainer.fit_loop
     pending = getattr(fit_loop, "_combined_loader_states_to_load", None)
     fetcher = getattr(fit_loop, "_data_fetcher", None)
     if not pending or not fit_loop.restarting or fit_loop._combined_loader is None or fetcher is None:
+        return
+    drawn = fit_loop.epoch_loop.batch_progress.current.ready
+    if not (fit_loop.restarted_mid_epoch and 0 < drawn < trainer.num_training_batches):
         return
     fit_loop._load_combined_loader_states()
     iter(fetcher)  # the iterator made before the restore started at the epoch's first batch
