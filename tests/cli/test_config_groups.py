@@ -120,3 +120,18 @@ def test_wandb_is_offline_when_logged_in_without_network(compose_train, monkeypa
     start = time.monotonic()
     assert compose_train(["logger=wandb"]).logger.wandb.offline is True
     assert time.monotonic() - start < 10  # no wait for wandb's own connection timeout
+
+
+def test_the_default_run_checkpoints_atomically_and_can_resume_and_be_preempted(compose_train):
+    from moco_lightning.checkpointing import AtomicCheckpointIO, PreemptionCheckpoint, ResumeState
+    from moco_lightning.cli.train import build
+    from moco_lightning.nonfinite import NonFiniteLossGuard
+
+    cfg = compose_train(["trainer.accelerator=cpu"])
+    _, _, trainer = build(cfg)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    kinds = {type(callback) for callback in trainer.callbacks}
+    assert {ResumeState, PreemptionCheckpoint, NonFiniteLossGuard} <= kinds
+    folders = {callback.dirpath for callback in trainer.checkpoint_callbacks}
+    assert len(trainer.checkpoint_callbacks) == 3 and len(folders) == 1  # last, best, step: one folder for auto
+    assert cfg.callbacks.step_checkpoint.every_n_train_steps == 1000

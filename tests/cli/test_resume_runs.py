@@ -44,10 +44,17 @@ def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
 
 
 def _wait(*processes: subprocess.Popen) -> list[tuple[int, str]]:
+    """Wait for each process (240 s at most); on a timeout or any error kill them all."""
     results = []
-    for process in processes:
-        output, _ = process.communicate(timeout=240)
-        results.append((process.returncode, output))
+    try:
+        for process in processes:
+            output, _ = process.communicate(timeout=240)
+            results.append((process.returncode, output))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
     return results
 
 
