@@ -127,6 +127,9 @@ def resolve_checkpoint(cfg: DictConfig, model: torch.nn.Module, trainer: L.Train
         found = find_resume_checkpoint(folders)
         if found is None:
             log.info("ckpt_path=auto: no checkpoint in %s: starting from scratch", ", ".join(map(str, folders)))
+            if not _run_dir_given():
+                log.warning("ckpt_path=auto looked in a new run folder (Hydra's dated default); to resume a run, "
+                            "give its folder: hydra.run.dir=<run folder> ckpt_path=auto")
             return None
         path, checkpoint = found
     else:
@@ -134,6 +137,14 @@ def resolve_checkpoint(cfg: DictConfig, model: torch.nn.Module, trainer: L.Train
     check_checkpoint_matches(checkpoint, model, path)
     log.info("resuming from %s (epoch %s, step %s)", path, checkpoint.get("epoch"), checkpoint.get("global_step"))
     return str(path)
+
+
+def _run_dir_given() -> bool:
+    """Whether the run folder was chosen on the command line (``hydra.run.dir=...``); ``True`` outside Hydra."""
+    if not HydraConfig.initialized():
+        return True
+    overrides = HydraConfig.get().overrides.hydra
+    return any(str(o).lstrip("+").startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in overrides)
 
 
 def _checkpoint_folders(trainer: L.Trainer) -> list[Path]:
