@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -242,8 +243,10 @@ class MoCoDataModule(LightningDataModule):
         # the order of epoch e is a function of (seed, e), and the loader's position is saved in checkpoints
         rank, _ = self._rank_and_world()
         sampler = StatefulDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-        return self._loader(dataset, self.batch_size, shuffle=False, drop_last=True, seed_offset=0,
-                            loader_class=StatefulDataLoader, sampler=sampler)
+        with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in torch: not ours to fix
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+            return self._loader(dataset, self.batch_size, shuffle=False, drop_last=True, seed_offset=0,
+                                loader_class=StatefulDataLoader, sampler=sampler)
 
     def eval_train_dataloader(self, augment: bool = False) -> DataLoader:
         """Labelled training images, one view per image, in a fixed order (kNN memory bank, linear probe).
