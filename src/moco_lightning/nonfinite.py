@@ -12,7 +12,9 @@ the record only where it waits anyway:
 
 A non-finite loss therefore stops the run at most ``log_every_n_steps`` steps after it happened, with a
 :class:`NonFiniteLossError` that names the first bad step and the last finite values logged before it; any save
-after that step is refused, so the newest checkpoint on disk is the last good one.
+after that step is refused, so the newest checkpoint on disk is the last good one. Under DDP the first bad step is
+reduced over the processes at each check (one small all-reduce where the host waits anyway), so all of them stop
+together.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 __all__ = ["NonFiniteLossError", "NonFiniteLossGuard"]
+
+
+#: "no non-finite loss yet" in the record reduced over processes (a step number no run reaches).
+_NONE = 2**62
 
 
 class NonFiniteLossError(RuntimeError):
@@ -83,20 +89,24 @@ class NonFiniteLossGuard(Callback):
             raise NonFiniteLossError(self._failed)
         if self._first_bad is None:
             return
-        step = int(self._first_bad)  # the host sync
-        if step < 0:
+        earliest = torch.where(self._first_bad < 0, torch.full_like(self._first_bad, _NONE), self._first_bad)
+        if trainer.world_size > 1:  # every process stops at the same check, not only the one that saw the NaN
+            earliest = trainer.strategy.reduce(earliest, reduce_op=torch.distributed.ReduceOp.MIN)
+        step = int(earliest)  # the host sync
+        if step == _NONE:
             logged = {name: float(value) for name, value in trainer.logged_metrics.items()
                       if isinstance(value, torch.Tensor | float | int) and math.isfinite(float(value))}
             if logged:
                 self._last_logged = (trainer.global_step, logged)
             return
         assert self._bad_value is not None and self._last_good is not None
-        bad_value = float(self._bad_value)
+        here = int(self._first_bad) == step
+        value = f"{float(self._bad_value)}" if here else "non-finite (on another process)"
         good_loss, good_step = (float(v) for v in self._last_good.tolist())
-        self._failed = self._message(trainer, step, bad_value, good_loss, int(good_step))
+        self._failed = self._message(trainer, step, value, good_loss, int(good_step))
         raise NonFiniteLossError(self._failed)
 
-    def _message(self, trainer: L.Trainer, step: int, value: float, good_loss: float, good_step: int) -> str:
+    def _message(self, trainer: L.Trainer, step: int, value: str, good_loss: float, good_step: int) -> str:
         parts = [f"the training loss became {value} at step {step}"]
         if good_step >= 0:
             parts.append(f"the last finite loss was {good_loss:.6g} at step {good_step}")
