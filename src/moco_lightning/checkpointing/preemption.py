@@ -30,6 +30,7 @@ from typing import Any
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 __all__ = ["PreemptionCheckpoint"]
@@ -94,7 +95,7 @@ class PreemptionCheckpoint(Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """After a signal stop, write the checkpoint (on SLURM with auto-requeue: Lightning's hpc save + requeue)."""
         try:
-            if not isinstance(exception, SIGTERMException):
+            if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
                 return
             signum = self.signum if self.signum is not None else int(signal.SIGTERM)
             environment = trainer._accelerator_connector.cluster_environment  # as Lightning's signal connector reads it
