@@ -117,3 +117,27 @@ def test_build_optimizer_offers_the_v3_optimizers_with_their_settings():
     adamw = build_optimizer(params, "adamw", lr=1.5e-4, weight_decay=0.1, betas=[0.9, 0.95])
     assert isinstance(adamw, torch.optim.AdamW)
     assert adamw.defaults["betas"] == (0.9, 0.95) and adamw.defaults["weight_decay"] == 0.1
+
+
+def test_resumed_scheduler_keeps_this_runs_base_lr_and_the_checkpoints_step(caplog):
+    from moco_lightning.optim import ResumableLambdaLR
+
+    factor = lr_lambda("cosine", total_steps=10, steps_per_epoch=5)
+    param = torch.nn.Parameter(torch.zeros(1))
+    old_opt = build_optimizer([param], lr=0.01)
+    old = ResumableLambdaLR(old_opt, factor)
+    for _ in range(3):
+        old_opt.step()
+        old.step()
+    new_opt = build_optimizer([param], lr=0.02)  # the lr scaled to a global batch twice as large
+    new = ResumableLambdaLR(new_opt, factor)
+    new_opt.load_state_dict(old_opt.state_dict())  # what Lightning restores: lr and initial_lr of the old run
+    with caplog.at_level("INFO", logger="moco_lightning.optim"):
+        new.load_state_dict(old.state_dict())
+    assert new.last_epoch == 3 and new.base_lrs == [0.02]
+    assert new_opt.param_groups[0]["lr"] == pytest.approx(0.02 * factor(3))
+    assert new_opt.param_groups[0]["initial_lr"] == 0.02 and new.get_last_lr() == [new_opt.param_groups[0]["lr"]]
+    assert "base lr 0.01 in the checkpoint, 0.02 now" in caplog.text
+    new_opt.step()
+    new.step()
+    assert new_opt.param_groups[0]["lr"] == pytest.approx(0.02 * factor(4))  # the schedule goes on from there

@@ -12,11 +12,15 @@ milestones stay at the right place when a run is cut short by ``max_steps``.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
 
 #: Learning-rate schedules understood by :func:`lr_lambda`.
 LR_SCHEDULES = ("step", "cosine", "constant")
@@ -188,6 +192,37 @@ def lr_lambda(
     return factor
 
 
+class ResumableLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    """``LambdaLR`` that restores its position from a checkpoint but keeps the base lrs of the current run.
+
+    A plain ``LambdaLR`` restores ``base_lrs`` from the checkpoint, and Lightning restores the optimizer's
+    ``lr`` / ``initial_lr`` too, so a run resumed with another global batch (another number of processes) would
+    keep the lr scaled for the old batch. This scheduler keeps the base lrs it was built with (``lr x global
+    batch / 256`` of this run), takes only the step count from the checkpoint, sets each group's lr to
+    ``base x factor(step)`` and logs the change.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the step count; keep (and apply) this run's base lrs."""
+        base_lrs = list(self.base_lrs)
+        saved = [float(lr) for lr in state_dict.get("base_lrs", base_lrs)]
+        super().load_state_dict(state_dict)
+        self.base_lrs = base_lrs
+        for group, base, factor in zip(self.optimizer.param_groups, base_lrs, self.lr_lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * factor(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        if any(not math.isclose(a, b, rel_tol=1e-12) for a, b in zip(saved, base_lrs)):
+            _log_rescaled(saved, base_lrs)
+
+
+@rank_zero_only
+def _log_rescaled(saved: list[float], current: list[float]) -> None:
+    log.info("the lr follows this run's global batch: base lr %s in the checkpoint, %s now (lr scaling by the "
+             "global batch; the schedule continues from the checkpoint's step)",
+             ", ".join(f"{lr:.6g}" for lr in saved), ", ".join(f"{lr:.6g}" for lr in current))
+
+
 # ---------------------------------------------------------------------------------------------- from the Trainer
 def steps_per_epoch(trainer: Any) -> int:
     """Optimizer steps in one epoch of the training loader (after ``limit_train_batches``, with accumulation).
@@ -229,7 +264,7 @@ def configure_optimization(
     trust_coefficient: float = 0.001,
     betas: Sequence[float] = (0.9, 0.999),
 ) -> dict[str, Any]:
-    """The ``configure_optimizers`` result of a MoCo module: optimizer and per-step ``LambdaLR``.
+    """The ``configure_optimizers`` result of a MoCo module: optimizer and per-step :class:`ResumableLambdaLR`.
 
     ``lr`` is the base lr per 256 images when ``scale_lr`` (``lr × global batch / 256``), else the lr itself.
     ``trust_coefficient`` (LARS) and ``betas`` (AdamW) go to :func:`build_optimizer`.
@@ -244,5 +279,5 @@ def configure_optimization(
         lr = scaled_lr(lr, global_batch_size(trainer))
     opt = build_optimizer(params, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
                           trust_coefficient=trust_coefficient, betas=betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    scheduler = ResumableLambdaLR(opt, factor)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

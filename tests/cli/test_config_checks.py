@@ -130,3 +130,35 @@ def test_known_keys_need_no_plus(compose_train):
 
 def test_missing_checkpoint(compose_train, tmp_path):
     assert "ckpt_path" in _error(compose_train([f"ckpt_path={tmp_path / 'last.ckpt'}"]))
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("model.queue_size=abc", "model.queue_size='abc' must be an integer"),
+    ("model.temperature=warm", "model.temperature='warm' must be a number"),
+    ("trainer.max_epochs=1.5", "trainer.max_epochs=1.5 must be an integer or null"),
+    ("model.mlp=maybe", "model.mlp='maybe' must be true or false"),
+])
+def test_a_value_of_the_wrong_type_names_the_key_and_the_type(compose_train, override, expected):
+    assert expected in _error(compose_train([override]))
+
+
+def test_devices_that_are_not_a_count_list_or_auto(compose_train):
+    message = _error(compose_train(["trainer.devices=two"]))
+    assert "trainer.devices='two'" in message and "auto" in message
+
+
+def test_a_checkpoint_path_that_is_a_folder(compose_train, tmp_path):
+    message = _error(compose_train([f"ckpt_path={tmp_path}"]))
+    assert "is a folder, not a checkpoint file" in message and "ckpt_path=auto" in message
+
+
+def test_auto_resume_passes_the_config_check(compose_train):
+    check_config(compose_train(["ckpt_path=auto"]))
+
+
+def test_resuming_with_a_global_batch_that_does_not_divide_the_queue_is_refused(compose_train, tmp_path):
+    (tmp_path / "last.ckpt").write_bytes(b"")
+    cfg = compose_train([f"ckpt_path={tmp_path / 'last.ckpt'}", "model.queue_size=48", "data.batch_size=16",
+                         "trainer.devices=2", "trainer.accelerator=cpu"])
+    message = _error(cfg)
+    assert "global batch 32" in message and "a resumed run keeps the queue of its checkpoint" in message

@@ -176,6 +176,7 @@ def test_wandb_is_offline_without_a_login(compose_train, monkeypatch, tmp_path):
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     assert compose_train(["logger=wandb"]).logger.wandb.offline is True
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setattr("moco_lightning.cli._reachable", lambda host, port: True)
     assert compose_train(["logger=wandb"]).logger.wandb.offline is False
 
 
@@ -183,3 +184,36 @@ def test_digits_recipe_uses_plain_bn_on_one_process_and_shuffle_bn_on_several(co
     assert compose_train([]).model.bn == "none"  # measured best on one device (benchmarks/RESULTS.md)
     assert compose_train(["trainer.devices=2", "trainer.accelerator=cpu"]).model.bn == "shuffle"
     assert compose_train(["trainer.num_nodes=2"]).model.bn == "shuffle"
+
+
+def test_wandb_is_offline_when_logged_in_without_network(compose_train, monkeypatch):
+    import socket
+    import time
+
+    from moco_lightning.cli import _reachable
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    with socket.socket() as probe:  # a local port with nothing listening: the connection is refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    _reachable.cache_clear()
+    start = time.monotonic()
+    assert compose_train(["logger=wandb"]).logger.wandb.offline is True
+    assert time.monotonic() - start < 10  # no wait for wandb's own connection timeout
+
+
+def test_the_default_run_checkpoints_atomically_and_can_resume_and_be_preempted(compose_train):
+    from moco_lightning.checkpointing import AtomicCheckpointIO, PreemptionCheckpoint, ResumeState
+    from moco_lightning.cli.train import build
+    from moco_lightning.nonfinite import NonFiniteLossGuard
+
+    cfg = compose_train(["trainer.accelerator=cpu"])
+    _, _, trainer = build(cfg)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    kinds = {type(callback) for callback in trainer.callbacks}
+    assert {ResumeState, PreemptionCheckpoint, NonFiniteLossGuard} <= kinds
+    folders = {callback.dirpath for callback in trainer.checkpoint_callbacks}
+    assert len(trainer.checkpoint_callbacks) == 3 and len(folders) == 1  # last, best, step: one folder for auto
+    assert cfg.callbacks.step_checkpoint.every_n_train_steps == 1000

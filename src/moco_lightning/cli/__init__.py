@@ -12,10 +12,14 @@ call :func:`register_resolvers` before composing the configs with Hydra's compos
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
+import logging
 import netrc
 import os
+import socket
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -96,17 +100,48 @@ def _patch_size(image_size: Any) -> int:
 
 
 def _wandb_offline() -> bool:
-    """Offline unless the user chose a mode (WANDB_MODE) or is logged in (WANDB_API_KEY or a netrc entry)."""
+    """Offline unless the user chose a mode (WANDB_MODE), or is logged in and the server answers.
+
+    Logged in means WANDB_API_KEY or a netrc entry for the server. A logged-in user whose server cannot be reached
+    within a few seconds (no network on a compute node) gets offline logging and a warning, instead of a run that
+    waits for wandb's connection timeout and then fails.
+    """
     mode = os.environ.get("WANDB_MODE")
     if mode:
         return mode.strip().lower() in ("offline", "dryrun")
-    if os.environ.get("WANDB_API_KEY"):
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    host = url.hostname or "api.wandb.ai"
+    if not os.environ.get("WANDB_API_KEY"):
+        try:
+            if netrc.netrc(os.environ.get("NETRC")).authenticators(host) is None:
+                return True
+        except (OSError, netrc.NetrcParseError):
+            return True
+    port = url.port or (80 if url.scheme == "http" else 443)
+    if _reachable(host, port):
         return False
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
-    try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is None
-    except (OSError, netrc.NetrcParseError):
-        return True
+    logging.getLogger(__name__).warning(
+        "wandb: cannot reach %s:%d (no network?): logging offline under the run folder's wandb/; upload later with "
+        "`wandb sync`", host, port)
+    return True
+
+
+@functools.lru_cache(maxsize=8)
+def _reachable(host: str, port: int, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds (DNS lookup included)."""
+    outcome: dict[str, bool] = {}
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                outcome["ok"] = True
+        except OSError:
+            outcome["ok"] = False
+
+    thread = threading.Thread(target=connect, name=f"reach-{host}", daemon=True)  # DNS ignores socket timeouts
+    thread.start()
+    thread.join(2 * timeout)
+    return outcome.get("ok", False)
 
 
 def write_results(result: dict[str, Any], output_dir: str | None) -> None:

@@ -7,25 +7,32 @@ as ``error: <message>`` and exits with status 2.
 
 Checked: the group options named on the command line exist (``backbone=resnet101``, ``data=mnist``); the keys of
 ``model``, ``data``, ``trainer``, ``callbacks.*`` and ``logger.*`` are arguments of their ``_target_`` (a typo in
-a YAML file is an error, as Hydra already makes it one on the command line); ``model.backbone`` is a known
-backbone, and a ViT is only asked of a model that builds one (MoCo v3); ``model.temperature > 0``;
-``model.momentum`` in [0, 1]; ``model.queue_size`` (MoCo v1/v2) a positive multiple of the global batch
-(``data.batch_size`` x devices x nodes); the dataset files or folders exist where no download will
-fetch them; ``ckpt_path`` exists.
+a YAML file is an error, as Hydra already makes it one on the command line) and their values have the types the
+arguments are annotated with (``model.queue_size=abc`` is refused: an integer is expected); ``trainer.devices`` is
+a count, a list of ids or ``auto``; ``model.backbone`` is a known backbone, and a ViT is only asked of a model that
+builds one (MoCo v3); ``model.temperature > 0``; ``model.momentum`` in [0, 1]; ``model.queue_size`` (MoCo v1/v2) a
+positive multiple of the global batch (``data.batch_size`` x devices x nodes; twice that with ``model.symmetric``);
+``model.bn`` a BN mode and ``data.batch_size`` a multiple of ``model.bn_splits`` where split BN runs; the dataset
+files or folders exist where no download will fetch them; ``ckpt_path`` is ``auto`` or an existing file (not a
+folder). The checkpoint's contents are checked next, by the training CLI
+(:func:`moco_lightning.checkpointing.read_training_checkpoint`).
 """
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import importlib
 import inspect
 import os
 import re
+import types
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from moco_lightning.backbones import BACKBONES, VITS
 from moco_lightning.cli import CONFIG_PATH, count_devices
@@ -110,10 +117,20 @@ def check_config(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> N
     _check_queue(cfg)
     _check_bn(cfg)
     _check_data_path(cfg.data)
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is not None and not os.path.isfile(str(ckpt_path)):
+    _check_ckpt_path(cfg.get("ckpt_path"))
+
+
+def _check_ckpt_path(ckpt_path: Any) -> None:
+    if ckpt_path is None or str(ckpt_path) == "auto":
+        return
+    path = os.path.expanduser(str(ckpt_path))
+    if os.path.isdir(path):
+        raise ConfigError(f"ckpt_path={ckpt_path!r} is a folder, not a checkpoint file; pass a file such as "
+                          f"{os.path.join(str(ckpt_path), 'last.ckpt')}, or ckpt_path=auto to resume from the newest "
+                          "valid checkpoint of the run folder (hydra.run.dir=<run folder>)")
+    if not os.path.isfile(path):
         raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist; pass the path of a checkpoint to resume from, "
-                          "e.g. outputs/<date>/<time>/checkpoints/last.ckpt")
+                          "e.g. outputs/<date>/<time>/checkpoints/last.ckpt, or ckpt_path=auto")
 
 
 def _import_target(path: str, key: str) -> Any:
@@ -149,21 +166,112 @@ def _accepted_keywords(target: Any) -> set[str] | None:
 
 
 def _check_keys(node: DictConfig, key: str) -> None:
-    """Every key of ``node`` must be an argument of its ``_target_``."""
+    """Every key of ``node`` must be an argument of its ``_target_``, with a value of the annotated type."""
     target_path = node.get("_target_")
     if target_path is None:
         raise ConfigError(f"{key} has no _target_; name the class to build, e.g. {key}._target_=package.Class")
-    accepted = _accepted_keywords(_import_target(target_path, key))
-    if accepted is None:
-        return
+    target = _import_target(target_path, key)
+    accepted = _accepted_keywords(target)
+    hints = _parameter_hints(target)
     for name in node.keys():
         name = str(name)
         if name.startswith("_") and name.endswith("_"):
             continue  # Hydra's _target_, _partial_, _recursive_, _convert_
-        if name not in accepted:
+        if accepted is not None and name not in accepted:
             close = difflib.get_close_matches(name, sorted(accepted), n=1)
             hint = f"did you mean {key}.{close[0]}?" if close else f"valid keys: {', '.join(sorted(accepted))}"
             raise ConfigError(f"{key}.{name} is not a setting of {target_path}; {hint}")
+        if name in hints and not OmegaConf.is_missing(node, name):
+            value = node[name]
+            if _matches(value, hints[name]) is False:
+                raise ConfigError(f"{key}.{name}={_show(value)} must be {_describe_type(hints[name])} "
+                                  f"({target_path} takes {name}: {_type_name(hints[name])}); fix the value")
+
+
+# ---------------------------------------------------------------------------------------------- value types
+def _parameter_hints(target: Any) -> dict[str, Any]:
+    """Resolved type hints of the keyword arguments of ``target`` (and of the project classes its kwargs reach)."""
+    classes = target.__mro__ if inspect.isclass(target) else (target,)
+    hints: dict[str, Any] = {}
+    for cls in classes:
+        if inspect.isclass(cls) and "__init__" not in vars(cls):
+            continue
+        init = cls.__init__ if inspect.isclass(cls) else cls
+        try:
+            found = typing.get_type_hints(init)
+            parameters = inspect.signature(init).parameters.values()
+        except Exception:  # noqa: BLE001 - unresolvable annotations: nothing to check for this class
+            break
+        for name, hint in found.items():
+            hints.setdefault(name, hint)
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters) or not getattr(cls, "__module__", "").startswith(
+                "moco_lightning"):
+            break
+    hints.pop("return", None)
+    return hints
+
+
+def _matches(value: Any, hint: Any) -> bool | None:
+    """Whether a config value fits a type hint; ``None`` when the hint is not one this check understands."""
+    if hint is Any or isinstance(value, DictConfig) and "_target_" in value:
+        return None  # anything, or an object Hydra builds
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        verdicts = [_matches(value, arg) for arg in args]
+        return True if any(v is not False for v in verdicts) else False
+    if hint is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    sequence_types = (list, tuple, collections.abc.Sequence, collections.abc.MutableSequence)
+    if hint in sequence_types or origin in sequence_types:
+        if not isinstance(value, list | tuple | ListConfig):
+            return False
+        items = [a for a in args if a is not Ellipsis]
+        if len(items) == 1:
+            return all(_matches(item, items[0]) is not False for item in value)
+        return True
+    mapping_types = (dict, collections.abc.Mapping, collections.abc.MutableMapping)
+    if hint in mapping_types or origin in mapping_types:
+        return isinstance(value, dict | DictConfig)
+    return None  # a class this check does not know (Path, Callable, nn.Module, torch.dtype...): no verdict
+
+
+def _describe_type(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return " or ".join(dict.fromkeys(_describe_type(arg) for arg in args))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    if hint in names:
+        return names[hint]
+    if hint in (list, tuple) or origin in (list, tuple, collections.abc.Sequence, collections.abc.MutableSequence):
+        items = [a for a in args if a is not Ellipsis]
+        if len(items) == 1 and items[0] in names:
+            return f"a list of {_describe_type(items[0]).removeprefix('an ').removeprefix('a ')}s"
+        return "a list"
+    if hint is dict or origin in (dict, collections.abc.Mapping):
+        return "a mapping"
+    return _type_name(hint)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, DictConfig | ListConfig):
+        return str(OmegaConf.to_container(value))
+    return repr(value)
 
 
 def _check_backbone_fits_model(model: DictConfig) -> None:
@@ -195,8 +303,9 @@ def _resolve_device_count(trainer: DictConfig) -> tuple[int | None, str]:
     """Processes per node asked for by ``trainer.devices``, resolving auto / -1 with the accelerator's count."""
     try:
         count = count_devices(trainer.get("devices", 1))
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    except ValueError:
+        raise ConfigError(f"trainer.devices={trainer.get('devices')!r} must be a number of devices (1, 8), a list of "
+                          "device ids ([0,1]), -1 or auto") from None
     if count is not None:
         if count < 1:
             raise ConfigError(f"trainer.devices={trainer.get('devices')} must ask for at least one device")
@@ -245,12 +354,16 @@ def _check_queue(cfg: DictConfig) -> None:
     keys = batch * (2 if symmetric else 1)  # the symmetric loss enqueues both views' keys
     if queue_size % keys != 0:
         lower = max(keys, queue_size // keys * keys)
+        processes = batch // int(cfg.data.batch_size)
         what = (f"twice the global batch {batch} (model.symmetric=true enqueues both views' keys; "
                 if symmetric else f"the global batch {batch} (")
+        fix = (f"use model.queue_size={lower} or {lower + keys}, or change data.batch_size"
+               if cfg.get("ckpt_path") is None else
+               "a resumed run keeps the queue of its checkpoint, so choose data.batch_size and the number of "
+               f"processes so that {'twice ' if symmetric else ''}the global batch divides {queue_size}")
         raise ConfigError(
             f"model.queue_size={queue_size} must be a multiple of {what}data.batch_size="
-            f"{cfg.data.batch_size} x {batch // int(cfg.data.batch_size)} processes); use model.queue_size={lower} "
-            f"or {lower + keys}, or change data.batch_size"
+            f"{cfg.data.batch_size} x {processes} processes); {fix}"
         )
 
 

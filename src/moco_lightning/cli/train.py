@@ -1,15 +1,24 @@
 """``python train.py`` / ``moco-train``: MoCo pretraining from the Hydra configs in ``conf/``.
 
 Checks the config (:mod:`moco_lightning.cli.config_checks`), builds the datamodule, the module, the callbacks, the
-loggers and the Trainer from their ``_target_`` entries, runs ``fit`` (resuming from ``ckpt_path`` when given)
-and, with ``knn_report=true``, ends with a table of kNN top-1 of the trained encoder next to the same encoder at
+loggers and the Trainer from their ``_target_`` entries, finds and checks the checkpoint to resume from
+(``ckpt_path=<file>``, or ``ckpt_path=auto``: the newest valid one of the run folder), runs ``fit`` and, with
+``knn_report=true``, ends with a table of kNN top-1 of the trained encoder next to the same encoder at
 initialisation and raw pixels, followed by the path of the embedding map (``callbacks.embedding_map``).
+
+What a user can cause or meet (a wrong setting, unusable data, a checkpoint that does not fit, a full disk, a NaN
+loss) ends as one line ``error: ...`` on stderr (status 2 for bad input, 1 for a fault during the run); a SIGTERM /
+SIGUSR1 ends, after the checkpoint is saved, with a line saying how to resume and status ``128 + signal``.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -17,14 +26,32 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from moco_lightning.checkpointing import (
+    DiskFullError,
+    PreemptionCheckpoint,
+    ResumeError,
+    ResumeState,
+    check_checkpoint_matches,
+    find_resume_checkpoint,
+    read_training_checkpoint,
+)
 from moco_lightning.cli import CONFIG_PATH
 from moco_lightning.cli.config_checks import ConfigError, check_command_line, check_config
+from moco_lightning.data import DatasetError, DatasetNotAvailableError
+from moco_lightning.nonfinite import NonFiniteLossError
 
-__all__ = ["KNNReport", "build", "main", "train"]
+__all__ = ["KNNReport", "build", "main", "resolve_checkpoint", "train"]
 
 log = logging.getLogger(__name__)
+
+#: Errors shown as one line ``error: <message>`` with this exit status instead of a traceback.
+CLEAN_ERRORS: tuple[tuple[type[BaseException], int], ...] = (
+    (ConfigError, 2), (ResumeError, 2), (DatasetError, 2), (DatasetNotAvailableError, 2),  # bad input
+    (DiskFullError, 1), (NonFiniteLossError, 1),  # faults during the run
+)
 
 
 class KNNReport:
@@ -80,31 +107,107 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     return datamodule, model, trainer
 
 
+def resolve_checkpoint(cfg: DictConfig, model: torch.nn.Module, trainer: L.Trainer) -> str | None:
+    """The checkpoint to resume from, read and checked against ``model``; ``None`` to start from scratch.
+
+    ``ckpt_path=auto`` looks in the trainer's checkpoint folders (``ModelCheckpoint`` dirpaths, and
+    ``default_root_dir`` for SLURM's ``hpc_ckpt_*.ckpt``) and takes the newest valid file, skipping unreadable ones
+    with a warning; none there means a fresh start (the first launch of a job that is requeued with the same
+    command). A file path is read and checked the same way.
+
+    Raises:
+        ResumeError: the file is a folder, missing, corrupt, not a training checkpoint, or of another model.
+
+    """
+    value = cfg.get("ckpt_path")
+    if value is None:
+        return None
+    if str(value) == "auto":
+        folders = _checkpoint_folders(trainer)
+        found = find_resume_checkpoint(folders)
+        if found is None:
+            log.info("ckpt_path=auto: no checkpoint in %s: starting from scratch", ", ".join(map(str, folders)))
+            if not _run_dir_given():
+                log.warning("ckpt_path=auto looked in a new run folder (Hydra's dated default); to resume a run, "
+                            "give its folder: hydra.run.dir=<run folder> ckpt_path=auto")
+            return None
+        path, checkpoint = found
+    else:
+        path, checkpoint = Path(str(value)), read_training_checkpoint(str(value))
+    check_checkpoint_matches(checkpoint, model, path)
+    log.info("resuming from %s (epoch %s, step %s)", path, checkpoint.get("epoch"), checkpoint.get("global_step"))
+    return str(path)
+
+
+def _run_dir_given() -> bool:
+    """Whether the run folder was chosen on the command line (``hydra.run.dir=...``); ``True`` outside Hydra."""
+    if not HydraConfig.initialized():
+        return True
+    overrides = HydraConfig.get().overrides.hydra
+    return any(str(o).lstrip("+").startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in overrides)
+
+
+def _checkpoint_folders(trainer: L.Trainer) -> list[Path]:
+    folders = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    return list(dict.fromkeys([*folders, Path(trainer.default_root_dir)]))
+
+
+@contextmanager
+def _clean_exit(cfg: DictConfig, trainer: L.Trainer | None = None) -> Iterator[None]:
+    """Turn the errors of :data:`CLEAN_ERRORS` into ``error: ...`` and a signal stop into how-to-resume, then exit."""
+    try:
+        yield
+    except SIGTERMException:
+        callback = next((cb for cb in (trainer.callbacks if trainer else []) if isinstance(cb, PreemptionCheckpoint)),
+                        None)
+        signum = (callback.signum if callback is not None else None) or int(signal.SIGTERM)
+        saved = callback.saved_path if callback is not None else None
+        where = f"saved {saved}" if saved else "no checkpoint was saved (callbacks.preemption is off)"
+        step = trainer.global_step if trainer is not None else "?"
+        print(f"stopped by {signal.Signals(signum).name} at step {step}: {where}; resume with the same command and "
+              f"ckpt_path=auto hydra.run.dir={cfg.paths.output_dir}", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+    except tuple(error for error, _ in CLEAN_ERRORS) as err:
+        status = next(code for error, code in CLEAN_ERRORS if isinstance(err, error))
+        log.debug("the run ended with an error", exc_info=True)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(status)
+
+
+def _config_text(cfg: DictConfig) -> str:
+    try:
+        return OmegaConf.to_yaml(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - an interpolation that only resolves inside a Hydra run: keep it as written
+        return OmegaConf.to_yaml(cfg)
+
+
 def train(cfg: DictConfig) -> float | None:
     """Check the config, build everything, fit; returns ``cfg.optimized_metric`` at the end (for sweepers)."""
-    try:
+    with _clean_exit(cfg):
         choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else None
         check_config(cfg, choices)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
     L.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
-    for logger in trainer.loggers:
-        logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
+    for callback in trainer.callbacks:
+        if isinstance(callback, ResumeState) and callback.config is None:
+            callback.config = _config_text(cfg)
+    with _clean_exit(cfg, trainer):
+        ckpt_path = resolve_checkpoint(cfg, model, trainer)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
 
-    report = None
-    if cfg.get("knn_report") and cfg.get("ckpt_path") is None:
-        report = KNNReport(type(datamodule).__name__.removesuffix("DataModule"))
-        datamodule.prepare_data()
-        datamodule.setup("fit")
-        report.rows["raw pixels"] = KNNReport.measure(lambda x: x.flatten(1), datamodule)
-        report.rows["encoder at init"] = KNNReport.measure(model.embed, datamodule, model)
-        log.info("kNN top-1 before training: raw pixels %.4f, encoder at init %.4f",
-                 report.rows["raw pixels"], report.rows["encoder at init"])
+        report = None
+        if cfg.get("knn_report") and ckpt_path is None:
+            report = KNNReport(type(datamodule).__name__.removesuffix("DataModule"))
+            datamodule.prepare_data()
+            datamodule.setup("fit")
+            report.rows["raw pixels"] = KNNReport.measure(lambda x: x.flatten(1), datamodule)
+            report.rows["encoder at init"] = KNNReport.measure(model.embed, datamodule, model)
+            log.info("kNN top-1 before training: raw pixels %.4f, encoder at init %.4f",
+                     report.rows["raw pixels"], report.rows["encoder at init"])
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     if report is not None:
         report.rows["trained encoder"] = KNNReport.measure(model.embed, datamodule, model)
@@ -113,7 +216,8 @@ def train(cfg: DictConfig) -> float | None:
     _print_embedding_map(trainer)
     checkpoint = trainer.checkpoint_callback
     if trainer.is_global_zero and checkpoint is not None and checkpoint.dirpath:
-        print(f"checkpoints: {checkpoint.dirpath} (resume with ckpt_path={checkpoint.dirpath}/last.ckpt)")
+        print(f"checkpoints: {checkpoint.dirpath} (resume with ckpt_path={checkpoint.dirpath}/last.ckpt, or "
+              f"ckpt_path=auto hydra.run.dir={cfg.paths.output_dir})")
 
     metric = cfg.get("optimized_metric")
     if metric and metric in trainer.callback_metrics:

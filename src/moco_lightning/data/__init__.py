@@ -15,7 +15,7 @@ Add :class:`SkippedImagesReport` to the trainer callbacks to get a per-epoch cou
 by the folder datamodules.
 """
 
-from moco_lightning.data.base import MoCoDataModule, TransformedDataset, seed_worker
+from moco_lightning.data.base import DatasetError, MoCoDataModule, TransformedDataset, seed_worker
 from moco_lightning.data.digits import DigitsDataModule, DigitsDataset, digits_split, load_digits_images
 from moco_lightning.data.download import DatasetNotAvailableError
 from moco_lightning.data.folder import (
@@ -32,6 +32,7 @@ __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "CorruptImageWarning",
+    "DatasetError",
     "DatasetNotAvailableError",
     "DigitsDataModule",
     "DigitsDataset",

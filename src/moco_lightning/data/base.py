@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -10,6 +11,8 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from moco_lightning.transforms import (
     AUGMENTATIONS,
@@ -21,7 +24,11 @@ from moco_lightning.transforms import (
     linear_train_transform,
 )
 
-__all__ = ["MoCoDataModule", "TransformedDataset", "seed_worker"]
+__all__ = ["DatasetError", "MoCoDataModule", "TransformedDataset", "seed_worker"]
+
+
+class DatasetError(ValueError):
+    """The data on disk cannot be trained on (an empty folder, fewer images than one batch...); says what to fix."""
 
 
 def seed_worker(worker_id: int) -> None:
@@ -72,10 +79,14 @@ class MoCoDataModule(LightningDataModule):
           the train one gives the linear-probe training view (random resized crop + flip).
         * no ``val_dataloader``: MoCo pretraining has no validation step (the kNN monitor uses the eval loaders).
 
-    Reproducibility: the pretraining loader owns a ``torch.Generator`` seeded with ``seed + 1000 * global_rank``;
-    it drives the shuffle and the seeds of the loader workers (see :func:`seed_worker`), so the same seed gives the
-    same batches whatever the global RNG state. With ``num_workers=0`` the augmentations run in the main process
-    and draw from its global RNG: seed it with ``lightning.seed_everything(seed)`` (the training CLI does).
+    Reproducibility: the pretraining order is a permutation drawn from ``(seed, epoch)`` and split between the
+    processes (a :class:`~torchdata.stateful_dataloader.sampler.StatefulDistributedSampler`), so the same seed
+    gives the same batches whatever the global RNG state, and epoch ``e`` has the same order in a resumed run as
+    in an uninterrupted one. The loader is a :class:`~torchdata.stateful_dataloader.StatefulDataLoader`: Lightning
+    saves its position in every checkpoint, and a run resumed mid-epoch continues with the epoch's remaining
+    batches. The loader's ``torch.Generator`` (``seed + 1000 * global_rank``) seeds the loader workers (see
+    :func:`seed_worker`). With ``num_workers=0`` the augmentations run in the main process and draw from its global
+    RNG: seed it with ``lightning.seed_everything(seed)`` (the training CLI does).
 
     Args:
         batch_size: pretraining batch size per device (per process).
@@ -207,17 +218,17 @@ class MoCoDataModule(LightningDataModule):
         return int(trainer.global_rank), int(trainer.world_size)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool,
-                seed_offset: int) -> DataLoader:
+                seed_offset: int, loader_class: type[DataLoader] = DataLoader, **extra: Any) -> DataLoader:
         rank, _ = self._rank_and_world()
         generator = torch.Generator().manual_seed(self.seed + 1000 * rank + seed_offset)
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(extra)
         if self.num_workers > 0:
             kwargs["persistent_workers"] = self.persistent_workers
             if self.prefetch_factor is not None:
                 kwargs["prefetch_factor"] = self.prefetch_factor
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory, worker_init_fn=seed_worker,
-                          generator=generator, **kwargs)
+        return loader_class(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                            num_workers=self.num_workers, pin_memory=self.pin_memory, worker_init_fn=seed_worker,
+                            generator=generator, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled two-view pretraining batches ``([x_q, x_k], y)`` with ``drop_last=True``."""
@@ -225,11 +236,17 @@ class MoCoDataModule(LightningDataModule):
         _, world = self._rank_and_world()
         per_device = len(dataset) // world  # type: ignore[arg-type]
         if per_device < self.batch_size:
-            raise ValueError(
+            raise DatasetError(
                 f"{type(self).__name__}: the pretraining set has {len(dataset)} images "  # type: ignore[arg-type]
                 f"({per_device} per device over {world} device(s)), fewer than data.batch_size={self.batch_size}; "
                 "with drop_last=True no batch would be produced. Lower data.batch_size or use more data.")
-        return self._loader(dataset, self.batch_size, shuffle=True, drop_last=True, seed_offset=0)
+        # the order of epoch e is a function of (seed, e), and the loader's position is saved in checkpoints
+        rank, _ = self._rank_and_world()
+        sampler = StatefulDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in torch: not ours to fix
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+            return self._loader(dataset, self.batch_size, shuffle=False, drop_last=True, seed_offset=0,
+                                loader_class=StatefulDataLoader, sampler=sampler)
 
     def eval_train_dataloader(self, augment: bool = False) -> DataLoader:
         """Labelled training images, one view per image, in a fixed order (kNN memory bank, linear probe).

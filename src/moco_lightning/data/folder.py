@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch.utils.data import Dataset
 
-from moco_lightning.data.base import MoCoDataModule
+from moco_lightning.data.base import DatasetError, MoCoDataModule
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -79,7 +79,7 @@ def scan_image_folder(root: str | os.PathLike[str], setting: str = "data.data_di
     Raises:
         FileNotFoundError: ``root`` does not exist.
         NotADirectoryError: ``root`` is a file.
-        ValueError: ``root`` is empty or holds no file with a known image extension.
+        DatasetError: ``root`` is empty or holds no file with a known image extension (a ``ValueError``).
 
     """
     root = os.path.expanduser(os.fspath(root))
@@ -90,7 +90,7 @@ def scan_image_folder(root: str | os.PathLike[str], setting: str = "data.data_di
         raise NotADirectoryError(f"{setting}={root!r} is a file, not a folder. {_LAYOUT_HELP}.")
     entries = sorted((e for e in os.scandir(root) if not e.name.startswith(".")), key=lambda e: e.name)
     if not entries:
-        raise ValueError(f"{setting}={root!r} is an empty folder. {_LAYOUT_HELP}.")
+        raise DatasetError(f"{setting}={root!r} is an empty folder. {_LAYOUT_HELP}.")
     class_dirs = [e for e in entries if e.is_dir()]
     top_images = [e.path for e in entries if e.is_file() and _is_image(e.name)]
     samples: list[tuple[str, int]] = []
@@ -115,8 +115,8 @@ def scan_image_folder(root: str | os.PathLike[str], setting: str = "data.data_di
         return [(path, -1) for path in top_images], []
     n_files = sum(len(files) for _, _, files in os.walk(root, followlinks=True))
     if n_files == 0:
-        raise ValueError(f"{setting}={root!r} contains no files (only empty sub-folders). {_LAYOUT_HELP}.")
-    raise ValueError(f"{setting}={root!r} holds {n_files} files but none with a known image extension "
+        raise DatasetError(f"{setting}={root!r} contains no files (only empty sub-folders). {_LAYOUT_HELP}.")
+    raise DatasetError(f"{setting}={root!r} holds {n_files} files but none with a known image extension "
                      f"({', '.join(IMAGE_EXTENSIONS)}). {_LAYOUT_HELP}.")
 
 
@@ -286,7 +286,7 @@ class ImageFolderDataModule(_FolderDataModule):
         if self.val_dir is not None:
             val_samples, val_classes = scan_image_folder(self.val_dir, "data.val_dir")
             if val_classes != classes:
-                raise ValueError(f"data.val_dir={self.val_dir!r} has classes {val_classes[:5]}... but "
+                raise DatasetError(f"data.val_dir={self.val_dir!r} has classes {val_classes[:5]}... but "
                                  f"data.data_dir={self.data_dir!r} has {classes[:5]}...: both need the same class "
                                  "sub-folders")
             self._train_samples, self._val_samples = samples, val_samples
@@ -316,7 +316,7 @@ class ImageFolderDataModule(_FolderDataModule):
     def _build_eval_dataset(self, split: str) -> Dataset:
         self._scan()
         if not self.has_labels:
-            raise ValueError(f"data.data_dir={self.data_dir!r} holds images without class sub-folders: fine for "
+            raise DatasetError(f"data.data_dir={self.data_dir!r} holds images without class sub-folders: fine for "
                              "pretraining, but evaluation (kNN monitor, linear probe) needs labels. Arrange the "
                              "images as data_dir/<class>/<image>, or disable the kNN monitor / linear probe.")
         if split == "train":
@@ -325,7 +325,7 @@ class ImageFolderDataModule(_FolderDataModule):
             assert self._train_samples is not None
             return self._dataset(self._train_samples, self.classes)
         if not self._val_samples:
-            raise ValueError(f"ImageFolderDataModule: no validation images: set data.val_dir to a folder with the "
+            raise DatasetError(f"ImageFolderDataModule: no validation images: set data.val_dir to a folder with the "
                              f"same class sub-folders as {self.data_dir!r}, or data.val_fraction > 0.")
         return self._dataset(self._val_samples, self.classes)
 
@@ -365,7 +365,7 @@ class ImageNetDataModule(_FolderDataModule):
                     "ImageNet's train/ and val/ folders (train/<wnid>/<image>.JPEG, val/<wnid>/<image>.JPEG).")
             samples, classes = scan_image_folder(folder, f"data.data_dir ({split} folder)")
             if not classes:
-                raise ValueError(f"ImageNetDataModule: {folder!r} holds images without class sub-folders. Sort "
+                raise DatasetError(f"ImageNetDataModule: {folder!r} holds images without class sub-folders. Sort "
                                  "them into <wnid>/ folders (for val: the usual valprep.sh script).")
             self._scanned[split] = (samples, classes)
         return self._scanned[split]
@@ -376,7 +376,7 @@ class ImageNetDataModule(_FolderDataModule):
         self.classes, self.num_classes = classes, len(classes)
         _, val_classes = self._scan_split("val")
         if val_classes != classes:
-            raise ValueError(f"ImageNetDataModule: {self.data_dir}/val has {len(val_classes)} class folders but "
+            raise DatasetError(f"ImageNetDataModule: {self.data_dir}/val has {len(val_classes)} class folders but "
                              f"train has {len(classes)}; they must match.")
         super().setup(stage)
 

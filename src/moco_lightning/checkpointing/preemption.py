@@ -1,0 +1,134 @@
+"""Save a checkpoint and stop when the job is told to go: SIGTERM, or SIGUSR1 (what SLURM sends before preemption).
+
+Lightning already turns SIGTERM into a clean stop: its signal handler sets ``trainer.received_sigterm``, the
+training loop finishes the current step and raises ``SIGTERMException`` (processes of a DDP run agree through
+Lightning's per-step broadcast of that flag). It saves nothing, though, and on SLURM its SIGUSR1 handler writes
+``hpc_ckpt_<n>.ckpt`` from inside the signal handler, at whatever point of the step the signal arrived (between
+the optimizer step and the key encoder's update, say), which does not resume exactly.
+
+:class:`PreemptionCheckpoint` makes both signals stop the run the SIGTERM way, after a whole step, and then
+writes the checkpoint at that consistent point:
+
+* with SLURM auto-requeue (Lightning's ``SLURMEnvironment``, on by default in a SLURM batch job) and the requeue
+  signal, through Lightning's own SLURM handler: ``hpc_ckpt_<n>.ckpt`` in ``trainer.default_root_dir`` and
+  ``scontrol requeue``; Lightning resumes from that file on the next start, as does ``ckpt_path=auto``;
+* otherwise ``last.ckpt`` in the checkpoint folder (``callbacks.model_checkpoint.dirpath``).
+
+Jobs started by Hydra's submitit launcher (``hydra/launcher=slurm``) are warned with SIGUSR2, for which submitit
+installs its own handler (resubmit the job, exit). When a Python handler is already installed for SIGUSR2 at the
+start of training, the callback takes SIGUSR2 too: it stops after the step, writes ``last.ckpt``, then calls that
+handler, so the resubmitted job resumes from this step (``ckpt_path=auto``) instead of the last periodic checkpoint.
+
+The training CLI then exits with status ``128 + signal`` (143 for SIGTERM, 138 for SIGUSR1), the shell's code for
+"ended by this signal": a wrapper or an orchestrator restarts it (``ckpt_path=auto``) rather than taking the run
+for finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+__all__ = ["PreemptionCheckpoint"]
+
+log = logging.getLogger(__name__)
+
+
+class PreemptionCheckpoint(Callback):
+    """On SIGTERM / SIGUSR1: finish the current step, save a checkpoint, stop (``SIGTERMException``).
+
+    Args:
+        filename: the checkpoint written outside SLURM auto-requeue, in the folder of the trainer's
+            ``ModelCheckpoint`` (``<default_root_dir>/checkpoints`` without one).
+
+    Attributes:
+        signum: the signal received (``None`` before one arrives).
+        saved_path: the checkpoint written on that signal (``None`` if none was).
+
+    """
+
+    def __init__(self, filename: str = "last.ckpt") -> None:
+        self.filename = filename
+        self.signum: int | None = None
+        self.saved_path: Path | None = None
+        self._trainer: L.Trainer | None = None
+        self._previous: dict[int, Any] = {}
+
+    # ------------------------------------------------------------------ signals
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Install the handlers (before Lightning's, which then keeps ours for SIGUSR1 and chains them for SIGTERM)."""
+        self._trainer, self.signum, self.saved_path = trainer, None, None
+        for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
+            signum = getattr(signal, name, None)
+            if signum is None:  # Windows has no SIGUSR1
+                continue
+            if name == "SIGUSR2" and not callable(signal.getsignal(signum)):
+                continue  # SIGUSR2 only where a handler (submitit's) is waiting to be called after the save
+            try:
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+            except ValueError:  # not the main thread: leave signals to Lightning
+                continue
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signum
+        if self._trainer is not None:  # Lightning's stop flag: the loop raises SIGTERMException after this step
+            self._trainer._signal_connector.received_sigterm = True
+        log.info("received %s: stopping after the current step to save a checkpoint", signal.Signals(signum).name)
+
+    def _restore_handlers(self, trainer: L.Trainer) -> None:
+        # Lightning's teardown puts back the handlers it found when it registered its own (ours): point those
+        # entries at the handlers from before the run, so that neither path leaves ours installed
+        snapshot = getattr(trainer._signal_connector, "_original_handlers", None)
+        for signum, handler in self._previous.items():
+            handler = handler if handler is not None else signal.SIG_DFL
+            if isinstance(snapshot, dict) and signum in snapshot:
+                snapshot[signum] = handler
+            try:
+                signal.signal(signum, handler)
+            except ValueError:
+                pass
+        self._previous, self._trainer = {}, None
+
+    # ------------------------------------------------------------------ saving
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """After a signal stop, write the checkpoint (on SLURM with auto-requeue: Lightning's hpc save + requeue)."""
+        handover = None
+        try:
+            if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+                return
+            signum = self.signum if self.signum is not None else int(signal.SIGTERM)
+            environment = trainer._accelerator_connector.cluster_environment  # as Lightning's signal connector reads it
+            if (isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+                    and signum == environment.requeue_signal):
+                connector = trainer._checkpoint_connector
+                self.saved_path = Path(connector.hpc_save_path(trainer.default_root_dir))
+                trainer._signal_connector._slurm_sigusr_handler_fn(signum, None)  # saves there, then requeues
+            else:
+                self.saved_path = self.checkpoint_path(trainer)
+                trainer.save_checkpoint(self.saved_path, weights_only=False)
+            if trainer.is_global_zero:
+                log.info("%s: saved %s at step %d", signal.Signals(signum).name, self.saved_path, trainer.global_step)
+            handover = self._previous.get(signum) if signum == getattr(signal, "SIGUSR2", None) else None
+        finally:
+            self._restore_handlers(trainer)
+        if callable(handover):  # submitit's: resubmit the job now that the checkpoint is on disk
+            handover(signum, None)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Give the signals back to the handlers that were there before the run."""
+        self._restore_handlers(trainer)
+
+    def checkpoint_path(self, trainer: L.Trainer) -> Path:
+        """Where the checkpoint goes: the ``ModelCheckpoint`` folder, else ``<default_root_dir>/checkpoints``."""
+        callback = trainer.checkpoint_callback
+        folder = getattr(callback, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
+        return Path(folder) / self.filename
