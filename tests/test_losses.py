@@ -3,7 +3,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from moco_lightning.losses import info_nce_logits, info_nce_loss
+from moco_lightning.losses import info_nce_logits, info_nce_loss, positive_rank_accuracy
 
 
 def reference_info_nce(q, k, queue, t):
@@ -40,3 +40,24 @@ def test_loss_is_low_when_positive_dominates():
     queue = -q.repeat(3, 1)  # every negative points the other way
     logits, labels = info_nce_logits(q, q.clone(), queue, temperature=0.07)
     assert info_nce_loss(logits, labels).item() < 1e-6
+
+
+def test_logits_stay_float32_under_bf16_autocast():
+    q = F.normalize(torch.randn(4, 8), dim=1)
+    k = F.normalize(torch.randn(4, 8), dim=1)
+    queue = F.normalize(torch.randn(16, 8), dim=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = info_nce_logits(q.bfloat16(), k.bfloat16(), queue, temperature=0.07)
+        half = (q.bfloat16() @ queue.bfloat16().t()) / 0.07  # what autocast alone would give
+    assert logits.dtype == torch.float32 and half.dtype == torch.bfloat16
+    exact = q.bfloat16().float() @ queue.t() / 0.07
+    torch.testing.assert_close(logits[:, 1:], exact, atol=1e-5, rtol=1e-5)
+    assert (half.float() - exact).abs().max() > 1e-3  # bf16 logits would be off by this much
+
+
+def test_positive_rank_accuracy_counts_negatives_above_the_positive():
+    logits = torch.tensor([[5.0, 1.0, 2.0, 3.0],    # positive first: rank 0
+                           [2.0, 3.0, 1.0, 0.0],    # one negative above: rank 1
+                           [0.0, 1.0, 2.0, 3.0]])   # three above: rank 3
+    top1, top2, top4 = positive_rank_accuracy(logits, (1, 2, 4))
+    torch.testing.assert_close(torch.stack([top1, top2, top4]), torch.tensor([1 / 3, 2 / 3, 1.0]))

@@ -17,13 +17,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
-from torchmetrics.classification import MulticlassAccuracy
 
 from moco_lightning.backbones import build_backbone
 from moco_lightning.distributed import shuffle_batch, unshuffle_batch, world_size
 from moco_lightning.ema import cosine_momentum, momentum_update
 from moco_lightning.heads import ProjectionHead
-from moco_lightning.losses import info_nce_logits, info_nce_loss
+from moco_lightning.losses import info_nce_logits, info_nce_loss, positive_rank_accuracy
 from moco_lightning.optim import LR_INTERVALS, configure_optimization, global_batch_size
 from moco_lightning.queue import KeyQueue
 
@@ -77,6 +76,11 @@ class MoCo(L.LightningModule):
         lr_milestones: epochs at which the ``"step"`` schedule multiplies the lr by 0.1.
         warmup_epochs: epochs of linear warm-up.
         scale_lr: use ``lr × global_batch / 256`` (global batch = per-device batch × processes × accumulation).
+        channels_last: store the encoders' weights and the step's image batches channels-last (NHWC), the faster
+            layout of convolutions on GPUs with tensor cores and on CPUs with oneDNN.
+        compile: ``torch.compile`` the backbones of both encoders (compiled on the first step; the kNN monitor's
+            eval-mode passes compile once more); ``True`` for the defaults, or a dict of ``torch.compile``
+            keywords (``{"mode": "max-autotune"}``).
 
     """
 
@@ -102,6 +106,8 @@ class MoCo(L.LightningModule):
         lr_milestones: Sequence[float] = (120, 160),
         warmup_epochs: float = 0,
         scale_lr: bool = False,
+        channels_last: bool = False,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         lr_milestones = tuple(float(e) for e in lr_milestones)  # plain types in checkpoints (not ListConfig)
@@ -112,13 +118,16 @@ class MoCo(L.LightningModule):
 
         net, self.feature_dim = build_backbone(backbone, cifar_stem=cifar_stem, feature_dim=feature_dim)
         self.encoder_q = Encoder(net, ProjectionHead(self.feature_dim, dim, hidden_dim=hidden_dim, mlp=mlp))
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.encoder_q.to(memory_format=self.memory_format)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         self.encoder_k.requires_grad_(False)
         self.key_queue = KeyQueue(queue_size, dim)
-
-        top5 = min(5, queue_size + 1)
-        self.train_top1 = MulticlassAccuracy(num_classes=queue_size + 1, top_k=1, average="micro")
-        self.train_top5 = MulticlassAccuracy(num_classes=queue_size + 1, top_k=top5, average="micro")
+        if compile:  # in place (nn.Module.compile): parameter names and checkpoints stay as without compile
+            options = dict(compile) if isinstance(compile, dict) else {}
+            self.encoder_q.backbone.compile(**options)
+            self.encoder_k.backbone.compile(**options)
+        self._device_scalars: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ names of the official builder
     @property
@@ -203,26 +212,27 @@ class MoCo(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         """Contrast two views; ``batch`` is ``((x_q, x_k), labels)`` (labels unused by MoCo itself)."""
         (im_q, im_k), labels = batch[0], batch[1]
+        fmt = self.memory_format  # channels-last with channels_last=True; a no-op when the batch already is
+        im_q, im_k = im_q.contiguous(memory_format=fmt), im_k.contiguous(memory_format=fmt)
         features, q = self.encode_query(im_q)
         k = self.encode_key(im_k)
         loss, logits, targets = self.contrastive_loss(q, k)
         self.dequeue_and_enqueue(k)
 
-        self.train_top1(logits, targets)
-        self.train_top5(logits, targets)
+        top1, top5 = positive_rank_accuracy(logits.detach(), (1, 5))  # on the device: no host read per step
         n = im_q.shape[0]
         self.log_dict(
             {
                 "train/loss": loss,
-                "train/acc_top1": self.train_top1,
-                "train/acc_top5": self.train_top5,
+                "train/acc_top1": top1,
+                "train/acc_top5": top5,
                 "train/pos_sim": logits[:, 0].mean().detach() * self.T,
                 "train/neg_sim": logits[:, 1:].mean().detach() * self.T,
             },
             prog_bar=False,
             batch_size=n,
         )
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
+        self.log("train/lr", self.device_scalar("lr", self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=n)
         return {"loss": loss, "features": features.detach(), "labels": labels}
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
@@ -235,7 +245,7 @@ class MoCo(L.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         m = self.momentum_at(self.trainer.global_step + 1)  # the step counter moves after this hook returns
         self.momentum_update(m)
-        self.log("train/momentum", m)
+        self.log("train/momentum", self.device_scalar("momentum", m))
 
     def on_train_start(self) -> None:
         """Check the queue against the loader before the first step: whole batches, K a multiple of them."""
@@ -255,6 +265,17 @@ class MoCo(L.LightningModule):
                     "negatives; use a queue_size well below the dataset size",
                     stacklevel=2,
                 )
+
+    def device_scalar(self, name: str, value: float) -> torch.Tensor:
+        """``value`` as a 0-d tensor on the module's device, refilled in place at every call.
+
+        Logging a Python number makes Lightning copy it to the device with a blocking copy (a host-device sync per
+        step on a GPU); filling a tensor that already lives there is a kernel launch like any other.
+        """
+        scalar = self._device_scalars.get(name)
+        if scalar is None or scalar.device != self.device:
+            scalar = self._device_scalars[name] = torch.zeros((), device=self.device)
+        return scalar.fill_(value)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """SGD over every trainable parameter but the key encoder's, with the lr schedule of the recipe."""

@@ -19,6 +19,10 @@ class KeyQueue(nn.Module):
 
     As in the official code, ``size`` must be a multiple of the global batch so that a batch never straddles
     the end of the buffer; :meth:`check_batch` says so with the numbers before any compute happens.
+
+    ``enqueue`` never reads the device: it writes at a host-side copy of ``ptr`` (reading ``ptr`` on a GPU would
+    make the host wait for the device at every step). The copy follows ``enqueue`` and ``load_state_dict``; set
+    ``ptr`` through those two only.
     """
 
     queue: torch.Tensor
@@ -31,6 +35,7 @@ class KeyQueue(nn.Module):
         self.size, self.dim = size, dim
         self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self._ptr_host = 0  # == int(ptr), kept on the host
 
     def check_batch(self, global_batch: int) -> None:
         """Raise a clear error unless ``size`` is a positive multiple of ``global_batch`` (batch x processes)."""
@@ -48,9 +53,15 @@ class KeyQueue(nn.Module):
         keys = concat_all_gather(keys.detach())
         n = keys.shape[0]
         self.check_batch(n)
-        start = int(self.ptr)
+        start = self._ptr_host
         self.queue[start : start + n] = keys.to(self.queue.dtype)
-        self.ptr.fill_((start + n) % self.size)
+        self._ptr_host = (start + n) % self.size
+        self.ptr.fill_(self._ptr_host)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
+        if prefix + "ptr" in state_dict:
+            self._ptr_host = int(state_dict[prefix + "ptr"])  # once, when a checkpoint is loaded
 
     def extra_repr(self) -> str:
         """Show size and width in the module summary."""
