@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -52,16 +53,19 @@ def config_path(src: Path, threads: int) -> str:
 
 def run_once(name: str, checkout: Path, out_dir: Path, threads: int, extra: list[str]) -> dict:
     load_before = os.getloadavg()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     result = subprocess.run([sys.executable, str(checkout / "train.py"), f"hydra.run.dir={out_dir}",
                              "callbacks.progress_bar.refresh_rate=0", *extra],
                             cwd=out_dir.parent, env=environment(checkout / "src", threads), capture_output=True,
                             text=True)
     seconds = time.perf_counter() - start
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_seconds = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     if result.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{result.stderr[-3000:]}")
     knn = {row: float(value) for row, value in KNN_ROW.findall(result.stdout)}
-    return {"variant": name, "seconds": round(seconds, 1), "knn_top1": knn,
+    return {"variant": name, "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1), "knn_top1": knn,
             "loadavg_before": [round(v, 2) for v in load_before],
             "loadavg_after": [round(v, 2) for v in os.getloadavg()]}
 
@@ -90,24 +94,30 @@ def main() -> None:
             out_dir = work / f"run{repeat}-{i}"
             run = run_once(name, checkout, out_dir, args.threads, args.overrides)
             runs.append(run)
-            print(f"{run['variant']:<22} {run['seconds']:>7.1f} s  kNN {run['knn_top1']}  load "
+            print(f"{run['variant']:<22} {run['seconds']:>7.1f} s ({run['cpu_seconds']:.1f} s CPU)  kNN "
+                  f"{run['knn_top1']}  load "
                   f"{run['loadavg_before'][0]:.1f} -> {run['loadavg_after'][0]:.1f}", flush=True)
 
     summary = {}
     for name in variants:
         times = [r["seconds"] for r in runs if r["variant"] == name]
-        summary[name] = {"seconds": times, "best": min(times), "mean": round(sum(times) / len(times), 1)}
+        cpu = [r["cpu_seconds"] for r in runs if r["variant"] == name]
+        summary[name] = {"seconds": times, "best": min(times), "mean": round(sum(times) / len(times), 1),
+                         "cpu_seconds": cpu, "cpu_mean": round(sum(cpu) / len(cpu), 1)}
     names = list(variants)
     speedup_best = summary[names[0]]["best"] / summary[names[1]]["best"]
     speedup_mean = summary[names[0]]["mean"] / summary[names[1]]["mean"]
     print(f"\n{'variant':<22} {'runs (s)':<24} {'best':>7} {'mean':>7}")
     for name, s in summary.items():
         print(f"{name:<22} {', '.join(f'{t:.1f}' for t in s['seconds']):<24} {s['best']:>7.1f} {s['mean']:>7.1f}")
-    print(f"speed-up old/new: {speedup_best:.2f}x (best runs), {speedup_mean:.2f}x (means)")
+    speedup_cpu = summary[names[0]]["cpu_mean"] / summary[names[1]]["cpu_mean"]
+    print(f"speed-up old/new: {speedup_best:.2f}x (best runs), {speedup_mean:.2f}x (means), "
+          f"{speedup_cpu:.2f}x (mean CPU time)")
 
     payload = {"benchmark": "default_run", "old_commit": args.old, "threads": args.threads,
                "overrides": args.overrides, "runs": runs, "summary": summary,
                "speedup_best": round(speedup_best, 3), "speedup_mean": round(speedup_mean, 3),
+               "speedup_cpu_time": round(speedup_cpu, 3),
                "environment": {"python": platform.python_version(), "torch": torch.__version__,
                                "machine": platform.machine(), "cpus": os.cpu_count()},
                "command": " ".join(["python benchmarks/default_run.py", f"--old {args.old}",
