@@ -73,9 +73,16 @@ def test_split_bn_refuses_a_batch_that_is_not_a_multiple_of_the_groups():
 def test_split_bn_accepts_channels_last_inputs():
     torch.manual_seed(0)
     x = torch.randn(8, 3, 4, 4)
-    split = SplitBatchNorm2d(3, num_splits=2)
-    expected = split(x)
-    torch.testing.assert_close(SplitBatchNorm2d(3, num_splits=2)(x.to(memory_format=torch.channels_last)), expected)
+    grad = torch.randn(8, 3, 4, 4)
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        split = SplitBatchNorm2d(3, num_splits=2)
+        inp = x.clone(memory_format=layout).requires_grad_()
+        out = split(inp)
+        out.backward(grad)
+        results.append((out, inp.grad, split.weight.grad, split.running_var))
+    for got, expected in zip(results[1], results[0]):  # the same values and gradients in either layout
+        torch.testing.assert_close(got, expected)
 
 
 def test_convert_keeps_parameters_and_buffers_and_only_swaps_plain_bn():

@@ -3,7 +3,13 @@ import math
 import torch
 from torch.nn import functional as F
 
-from moco_lightning.losses import batch_contrastive_logits, info_nce_logits, info_nce_loss, moco_v3_loss
+from moco_lightning.losses import (
+    batch_contrastive_logits,
+    info_nce_logits,
+    info_nce_loss,
+    moco_v3_loss,
+    positive_rank_accuracy,
+)
 
 
 def reference_info_nce(q, k, queue, t):
@@ -71,3 +77,33 @@ def test_v3_loss_gradient_flows_to_queries_only():
     q, k = torch.randn(4, 5, requires_grad=True), torch.randn(4, 5, requires_grad=True)
     moco_v3_loss(q, k, 1.0).backward()
     assert q.grad is not None and k.grad is None  # keys are targets, gathered without gradient
+
+
+def test_logits_stay_float32_under_bf16_autocast():
+    q = F.normalize(torch.randn(4, 8), dim=1)
+    k = F.normalize(torch.randn(4, 8), dim=1)
+    queue = F.normalize(torch.randn(16, 8), dim=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = info_nce_logits(q.bfloat16(), k.bfloat16(), queue, temperature=0.07)
+        half = (q.bfloat16() @ queue.bfloat16().t()) / 0.07  # what autocast alone would give
+    assert logits.dtype == torch.float32 and half.dtype == torch.bfloat16
+    exact = q.bfloat16().float() @ queue.t() / 0.07
+    torch.testing.assert_close(logits[:, 1:], exact, atol=1e-5, rtol=1e-5)
+    assert (half.float() - exact).abs().max() > 1e-3  # bf16 logits would be off by this much
+
+
+def test_positive_rank_accuracy_counts_negatives_above_the_positive():
+    logits = torch.tensor([[5.0, 1.0, 2.0, 3.0],    # positive first: rank 0
+                           [2.0, 3.0, 1.0, 0.0],    # one negative above: rank 1
+                           [0.0, 1.0, 2.0, 3.0]])   # three above: rank 3
+    top1, top2, top4 = positive_rank_accuracy(logits, (1, 2, 4))
+    torch.testing.assert_close(torch.stack([top1, top2, top4]), torch.tensor([1 / 3, 2 / 3, 1.0]))
+
+
+def test_v3_logits_stay_float32_under_bf16_autocast():
+    q, k = torch.randn(4, 8), torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = batch_contrastive_logits(q.bfloat16(), k.bfloat16(), 0.2)
+    assert logits.dtype == torch.float32
+    exact = F.normalize(q.bfloat16().float(), dim=1) @ F.normalize(k.bfloat16().float(), dim=1).t() / 0.2
+    torch.testing.assert_close(logits, exact, atol=1e-5, rtol=1e-5)

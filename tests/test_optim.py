@@ -141,3 +141,35 @@ def test_resumed_scheduler_keeps_this_runs_base_lr_and_the_checkpoints_step(capl
     new_opt.step()
     new.step()
     assert new_opt.param_groups[0]["lr"] == pytest.approx(0.02 * factor(4))  # the schedule goes on from there
+
+
+def sgd_after_two_steps(weight: torch.Tensor, grad: torch.Tensor) -> tuple[torch.optim.Optimizer, torch.Tensor]:
+    param = torch.nn.Parameter(weight.clone(memory_format=torch.preserve_format))
+    optimizer = build_optimizer([param], "sgd", lr=0.1, momentum=0.9, weight_decay=1e-4)
+    for _ in range(2):
+        param.grad = grad.clone()
+        optimizer.step()
+    return optimizer, param.detach()
+
+
+def test_sgd_is_fused_for_contiguous_parameters_and_equals_the_loop():
+    g = torch.Generator().manual_seed(0)
+    weight, grad = torch.randn(4, 3, 3, 3, generator=g), torch.randn(4, 3, 3, 3, generator=g)
+    optimizer, fused = sgd_after_two_steps(weight, grad)
+    assert optimizer.defaults["fused"]
+    loop = torch.nn.Parameter(weight.clone())
+    reference = torch.optim.SGD([loop], lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=False)
+    for _ in range(2):
+        loop.grad = grad.clone()
+        reference.step()
+    torch.testing.assert_close(fused, loop.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_channels_last_parameters_with_a_gradient_in_the_other_layout_get_the_right_update():
+    # torch's fused CPU SGD gets this case wrong (by the size of the weights); build_optimizer must not fuse it
+    g = torch.Generator().manual_seed(0)
+    weight, grad = torch.randn(4, 3, 3, 3, generator=g), torch.randn(4, 3, 3, 3, generator=g)
+    _, expected = sgd_after_two_steps(weight, grad)
+    optimizer, got = sgd_after_two_steps(weight.contiguous(memory_format=torch.channels_last), grad)
+    assert not optimizer.defaults["fused"]
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)

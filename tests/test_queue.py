@@ -76,3 +76,20 @@ def test_old_queue_inside_a_model_loads_under_its_prefix():
     old = {k: v for k, v in model.state_dict().items() if k != "key_queue.written_at"}
     with pytest.warns(UserWarning, match="written_at"):
         model.load_state_dict(old)  # strict: no missing key
+
+
+def test_enqueue_never_reads_the_pointer_back_and_follows_a_loaded_state(monkeypatch):
+    source = KeyQueue(6, 3)
+    source.enqueue(torch.ones(2, 3))
+    q = KeyQueue(6, 3)
+    q.load_state_dict(source.state_dict())  # the host-side pointer follows the checkpoint
+
+    def no_host_read(self, *args):
+        raise AssertionError("enqueue read a tensor value on the host (a host-device sync on a GPU)")
+
+    for name in ("item", "__int__", "__index__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, no_host_read)
+    q.enqueue(torch.full((2, 3), 2.0))
+    monkeypatch.undo()
+    assert int(q.ptr) == 4 and torch.equal(q.queue[2:4], torch.full((2, 3), 2.0))
+    assert torch.equal(q.queue[:2], torch.ones(2, 3))

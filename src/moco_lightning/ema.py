@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from moco_lightning.scalars import device_scalar
+
 #: Momentum schedules: m constant, or rising from its base value to 1 on a half cosine (BYOL; MoCo v3).
 MOMENTUM_SCHEDULES = ("constant", "cosine")
 
@@ -86,4 +88,4 @@ class MomentumUpdateAfterStep:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         m = self.momentum_at(self.trainer.global_step + 1)  # the step counter moves after this hook
         self.momentum_update(m)
-        self.log("train/momentum", m)
+        self.log("train/momentum", device_scalar(self, "momentum", m))  # no host-device copy per step

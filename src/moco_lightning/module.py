@@ -18,16 +18,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
-from torchmetrics.classification import MulticlassAccuracy
 
 from moco_lightning.backbones import build_backbone
 from moco_lightning.bn import BN_MODES, DEFAULT_BN_SPLITS, convert_batchnorm, encode_shuffled, resolve_bn_mode
 from moco_lightning.distributed import world_size
 from moco_lightning.ema import MOMENTUM_SCHEDULES, MomentumUpdateAfterStep, momentum_update
 from moco_lightning.heads import Encoder, ProjectionHead
-from moco_lightning.losses import info_nce_logits, info_nce_loss
+from moco_lightning.losses import info_nce_logits, info_nce_loss, positive_rank_accuracy
 from moco_lightning.optim import LR_INTERVALS, configure_optimization, global_batch_size
 from moco_lightning.queue import KeyQueue
+from moco_lightning.scalars import device_scalar
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,11 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
         lr_milestones: epochs at which the ``"step"`` schedule multiplies the lr by 0.1.
         warmup_epochs: epochs of linear warm-up.
         scale_lr: use ``lr × global_batch / 256`` (global batch = per-device batch × processes × accumulation).
+        channels_last: store the encoders' weights and the step's image batches channels-last (NHWC), the faster
+            layout of convolutions on GPUs with tensor cores and on CPUs with oneDNN.
+        compile: ``torch.compile`` the backbones of both encoders (compiled on the first step; the kNN monitor's
+            eval-mode passes compile once more); ``True`` for the defaults, or a dict of ``torch.compile``
+            keywords (``{"mode": "max-autotune"}``).
 
     """
 
@@ -99,6 +104,8 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
         lr_milestones: Sequence[float] = (120, 160),
         warmup_epochs: float = 0,
         scale_lr: bool = False,
+        channels_last: bool = False,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         lr_milestones = tuple(float(e) for e in lr_milestones)  # plain types in checkpoints (not ListConfig)
@@ -109,14 +116,16 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
 
         net, self.feature_dim = build_backbone(backbone, cifar_stem=cifar_stem, feature_dim=feature_dim)
         self.encoder_q = Encoder(net, ProjectionHead(self.feature_dim, dim, hidden_dim=hidden_dim, mlp=mlp))
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.encoder_q.to(memory_format=self.memory_format)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         self.encoder_k.requires_grad_(False)
         self.key_queue = KeyQueue(queue_size, dim)
         self.bn_mode: str | None = None  # the concrete BN mode, set by configure_bn()
-
-        top5 = min(5, queue_size + 1)
-        self.train_top1 = MulticlassAccuracy(num_classes=queue_size + 1, top_k=1, average="micro")
-        self.train_top5 = MulticlassAccuracy(num_classes=queue_size + 1, top_k=top5, average="micro")
+        if compile:  # in place (nn.Module.compile): parameter names and checkpoints stay as without compile
+            options = dict(compile) if isinstance(compile, dict) else {}
+            self.encoder_q.backbone.compile(**options)
+            self.encoder_k.backbone.compile(**options)
 
     # ------------------------------------------------------------------ names of the official builder
     @property
@@ -200,6 +209,8 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
         demo does), ``logits`` / ``labels`` stack both directions (``2N`` rows) and both views' keys are enqueued.
         """
         self.configure_bn()
+        fmt = self.memory_format  # channels-last with channels_last=True; a no-op when the batch already is
+        im_q, im_k = im_q.contiguous(memory_format=fmt), im_k.contiguous(memory_format=fmt)
         features, q = self.encode_query(im_q)
         k = self.encode_key(im_k)
         loss, logits, labels = self.contrastive_loss(q, k)
@@ -227,23 +238,22 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
         """
         (im_q, im_k), labels = batch[0], batch[1]
         out = self.step(im_q, im_k)
-        loss, logits, targets, features = out["loss"], out["logits"], out["labels"], out["features"]
+        loss, logits, features = out["loss"], out["logits"], out["features"]
 
-        self.train_top1(logits, targets)
-        self.train_top5(logits, targets)
+        top1, top5 = positive_rank_accuracy(logits.detach(), (1, 5))  # on the device: no host read per step
         n = im_q.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log_dict(
             {
-                "train/acc_top1": self.train_top1,
-                "train/acc_top5": self.train_top5,
+                "train/acc_top1": top1,
+                "train/acc_top5": top5,
                 "train/pos_sim": logits[:, 0].mean().detach() * self.T,
                 "train/neg_sim": logits[:, 1:].mean().detach() * self.T,
             },
             prog_bar=False,
             batch_size=n,
         )
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
+        self.log("train/lr", device_scalar(self, "lr", self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=n)
         return {"loss": loss, "features": features.detach(), "labels": labels, "logits": logits.detach()}
 
     def setup(self, stage: str) -> None:

@@ -26,6 +26,10 @@ class KeyQueue(nn.Module):
 
     As in the official code, ``size`` must be a multiple of the global batch so that a batch never straddles
     the end of the buffer; :meth:`check_batch` says so with the numbers before any compute happens.
+
+    ``enqueue`` never reads the device: it writes at a host-side copy of ``ptr`` (reading ``ptr`` on a GPU would
+    make the host wait for the device at every step). The copy follows ``enqueue`` and ``load_state_dict``; set
+    ``ptr`` through those two only.
     """
 
     queue: torch.Tensor
@@ -40,6 +44,7 @@ class KeyQueue(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("written_at", torch.zeros(size, dtype=torch.long))
+        self._ptr_host = 0  # == int(ptr), kept on the host
 
     def check_batch(self, global_batch: int) -> None:
         """Raise a clear error unless ``size`` is a positive multiple of ``global_batch`` (batch x processes)."""
@@ -61,17 +66,12 @@ class KeyQueue(nn.Module):
         keys = concat_all_gather(keys.detach())
         n = keys.shape[0]
         self.check_batch(n)
-        self._stamp(n, step)
-        start = int(self.ptr)
+        start = self._ptr_host
         self.queue[start : start + n] = keys.to(self.queue.dtype)
-        self.ptr.fill_((start + n) % self.size)
-
-    @torch.no_grad()
-    def _stamp(self, n: int, step: int | None) -> None:
-        """Write ``step`` into ``written_at`` for the ``n`` slots from ``ptr`` on, on the device (no host sync)."""
-        slots = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size
         # a Python int is a kernel argument; the None case stays a device tensor: neither copies to the host
-        self.written_at.index_fill_(0, slots, self.written_at.max() + 1 if step is None else step)
+        self.written_at[start : start + n] = self.written_at.max() + 1 if step is None else step
+        self._ptr_host = (start + n) % self.size
+        self.ptr.fill_(self._ptr_host)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         """Load a queue; one saved before ``written_at`` existed gets every key stamped at step 0, with a warning."""
@@ -84,6 +84,8 @@ class KeyQueue(nn.Module):
             )
             state_dict[prefix + "written_at"] = torch.zeros_like(self.written_at)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "ptr" in state_dict:
+            self._ptr_host = int(state_dict[prefix + "ptr"])  # once, when a checkpoint is loaded
 
     def extra_repr(self) -> str:
         """Show size and width in the module summary."""

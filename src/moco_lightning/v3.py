@@ -27,6 +27,7 @@ from moco_lightning.ema import MOMENTUM_SCHEDULES, MomentumUpdateAfterStep, mome
 from moco_lightning.heads import Encoder, build_mlp
 from moco_lightning.losses import moco_v3_loss
 from moco_lightning.optim import LR_INTERVALS, OPTIMIZERS, configure_optimization, global_batch_size
+from moco_lightning.scalars import device_scalar
 from moco_lightning.vit import MoCoViT
 
 
@@ -193,7 +194,7 @@ class MoCoV3(MomentumUpdateAfterStep, L.LightningModule):
 
         n = x1.shape[0]
         self.log("train/loss", loss, batch_size=n)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
+        self.log("train/lr", device_scalar(self, "lr", self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=n)
         return {"loss": loss, "features": features.detach(), "labels": labels}
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -67,3 +67,10 @@ def write_image_folder(root: Path, classes: int = 2, per_class: int = 4, size: i
         for j in range(per_class):
             Image.fromarray(label_image(c, size)).save(root / f"class{c}" / f"img{j}.png")
     return root
+
+
+def first_views(dm):
+    """The first pretraining batch as the model sees it, ``((x_q, x_k), y)``: the loader's batch, then the batch
+    augmentation (what the Trainer's ``on_after_batch_transfer`` does) when ``dm.batch_augmentation`` is on."""
+    batch = next(iter(dm.train_dataloader()))
+    return dm.augment_batch(batch) if dm.batch_augmentation else batch

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from data_fakes import first_views
 
 from moco_lightning.data import DigitsDataModule, digits_split, load_digits_images
 from moco_lightning.transforms import DIGITS_MEAN, DIGITS_STD
@@ -56,9 +57,11 @@ def test_attributes_after_setup(digits):
     assert digits.augmentation == "digits"
 
 
-def test_pretraining_batch_has_two_different_views_and_labels(digits):
+@pytest.mark.parametrize("on_batches", [True, False], ids=["batch_augmentation", "per_image"])
+def test_pretraining_batch_has_two_different_views_and_labels(on_batches):
+    digits = DigitsDataModule(batch_size=32, seed=0, batch_augmentation=on_batches)
     torch.manual_seed(0)
-    (x_q, x_k), y = next(iter(digits.train_dataloader()))
+    (x_q, x_k), y = first_views(digits)
     assert x_q.shape == x_k.shape == (32, 3, 16, 16)
     assert x_q.dtype == torch.float32 and y.dtype == torch.int64 and y.shape == (32,)
     differ = (x_q - x_k).flatten(1).abs().amax(1) > 1e-3
@@ -86,7 +89,7 @@ def test_eval_loaders_are_deterministic_labelled_and_complete(digits):
 
 def test_train_views_come_from_the_labelled_image():
     identity = lambda img: img  # noqa: E731 - a view transform that keeps the stored image
-    dm = DigitsDataModule(batch_size=16, augmentation=identity)
+    dm = DigitsDataModule(batch_size=16, augmentation=identity, batch_augmentation=False)
     (x_q, x_k), y = next(iter(dm.train_dataloader()))
     base = dm.pretrain_dataset.base
     for img, label in zip(x_q, y, strict=True):

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from data_fakes import label_image, write_image_folder
+from data_fakes import first_views, label_image, write_image_folder
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -41,7 +41,7 @@ def test_class_subfolders_give_labels_and_two_views(tmp_path):
     assert dm.num_classes == 3 and dm.classes == ["class0", "class1", "class2"]
     assert dm.num_train_samples == 9
     torch.manual_seed(0)
-    (x_q, x_k), y = next(iter(dm.train_dataloader()))
+    (x_q, x_k), y = first_views(dm)
     assert x_q.shape == x_k.shape == (4, 3, 16, 16) and y.dtype == torch.int64
     assert not torch.equal(x_q, x_k)
     val_labels = [label for _, label in dm.eval_dataset("val").base.samples]
@@ -51,8 +51,8 @@ def test_class_subfolders_give_labels_and_two_views(tmp_path):
 def test_labels_line_up_with_the_images(tmp_path):
     root = write_image_folder(tmp_path / "imgs", classes=3, per_class=2)
     dm = ImageFolderDataModule(data_dir=str(root), batch_size=6, num_workers=0, val_fraction=0.0,
-                               augmentation=AS_FLOAT)
-    (x_q, _), y = next(iter(dm.train_dataloader()))
+                               augmentation=AS_FLOAT, batch_augmentation=False)
+    (x_q, _), y = first_views(dm)
     assert torch.equal(decoded_labels(x_q), y)
 
 
@@ -73,7 +73,7 @@ def test_flat_folder_pretrains_without_labels_but_cannot_evaluate(tmp_path):
     dm = ImageFolderDataModule(data_dir=str(tmp_path), batch_size=4, num_workers=0, image_size=8)
     dm.setup("fit")
     assert dm.num_classes == 0 and not dm.has_labels and dm.num_train_samples == 5
-    (x_q, _), y = next(iter(dm.train_dataloader()))
+    (x_q, _), y = first_views(dm)
     assert x_q.shape == (4, 3, 8, 8) and y.tolist() == [-1] * 4
     with pytest.raises(ValueError, match="class sub-folders"):
         dm.eval_val_dataloader()
@@ -162,7 +162,7 @@ def test_imagenet_layout_train_and_val(tmp_path):
     dm = ImageNetDataModule(data_dir=str(tmp_path), batch_size=2, num_workers=0, image_size=16)
     dm.setup("fit")
     assert dm.num_classes == 2 and dm.num_train_samples == 6
-    (x_q, x_k), _ = next(iter(dm.train_dataloader()))
+    (x_q, x_k), _ = first_views(dm)
     assert x_q.shape == (2, 3, 16, 16)
     x, y = next(iter(dm.eval_val_dataloader()))
     assert x.shape == (2, 3, 16, 16) and y.tolist() == [0, 1]

@@ -5,8 +5,10 @@ from moco_lightning.data import DigitsDataModule
 
 
 def first_batches(dm, n=2):
+    """The first ``n`` pretraining batches as the model sees them (batch augmentation applied when it is on)."""
     it = iter(dm.train_dataloader())
-    return [next(it) for _ in range(n)]
+    batches = [next(it) for _ in range(n)]
+    return [dm.augment_batch(b) for b in batches] if dm.batch_augmentation else batches
 
 
 def assert_same(a, b):

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from data_fakes import write_cifar, write_stl10
+from data_fakes import first_views, write_cifar, write_stl10
 from torchvision.transforms import v2
 
 from moco_lightning.data import CIFAR10DataModule, CIFAR100DataModule, DatasetNotAvailableError, STL10DataModule
@@ -21,7 +21,7 @@ def test_cifar10_views_labels_and_shapes(tmp_path, skip_md5):
     dm.setup("fit")
     assert dm.num_classes == 10 and dm.image_size == 32 and dm.num_train_samples == 10
     torch.manual_seed(0)
-    (x_q, x_k), y = next(iter(dm.train_dataloader()))
+    (x_q, x_k), y = first_views(dm)
     assert x_q.shape == x_k.shape == (4, 3, 32, 32) and x_q.dtype == torch.float32 and y.dtype == torch.int64
     assert not torch.equal(x_q, x_k)
     x, y = next(iter(dm.eval_val_dataloader()))
@@ -33,8 +33,8 @@ def test_cifar10_views_labels_and_shapes(tmp_path, skip_md5):
 
 def test_cifar10_pretraining_pairs_keep_their_label(tmp_path, skip_md5):
     dm = CIFAR10DataModule(data_dir=str(write_cifar(tmp_path)), download=False, batch_size=5, num_workers=0,
-                           augmentation=AS_FLOAT)
-    (x_q, x_k), y = next(iter(dm.train_dataloader()))
+                           augmentation=AS_FLOAT, batch_augmentation=False)
+    (x_q, x_k), y = first_views(dm)
     assert torch.equal(decoded_labels(x_q), y) and torch.equal(decoded_labels(x_k), y)
 
 
@@ -43,7 +43,7 @@ def test_cifar100_reads_fine_labels_and_resizes_on_request(tmp_path, skip_md5):
     dm = CIFAR100DataModule(data_dir=str(root), download=False, batch_size=4, num_workers=0, image_size=16)
     dm.setup("fit")
     assert dm.num_classes == 100 and dm.num_train_samples == 12
-    (x_q, _), _ = next(iter(dm.train_dataloader()))
+    (x_q, _), _ = first_views(dm)
     assert x_q.shape == (4, 3, 16, 16)
     x, y = next(iter(dm.eval_train_dataloader()))
     assert x.shape == (4, 3, 16, 16) and y.tolist() == [0, 1, 2, 3]
@@ -56,7 +56,7 @@ def test_stl10_pretrains_on_train_plus_unlabeled_and_evaluates_on_test(tmp_path,
                          image_size=24)
     dm.setup("fit")
     assert dm.num_train_samples == 6 + 4 and dm.num_classes == 10 and dm.image_size == 24
-    (x_q, x_k), _ = next(iter(dm.train_dataloader()))
+    (x_q, x_k), _ = first_views(dm)
     assert x_q.shape == x_k.shape == (5, 3, 24, 24)
     labels = sorted(int(label) for _, label in dm.pretrain_dataset.base)
     assert labels.count(-1) == 4
@@ -73,7 +73,7 @@ def test_stl10_images_are_read_in_the_right_orientation(tmp_path, skip_md5):
     data = bytearray((root / "stl10_binary" / "test_X.bin").read_bytes())
     data[: img.size] = np.ascontiguousarray(img.transpose(0, 2, 1)).tobytes()
     (root / "stl10_binary" / "test_X.bin").write_bytes(bytes(data))
-    dm = STL10DataModule(data_dir=str(root), download=False, augmentation=AS_FLOAT)
+    dm = STL10DataModule(data_dir=str(root), download=False, augmentation=AS_FLOAT, batch_augmentation=False)
     image, _ = dm.eval_dataset("val").base[0]
     assert np.asarray(image)[0, :5, 0].tolist() == [0, 1, 2, 3, 4]
 

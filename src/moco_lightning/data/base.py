@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import warnings
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
+from moco_lightning.data.batch_augment import BatchTwoViewAugmentation, build_batch_augmentation
 from moco_lightning.transforms import (
     AUGMENTATIONS,
     DATASET_STATS,
@@ -29,6 +31,16 @@ __all__ = ["DatasetError", "MoCoDataModule", "TransformedDataset", "seed_worker"
 
 class DatasetError(ValueError):
     """The data on disk cannot be trained on (an empty folder, fewer images than one batch...); says what to fix."""
+
+
+def batch_seed(seed: int, rank: int, index: int) -> int:
+    """A 32-bit seed for the augmentation of batch ``index`` on process ``rank`` of a run seeded with ``seed``.
+
+    Hashed (BLAKE2b) rather than summed, so nearby seeds, ranks and batches get unrelated streams; 32 bits because
+    torch's CPU generator keeps only the low 32 bits of a seed.
+    """
+    digest = hashlib.blake2b(f"moco-lightning/{seed}/{rank}/{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
 
 
 def seed_worker(worker_id: int) -> None:
@@ -88,6 +100,13 @@ class MoCoDataModule(LightningDataModule):
     :func:`seed_worker`). With ``num_workers=0`` the augmentations run in the main process and draw from its global
     RNG: seed it with ``lightning.seed_everything(seed)`` (the training CLI does).
 
+    Batch augmentation (``batch_augmentation=True``): the pretraining loader only turns images into tensors (and,
+    for datasets of images of any size, takes the two random resized crops on the CPU); the rest of the recipe runs
+    on whole batches on the training device in :meth:`on_after_batch_transfer`
+    (:mod:`moco_lightning.data.batch_augment`), with parameters drawn per image from a generator seeded anew for
+    every batch from ``(seed, global_rank, batch index)`` (:meth:`augment_batch`), so a resumed run draws what an
+    uninterrupted one draws. The evaluation loaders keep their deterministic per-image transform.
+
     Args:
         batch_size: pretraining batch size per device (per process).
         num_workers: loader worker processes per device.
@@ -103,6 +122,8 @@ class MoCoDataModule(LightningDataModule):
             or ``{"blur_prob": 0.0}`` for "v2".
         eval_batch_size: batch size of the evaluation loaders; ``None`` = ``batch_size``.
         prefetch_factor: batches prefetched per worker (``None`` = PyTorch's default); ignored without workers.
+        batch_augmentation: augment whole batches on the training device (see above) instead of each image in
+            the loader; needs a named ``augmentation``.
 
     """
 
@@ -110,13 +131,16 @@ class MoCoDataModule(LightningDataModule):
     dataset_name: ClassVar[str] = "folder"
     #: augmentation used when ``augmentation=None``.
     default_augmentation: ClassVar[str] = "v2"
+    #: whether all images have one size (in-memory / fixed-size datasets): the batch augmentation then crops on the
+    #: device; otherwise the loader takes the random resized crops.
+    fixed_image_size: ClassVar[bool] = True
 
     def __init__(self, batch_size: int = 256, num_workers: int = 4, pin_memory: bool | None = None,
                  persistent_workers: bool | None = None, seed: int = 0,
                  augmentation: str | Callable[[Any], torch.Tensor] | None = None, image_size: int | None = None,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  augmentation_kwargs: dict[str, Any] | None = None, eval_batch_size: int | None = None,
-                 prefetch_factor: int | None = None) -> None:
+                 prefetch_factor: int | None = None, batch_augmentation: bool = True) -> None:
         super().__init__()
         name = type(self).__name__
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -132,6 +156,9 @@ class MoCoDataModule(LightningDataModule):
         if isinstance(augmentation, str) and augmentation not in AUGMENTATIONS:
             raise ValueError(f"{name}: unknown data.augmentation {augmentation!r}; use one of {list(AUGMENTATIONS)} "
                              "or a callable transform")
+        if batch_augmentation and callable(augmentation):
+            raise ValueError(f"{name}: data.batch_augmentation=true needs a named augmentation "
+                             f"({list(AUGMENTATIONS)}); set batch_augmentation=False to apply a callable per image")
         for key, value in (("mean", mean), ("std", std)):
             if value is not None and len(value) != 3:
                 raise ValueError(f"{name}: data.{key} must have 3 values (RGB), got {value!r}")
@@ -150,8 +177,11 @@ class MoCoDataModule(LightningDataModule):
         self.std = tuple(float(v) for v in (std if std is not None else stats[1]))
         self.num_classes: int = getattr(self, "num_classes", 0)
         self.num_train_samples: int = 0
+        self.batch_augmentation = bool(batch_augmentation)
         self._pretrain_dataset: Dataset | None = None
         self._eval_datasets: dict[tuple[str, bool], Dataset] = {}
+        self._batch_augment: BatchTwoViewAugmentation | None = None
+        self._augment_generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------ subclass hooks
     def _build_pretrain_dataset(self) -> Dataset:
@@ -164,13 +194,54 @@ class MoCoDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ transforms
     @property
-    def pretrain_transform(self) -> TwoViewTransform:
-        """The two-view transform of the pretraining loader."""
+    def pretrain_transform(self) -> Callable[[Any], Any]:
+        """What the pretraining loader does to each image: both views, or only what the batch augmentation leaves."""
+        if self.batch_augmentation:
+            return self.batch_augment.loader_transform
         if callable(self.augmentation):
             return TwoViewTransform(self.augmentation)
         view_1, view_2 = build_view_transforms(self.augmentation, self.image_size, self.mean, self.std,
                                                **self.augmentation_kwargs)
         return TwoViewTransform(view_1, view_2)
+
+    @property
+    def batch_augment(self) -> BatchTwoViewAugmentation:
+        """The batched two-view augmentation of the recipe (built on first use)."""
+        if self._batch_augment is None:
+            if callable(self.augmentation):
+                raise ValueError(f"{type(self).__name__}: a callable augmentation has no batched counterpart")
+            self._batch_augment = build_batch_augmentation(
+                self.augmentation, self.image_size, self.mean, self.std, crop_on_device=self.fixed_image_size,
+                **self.augmentation_kwargs)
+        return self._batch_augment
+
+    def augment_batch(self, batch: Any, index: int | None = None) -> Any:
+        """Two augmented views of a pretraining batch on its device: ``(images, y) -> ([x_q, x_k], y)``.
+
+        ``index`` is the batch's position in the run (0 for the first batch of the first epoch): the parameters of
+        batch ``index`` are drawn from a generator seeded with ``(seed, global_rank, index)`` alone, so a run
+        resumed from a checkpoint draws the same augmentations as an uninterrupted one with nothing to save. The
+        Trainer passes it (:meth:`on_after_batch_transfer`). Without it (iterating :meth:`train_dataloader` outside
+        a ``Trainer``) the draws continue one generator seeded with ``seed + 1000 * global_rank``.
+        """
+        if index is None:
+            if self._augment_generator is None:
+                self._augment_generator = self._generator(seed_offset=3)
+            generator = self._augment_generator
+        else:
+            rank, _ = self._rank_and_world()
+            generator = torch.Generator().manual_seed(batch_seed(self.seed, rank, index))
+        images, labels = batch[0], batch[1]
+        return self.batch_augment(images, generator), labels
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Lightning hook: augment pretraining batches on the device when ``batch_augmentation`` is on."""
+        trainer = self.trainer
+        if self.batch_augmentation and trainer is not None and trainer.training:
+            # batches fetched before this one over the whole run; restored from the checkpoint on resume
+            index = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+            return self.augment_batch(batch, index)
+        return batch
 
     @property
     def eval_transform(self) -> Callable[[Any], torch.Tensor]:
@@ -217,10 +288,13 @@ class MoCoDataModule(LightningDataModule):
             return 0, 1
         return int(trainer.global_rank), int(trainer.world_size)
 
+    def _generator(self, seed_offset: int) -> torch.Generator:
+        rank, _ = self._rank_and_world()
+        return torch.Generator().manual_seed(self.seed + 1000 * rank + seed_offset)
+
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool,
                 seed_offset: int, loader_class: type[DataLoader] = DataLoader, **extra: Any) -> DataLoader:
-        rank, _ = self._rank_and_world()
-        generator = torch.Generator().manual_seed(self.seed + 1000 * rank + seed_offset)
+        generator = self._generator(seed_offset)
         kwargs: dict[str, Any] = dict(extra)
         if self.num_workers > 0:
             kwargs["persistent_workers"] = self.persistent_workers
@@ -231,7 +305,11 @@ class MoCoDataModule(LightningDataModule):
                             generator=generator, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled two-view pretraining batches ``([x_q, x_k], y)`` with ``drop_last=True``."""
+        """Shuffled pretraining batches with ``drop_last=True``: ``([x_q, x_k], y)``.
+
+        With ``batch_augmentation`` the loader's batches are ``(images, y)`` (or ``([crops_1, crops_2], y)`` for
+        images of any size) and become ``([x_q, x_k], y)`` on the device (:meth:`augment_batch`).
+        """
         dataset = self.pretrain_dataset
         _, world = self._rank_and_world()
         per_device = len(dataset) // world  # type: ignore[arg-type]
@@ -266,4 +344,5 @@ class MoCoDataModule(LightningDataModule):
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(batch_size={self.batch_size}, num_workers={self.num_workers}, "
-                f"augmentation={self.augmentation!r}, image_size={self.image_size})")
+                f"augmentation={self.augmentation!r}, image_size={self.image_size}, "
+                f"batch_augmentation={self.batch_augmentation})")

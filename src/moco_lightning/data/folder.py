@@ -214,6 +214,9 @@ class SkippedImagesReport(Callback):
 class _FolderDataModule(MoCoDataModule):
     """Shared logic of the folder datamodules: datasets built from scans, skip counting."""
 
+    #: images of any size: with batch augmentation the loader decodes and takes the random resized crops
+    fixed_image_size = False
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._folder_datasets: list[ImageFolderDataset] = []

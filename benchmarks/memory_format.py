@@ -1,0 +1,89 @@
+"""A MoCo v2 step with the encoders and batches channels-last (``model.channels_last``) against the default layout.
+
+The same bare step as benchmarks/lightning_overhead.py (query and key encoders, InfoNCE, enqueue, SGD, momentum
+update) on in-memory batches, both layouts alternating in one process. Two cases: the default run's model
+(ResNet-18, ImageNet stem, 16 px) and the CIFAR demo's (CIFAR stem, 32 px), batch 64. Prints wall and CPU time
+per step and writes JSON. Not a test.
+
+    python benchmarks/memory_format.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from moco_lightning import MoCo
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = {"ImageNet stem, 16 px (default run)": (False, 16, 8), "CIFAR stem, 32 px (CIFAR demo)": (True, 32, 2)}
+
+
+def make(cifar_stem: bool, channels_last: bool) -> tuple[MoCo, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = MoCo("resnet18", cifar_stem=cifar_stem, dim=128, mlp=True, queue_size=64, momentum=0.99,
+                 temperature=0.4, channels_last=channels_last)
+    params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder_k.")]
+    return model, torch.optim.SGD(params, lr=0.03, momentum=0.9, weight_decay=1e-4)
+
+
+def step(model: MoCo, optimizer: torch.optim.Optimizer, im_q: torch.Tensor, im_k: torch.Tensor) -> None:
+    fmt = model.memory_format
+    im_q, im_k = im_q.contiguous(memory_format=fmt), im_k.contiguous(memory_format=fmt)
+    _, q = model.encode_query(im_q)
+    k = model.encode_key(im_k)
+    loss, _, _ = model.contrastive_loss(q, k)
+    model.dequeue_and_enqueue(k)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    model.momentum_update(0.99)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/memory_format.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = {}
+    for case, (cifar_stem, size, steps) in CASES.items():
+        g = torch.Generator().manual_seed(0)
+        views = [torch.randn(64, 3, size, size, generator=g) for _ in range(2)]
+        variants = {"contiguous": make(cifar_stem, False), "channels_last": make(cifar_stem, True)}
+        for model, optimizer in variants.values():
+            step(model, optimizer, *views)
+        times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in variants}
+        for _ in range(args.repeats):
+            for name, (model, optimizer) in variants.items():
+                wall, cpu = time.perf_counter(), time.process_time()
+                for _ in range(steps):
+                    step(model, optimizer, *views)
+                times[name]["wall"].append((time.perf_counter() - wall) / steps)
+                times[name]["cpu"].append((time.process_time() - cpu) / steps)
+        ratio = {kind: statistics.median(times["channels_last"][kind]) / statistics.median(times["contiguous"][kind])
+                 for kind in ("wall", "cpu")}
+        results[case] = {"seconds_per_step": times, "channels_last_over_contiguous": ratio}
+        print(f"{case}: contiguous {statistics.median(times['contiguous']['wall']) * 1e3:.0f} ms/step, "
+              f"channels-last {statistics.median(times['channels_last']['wall']) * 1e3:.0f} ms/step; "
+              f"channels-last / contiguous {ratio['wall']:.3f} wall, {ratio['cpu']:.3f} CPU; "
+              f"load {os.getloadavg()[0]:.1f}", flush=True)
+    payload = {"benchmark": "memory_format", "threads": args.threads, "results": results,
+               "environment": {"python": platform.python_version(), "torch": torch.__version__},
+               "command": f"python benchmarks/memory_format.py --threads {args.threads} --repeats {args.repeats}"}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
