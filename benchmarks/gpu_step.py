@@ -30,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from moco_lightning import MoCo
 from moco_lightning.data.batch_augment import build_batch_augmentation
+from moco_lightning.optim import build_optimizer
 from moco_lightning.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ class Loop:
         self.model = MoCo(args.backbone, dim=128, mlp=True, queue_size=args.queue, momentum=0.999, temperature=0.2,
                           channels_last=args.channels_last, compile=compile_option).to(device).train()
         params = [p for n, p in self.model.named_parameters() if p.requires_grad and not n.startswith("encoder_k.")]
-        self.optimizer = torch.optim.SGD(params, lr=0.03 * args.batch / 256, momentum=0.9, weight_decay=1e-4)
+        self.optimizer = build_optimizer(params, "sgd", lr=0.03 * args.batch / 256, momentum=0.9, weight_decay=1e-4)
         self.augment = build_batch_augmentation("v2", args.size, IMAGENET_MEAN, IMAGENET_STD, crop_on_device=True)
         self.generator = torch.Generator().manual_seed(0)
         source = round(args.size * 256 / 224)  # like the 256 px short side of the ImageNet evaluation resize

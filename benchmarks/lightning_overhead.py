@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from moco_lightning import MoCo
+from moco_lightning.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,14 +47,14 @@ def make_model(args) -> MoCo:
     # the digits recipe (conf/recipe/digits_resnet18.yaml) with a constant lr, so both paths do the same updates
     return MoCo(args.backbone, cifar_stem=args.cifar_stem, dim=128, mlp=True, queue_size=args.queue, momentum=0.99,
                 temperature=0.4, lr=0.03, weight_decay=1e-4, lr_schedule="constant",
-                channels_last=args.channels_last)
+                channels_last=args.channels_last, bn=args.bn)
 
 
 def bare_loop(args) -> dict[str, float]:
     """The step as a plain PyTorch loop: what the module's hooks compute, called by hand."""
     model = make_model(args).train()
     params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder_k.")]
-    optimizer = torch.optim.SGD(params, lr=0.03, momentum=0.9, weight_decay=1e-4)
+    optimizer = build_optimizer(params, "sgd", lr=0.03, momentum=0.9, weight_decay=1e-4)  # what the Trainer gets
     ends = []
     for (im_q, im_k), _ in DataLoader(Batches(args.warmup + args.steps + 1, args.batch, args.size),
                                       batch_size=None):
@@ -108,6 +109,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--bn", default="none", choices=["split", "none"],
+                        help="MoCo's BN mode (none: the default run's on one device)")
     parser.add_argument("--work", default="/tmp/lightning_overhead")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/lightning_overhead.json"))
     args = parser.parse_args()

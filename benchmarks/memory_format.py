@@ -21,17 +21,20 @@ from pathlib import Path
 import torch
 
 from moco_lightning import MoCo
+from moco_lightning.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = {"ImageNet stem, 16 px (default run)": (False, 16, 8), "CIFAR stem, 32 px (CIFAR demo)": (True, 32, 2)}
+# name: (CIFAR stem, image size, timed steps, BN mode of that recipe on one device)
+CASES = {"ImageNet stem, 16 px, plain BN (default run)": (False, 16, 8, "none"),
+         "CIFAR stem, 32 px, split BN (CIFAR demo)": (True, 32, 2, "split")}
 
 
-def make(cifar_stem: bool, channels_last: bool) -> tuple[MoCo, torch.optim.Optimizer]:
+def make(cifar_stem: bool, channels_last: bool, bn: str) -> tuple[MoCo, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = MoCo("resnet18", cifar_stem=cifar_stem, dim=128, mlp=True, queue_size=64, momentum=0.99,
-                 temperature=0.4, channels_last=channels_last)
+                 temperature=0.4, channels_last=channels_last, bn=bn)
     params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder_k.")]
-    return model, torch.optim.SGD(params, lr=0.03, momentum=0.9, weight_decay=1e-4)
+    return model, build_optimizer(params, "sgd", lr=0.03, momentum=0.9, weight_decay=1e-4)  # as the Trainer path
 
 
 def step(model: MoCo, optimizer: torch.optim.Optimizer, im_q: torch.Tensor, im_k: torch.Tensor) -> None:
@@ -55,10 +58,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = {}
-    for case, (cifar_stem, size, steps) in CASES.items():
+    for case, (cifar_stem, size, steps, bn) in CASES.items():
         g = torch.Generator().manual_seed(0)
         views = [torch.randn(64, 3, size, size, generator=g) for _ in range(2)]
-        variants = {"contiguous": make(cifar_stem, False), "channels_last": make(cifar_stem, True)}
+        variants = {"contiguous": make(cifar_stem, False, bn), "channels_last": make(cifar_stem, True, bn)}
         for model, optimizer in variants.values():
             step(model, optimizer, *views)
         times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in variants}

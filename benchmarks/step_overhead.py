@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from moco_lightning import MoCo
 from moco_lightning.backbones import build_backbone
+from moco_lightning.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,7 @@ class Supervised(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
+        return build_optimizer(self.parameters(), "sgd", lr=self.lr, momentum=0.9, weight_decay=5e-4)  # as MoCo
 
 
 class Batches(Dataset):
@@ -108,6 +109,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each, alternating")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--channels-last", action="store_true", help="model.channels_last for MoCo")
+    parser.add_argument("--bn", default="split", choices=["split", "none"],
+                        help="MoCo's BN mode: split (8 groups, the official CIFAR demo; one process's default) or "
+                             "none (the plain BN of the supervised step)")
     parser.add_argument("--work", default="/tmp/step_overhead")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/step_overhead.json"))
     args = parser.parse_args()
@@ -122,7 +126,7 @@ def main() -> None:
         # MoCo v2 with the official CIFAR-10 demo's numbers (dim 128, m 0.99, T 0.1, MLP head as v2)
         moco = MoCo(args.backbone, cifar_stem=args.cifar_stem, dim=128, mlp=True, queue_size=args.queue,
                     momentum=0.99, temperature=0.1, lr=0.03, weight_decay=5e-4, lr_schedule="cosine",
-                    channels_last=args.channels_last)
+                    channels_last=args.channels_last, bn=args.bn)
         runs["moco"].append(timed_fit(moco, 2, args))
         sup, moc = runs["supervised"][-1], runs["moco"][-1]
         print(f"repeat {repeat}: supervised {sup['wall']:.3f} s/step ({sup['cpu']:.3f} CPU), MoCo {moc['wall']:.3f} "

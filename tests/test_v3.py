@@ -263,3 +263,23 @@ def test_fixed_position_embedding_is_no_parameter_and_does_not_move(fitted_vit):
 def test_bad_settings_are_errors_naming_the_setting(kwargs, setting):
     with pytest.raises(ValueError, match=setting):
         tiny_v3("convnet", **kwargs)
+
+
+@pytest.mark.timeout(180)
+def test_channels_last_and_compile_train_like_the_default_layout():
+    torch.manual_seed(0)
+    default = tiny_v3("convnet", momentum_schedule="constant")
+    torch.manual_seed(0)
+    fast = tiny_v3("convnet", momentum_schedule="constant", channels_last=True, compile={"backend": "aot_eager"})
+    layouts = []
+    fast.base_encoder.backbone.register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    for model in (default, fast):
+        torch.manual_seed(0)
+        tiny_trainer(max_steps=2).fit(model, loader())
+    assert layouts and all(layouts)  # the batches reached the compiled backbone channels-last
+    assert fast.momentum_encoder.backbone[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not any("_orig_mod" in key for key in fast.state_dict())  # checkpoints keep their names
+    for a, b in zip(default.state_dict().values(), fast.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=3e-3, rtol=1e-2)  # another summation order, the same training
+    torch._dynamo.reset()

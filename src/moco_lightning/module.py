@@ -28,6 +28,7 @@ from moco_lightning.losses import info_nce_logits, info_nce_loss, positive_rank_
 from moco_lightning.optim import LR_INTERVALS, configure_optimization, global_batch_size
 from moco_lightning.queue import KeyQueue
 from moco_lightning.scalars import device_scalar
+from moco_lightning.speed import compile_backbones, memory_format, to_layout
 
 log = logging.getLogger(__name__)
 
@@ -116,16 +117,13 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
 
         net, self.feature_dim = build_backbone(backbone, cifar_stem=cifar_stem, feature_dim=feature_dim)
         self.encoder_q = Encoder(net, ProjectionHead(self.feature_dim, dim, hidden_dim=hidden_dim, mlp=mlp))
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.memory_format = memory_format(channels_last)
         self.encoder_q.to(memory_format=self.memory_format)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         self.encoder_k.requires_grad_(False)
         self.key_queue = KeyQueue(queue_size, dim)
         self.bn_mode: str | None = None  # the concrete BN mode, set by configure_bn()
-        if compile:  # in place (nn.Module.compile): parameter names and checkpoints stay as without compile
-            options = dict(compile) if isinstance(compile, dict) else {}
-            self.encoder_q.backbone.compile(**options)
-            self.encoder_k.backbone.compile(**options)
+        compile_backbones([self.encoder_q, self.encoder_k], compile)  # in place: checkpoints keep their names
 
     # ------------------------------------------------------------------ names of the official builder
     @property
@@ -209,8 +207,7 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
         demo does), ``logits`` / ``labels`` stack both directions (``2N`` rows) and both views' keys are enqueued.
         """
         self.configure_bn()
-        fmt = self.memory_format  # channels-last with channels_last=True; a no-op when the batch already is
-        im_q, im_k = im_q.contiguous(memory_format=fmt), im_k.contiguous(memory_format=fmt)
+        im_q, im_k = to_layout(im_q, self.memory_format), to_layout(im_k, self.memory_format)
         features, q = self.encode_query(im_q)
         k = self.encode_key(im_k)
         loss, logits, labels = self.contrastive_loss(q, k)

@@ -108,12 +108,14 @@ def test_embedding_maps_are_drawn_every_n_runs_and_at_the_end(runs):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("batch_augmentation", [True, False])
 @pytest.mark.parametrize("cache_bytes", [DiagnosticsMonitor.VIEW_CACHE_BYTES, 0])
-def test_alignment_views_are_the_same_at_every_run_whether_kept_or_not(cache_bytes, monkeypatch):
+def test_alignment_views_are_the_same_at_every_run_whether_kept_or_not(cache_bytes, batch_augmentation, monkeypatch):
     from types import SimpleNamespace
 
     monkeypatch.setattr(DiagnosticsMonitor, "VIEW_CACHE_BYTES", cache_bytes)
-    trainer = SimpleNamespace(datamodule=DigitsDataModule(batch_size=BATCH, image_size=8), precision_plugin=None)
+    dm = DigitsDataModule(batch_size=BATCH, image_size=8, batch_augmentation=batch_augmentation)
+    trainer = SimpleNamespace(datamodule=dm, precision_plugin=None)
     model = MoCo("resnet18", dim=8, queue_size=QUEUE, cifar_stem=False)
     monitor = DiagnosticsMonitor(max_samples=64)
     first, again = monitor.representation_metrics(trainer, model), monitor.representation_metrics(trainer, model)

@@ -1,6 +1,8 @@
 """Datamodules for MoCo pretraining and evaluation.
 
-``train_dataloader()`` yields ``([x_q, x_k], y)`` (two independently augmented views, ``drop_last=True``);
+Training batches are ``([x_q, x_k], y)`` (two independently augmented views, ``drop_last=True``): made on the
+training device from the loader's ``(images, y)`` by ``on_after_batch_transfer`` with ``batch_augmentation=True``
+(the default; outside a Trainer call ``augment_batch``), or by ``train_dataloader()`` itself with ``False``;
 ``eval_train_dataloader()`` / ``eval_val_dataloader()`` yield labelled ``(x, y)`` with one deterministic view.
 
 | datamodule | data | default crop |

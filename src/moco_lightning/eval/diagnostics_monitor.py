@@ -163,6 +163,11 @@ class DiagnosticsMonitor(Callback):
         loader = self._two_view_loader(dm)
         if loader is None:
             return None
+        if getattr(dm, "batch_augmentation", False):  # the loader gives images; the views are made on the device
+            generator = torch.Generator().manual_seed(self.seed)
+            device = dm.trainer.strategy.root_device if getattr(dm, "trainer", None) is not None else None
+            batches = (dm.batch_augment(_to_device(images, device), generator) for images, _ in loader)
+            return self._caching(dm, ((x1, x2) for x1, x2 in batches))
         return self._caching(dm, ((x1, x2) for (x1, x2), _ in loader))
 
     def _caching(self, dm: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -218,3 +223,12 @@ class DiagnosticsMonitor(Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message)
+
+
+def _to_device(images: torch.Tensor | list[torch.Tensor], device: torch.device | None) -> Any:
+    """A batch of images (or the loader's two crops) on ``device``; as it is when ``device`` is ``None``."""
+    if device is None:
+        return images
+    if isinstance(images, torch.Tensor):
+        return images.to(device)
+    return [crops.to(device) for crops in images]
