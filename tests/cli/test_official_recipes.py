@@ -9,6 +9,8 @@ from torchvision.transforms import v2
 
 from moco_lightning.bn import SplitBatchNorm2d
 from moco_lightning.cli.config_checks import check_config, global_batch_size
+from moco_lightning.data.batch_augment import RandomGaussianBlur as BatchRandomGaussianBlur
+from moco_lightning.data.batch_augment import RandomResizedCrop as BatchRandomResizedCrop
 from moco_lightning.optim import scaled_lr
 from moco_lightning.transforms import CIFAR10_MEAN, CIFAR10_STD, GaussianBlur
 
@@ -43,6 +45,14 @@ def test_cifar_experiment_is_the_official_demo(compose_train, data):
     datamodule = instantiate(cfg.data, _convert_="all")
     if data == "cifar10":
         assert (datamodule.mean, datamodule.std) == (CIFAR10_MEAN, CIFAR10_STD)  # the demo's normalisation
+    # the batched path on the device (the default) is built from the same per-image recipe
+    batched = datamodule.batch_augment
+    assert datamodule.batch_augmentation and batched.crop_on_device
+    for view in (batched.view_1, batched.view_2):
+        crops = [op for op in view.ops if isinstance(op, BatchRandomResizedCrop)]
+        assert len(crops) == 1 and crops[0].scale == (0.08, 1.0) and crops[0].size == 32
+        assert not any(isinstance(op, BatchRandomGaussianBlur) for op in view.ops)  # no blur
+    datamodule.batch_augmentation = False  # the per-image recipe itself
     pair = datamodule.pretrain_transform
     view_1, view_2 = pair.transform_1, pair.transform_2
     assert view_1 is view_2
