@@ -56,3 +56,27 @@ def test_same_seed_same_batches_with_workers_whatever_the_global_rng():
     torch.manual_seed(1)
     c = first_batches(DigitsDataModule(batch_size=16, seed=8, num_workers=1, persistent_workers=False))
     assert not torch.equal(a[0][0][0], c[0][0][0])
+
+
+def test_the_evaluation_view_is_computed_once_and_the_augmented_one_every_time(monkeypatch):
+    from moco_lightning.data.base import TransformedDataset
+
+    dm = DigitsDataModule(batch_size=8, num_workers=0, image_size=8)
+    calls = {"eval": 0}
+    transform = dm.eval_transform
+
+    def counting(image):
+        calls["eval"] += 1
+        return transform(image)
+
+    monkeypatch.setattr(DigitsDataModule, "eval_transform", property(lambda self: counting))
+    val = dm.eval_dataset("val")
+    first = [x for x, _ in val]
+    again = [x for x, _ in val]
+    assert calls["eval"] == len(val) and all(torch.equal(a, b) for a, b in zip(first, again))
+    augmented = dm.eval_dataset("train", augment=True)
+    assert not augmented.cache  # the linear probe's random view must be drawn anew
+    monkeypatch.setattr(TransformedDataset, "CACHE_BYTES", 100)  # a set larger than the limit: no cache
+    big = TransformedDataset(val.base, transform, cache=True)
+    big[0], big[0]
+    assert not big.cache and not big._items

@@ -60,20 +60,35 @@ class TransformedDataset(Dataset):
     Args:
         base: a dataset returning ``(image, label)`` pairs (PIL images or tensors), without its own transform.
         transform: applied to the image; ``None`` returns it unchanged.
+        cache: keep each transformed item after its first use, for a deterministic ``transform`` (the evaluation
+            view, which the kNN monitor reads every epoch). The cache switches itself off when the first item
+            says the whole set would take more than :attr:`CACHE_BYTES`; each loader worker keeps its own.
 
     """
 
-    def __init__(self, base: Dataset, transform: Callable[[Any], Any] | None) -> None:
+    #: largest cache (estimated from the first item x the length): the digits' 1,797 16-px views take 5.5 MB
+    CACHE_BYTES: ClassVar[int] = 512 * 2**20
+
+    def __init__(self, base: Dataset, transform: Callable[[Any], Any] | None, cache: bool = False) -> None:
         self.base = base
         self.transform = transform
+        self.cache = cache
+        self._items: dict[int, tuple[Any, Any]] = {}
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
+        if index in self._items:
+            return self._items[index]
         image, label = self.base[index]
         if self.transform is not None:
             image = self.transform(image)
+        if self.cache and not self._items:  # the first item decides
+            self.cache = (isinstance(image, torch.Tensor)
+                          and image.numel() * image.element_size() * len(self) <= self.CACHE_BYTES)
+        if self.cache:
+            self._items[index] = (image, label)
         return image, label
 
 
@@ -279,7 +294,8 @@ class MoCoDataModule(LightningDataModule):
             if base is None:
                 base = self._build_eval_dataset(split)
             transform = self.linear_train_transform if augment else self.eval_transform
-            self._eval_datasets[key] = TransformedDataset(base, transform)
+            # the deterministic view is the same every epoch: kept in memory when it fits (not the augmented one)
+            self._eval_datasets[key] = TransformedDataset(base, transform, cache=not augment)
         return self._eval_datasets[key]
 
     def _rank_and_world(self) -> tuple[int, int]:
