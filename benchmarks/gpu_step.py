@@ -44,7 +44,7 @@ class Loop:
         torch.manual_seed(0)
         compile_option = ({"backend": args.compile_backend} if args.compile_backend else True) if compiled else False
         self.model = MoCo(args.backbone, dim=128, mlp=True, queue_size=args.queue, momentum=0.999, temperature=0.2,
-                          channels_last=args.channels_last, compile=compile_option).to(device).train()
+                          channels_last=args.channels_last, compile=compile_option, bn=args.bn).to(device).train()
         params = [p for n, p in self.model.named_parameters() if p.requires_grad and not n.startswith("encoder_k.")]
         self.optimizer = build_optimizer(params, "sgd", lr=0.03 * args.batch / 256, momentum=0.9, weight_decay=1e-4)
         self.augment = build_batch_augmentation("v2", args.size, IMAGENET_MEAN, IMAGENET_STD, crop_on_device=True)
@@ -198,6 +198,8 @@ def main() -> None:
     parser.add_argument("--queue", type=int, default=65536)
     parser.add_argument("--precision", choices=["bf16", "32"], default="bf16")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--bn", default="auto", choices=["auto", "split", "none"],
+                        help="MoCo's BN mode (auto on one GPU: split BN, 8 groups, as a one-device run trains)")
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default: inductor)")
     parser.add_argument("--variants", default="eager,compile")
     parser.add_argument("--warmup", type=int, default=10)

@@ -152,3 +152,23 @@ def test_a_host_read_in_the_step_is_caught():
     views = [torch.rand(4, 3, SIZE, SIZE, device="meta") for _ in range(2)]
     with pytest.raises((RuntimeError, NotImplementedError)):
         meta_step(model, (views, torch.zeros(4, dtype=torch.long, device="meta")))
+
+
+@pytest.mark.timeout(300)
+def test_the_gpu_benchmark_runs_end_to_end_at_smoke_settings_on_the_cpu(tmp_path):
+    """benchmarks/gpu_step.py is run by hand when a GPU is lent: it must not be found broken then."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_step.py"
+    out = tmp_path / "gpu_step.json"
+    command = [sys.executable, str(script), "--device", "cpu", "--backbone", "resnet18", "--batch", "8", "--size",
+               "32", "--queue", "64", "--steps", "2", "--warmup", "1", "--compile-backend", "aot_eager",
+               "--precision", "32", "--bn", "none", "--no-results-md", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]  # the table the GPU run writes into RESULTS.md
+    assert [r["variant"] for r in results] == ["eager", "compile"]
+    assert all(r["step_images_per_s"] > 0 and r["loop_images_per_s"] > 0 and r["profile"] for r in results)
