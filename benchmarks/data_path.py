@@ -15,14 +15,13 @@ Prints images per second and writes JSON. Not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import write_results
 from PIL import Image
 
 from moco_lightning.data.batch_augment import build_batch_augmentation
@@ -87,14 +86,8 @@ def main() -> None:
               f"{r['batched_device_part_cpu']:>27.1f}")
     print("(images per second, two views each)")
     payload = {"benchmark": "data_path", "augmentation": "v2", "results": results,
-               "loadavg_end": [round(v, 2) for v in os.getloadavg()],
-               "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                               "cpus": os.cpu_count()},
                "command": f"python benchmarks/data_path.py --threads {args.threads} --batch {args.batch}"}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(payload, args.out)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,7 @@ are printed and written to JSON. Not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import re
 import resource
 import subprocess
@@ -22,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from common import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 KNN_ROW = re.compile(r"^\s+(raw pixels|encoder at init|trained encoder)\s+([\d.]+) %", re.MULTILINE)
@@ -118,14 +116,9 @@ def main() -> None:
                "overrides": args.overrides, "runs": runs, "summary": summary,
                "speedup_best": round(speedup_best, 3), "speedup_mean": round(speedup_mean, 3),
                "speedup_cpu_time": round(speedup_cpu, 3),
-               "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                               "machine": platform.machine(), "cpus": os.cpu_count()},
                "command": " ".join(["python benchmarks/default_run.py", f"--old {args.old}",
                                     f"--repeats {args.repeats}", f"--threads {args.threads}", *args.overrides])}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(payload, args.out)
 
 
 if __name__ == "__main__":

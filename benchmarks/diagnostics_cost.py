@@ -32,6 +32,7 @@ from types import SimpleNamespace
 
 import lightning as L
 import torch
+from common import time_call
 from lightning.pytorch.callbacks import Callback
 
 from moco_lightning import MoCo
@@ -70,17 +71,6 @@ def time_steps(data: DigitsDataModule, steps: int, enabled: bool, log_every: int
                         callbacks=[DiagnosticsMonitor(enabled=enabled), timer])
     trainer.fit(digits_model(), datamodule=data)
     return timer.times[skip:]
-
-
-def time_call(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def step_diagnostics(backbone: str, queue_size: int, batch: int, repeats: int) -> dict[str, float]:

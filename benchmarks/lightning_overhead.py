@@ -11,15 +11,14 @@ closure. Default: the default run's model (ResNet-18, ImageNet stem, 16 px, batc
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from common import bare_step, write_results
 from torch.utils.data import DataLoader, Dataset
 
 from moco_lightning import MoCo
@@ -58,16 +57,7 @@ def bare_loop(args) -> dict[str, float]:
     ends = []
     for (im_q, im_k), _ in DataLoader(Batches(args.warmup + args.steps + 1, args.batch, args.size),
                                       batch_size=None):
-        fmt = model.memory_format
-        im_q, im_k = im_q.contiguous(memory_format=fmt), im_k.contiguous(memory_format=fmt)
-        _, q = model.encode_query(im_q)
-        k = model.encode_key(im_k)
-        loss, _, _ = model.contrastive_loss(q, k)
-        model.dequeue_and_enqueue(k)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        model.momentum_update(0.99)
+        bare_step(model, optimizer, im_q, im_k)
         ends.append((time.perf_counter(), time.process_time()))
     return step_times(ends, args.warmup)
 
@@ -139,14 +129,9 @@ def main() -> None:
                "batch": args.batch, "size": args.size, "queue": args.queue, "threads": args.threads,
                "seconds_per_step": runs, "ratios": ratios,
                "ratio_median": {kind: statistics.median(values) for kind, values in ratios.items()},
-               "loadavg_end": [round(v, 2) for v in os.getloadavg()],
-               "environment": {"python": platform.python_version(), "torch": torch.__version__},
                "command": f"python benchmarks/lightning_overhead.py --threads {args.threads} "
                           f"--repeats {args.repeats} --steps {args.steps}"}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(payload, args.out)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,13 @@ per step and writes JSON. Not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from common import bare_step, write_results
 
 from moco_lightning import MoCo
 from moco_lightning.optim import build_optimizer
@@ -37,19 +36,6 @@ def make(cifar_stem: bool, channels_last: bool, bn: str) -> tuple[MoCo, torch.op
     return model, build_optimizer(params, "sgd", lr=0.03, momentum=0.9, weight_decay=1e-4)  # as the Trainer path
 
 
-def step(model: MoCo, optimizer: torch.optim.Optimizer, im_q: torch.Tensor, im_k: torch.Tensor) -> None:
-    fmt = model.memory_format
-    im_q, im_k = im_q.contiguous(memory_format=fmt), im_k.contiguous(memory_format=fmt)
-    _, q = model.encode_query(im_q)
-    k = model.encode_key(im_k)
-    loss, _, _ = model.contrastive_loss(q, k)
-    model.dequeue_and_enqueue(k)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    model.momentum_update(0.99)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -63,13 +49,13 @@ def main() -> None:
         views = [torch.randn(64, 3, size, size, generator=g) for _ in range(2)]
         variants = {"contiguous": make(cifar_stem, False, bn), "channels_last": make(cifar_stem, True, bn)}
         for model, optimizer in variants.values():
-            step(model, optimizer, *views)
+            bare_step(model, optimizer, *views)
         times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in variants}
         for _ in range(args.repeats):
             for name, (model, optimizer) in variants.items():
                 wall, cpu = time.perf_counter(), time.process_time()
                 for _ in range(steps):
-                    step(model, optimizer, *views)
+                    bare_step(model, optimizer, *views)
                 times[name]["wall"].append((time.perf_counter() - wall) / steps)
                 times[name]["cpu"].append((time.process_time() - cpu) / steps)
         ratio = {kind: statistics.median(times["channels_last"][kind]) / statistics.median(times["contiguous"][kind])
@@ -80,12 +66,8 @@ def main() -> None:
               f"channels-last / contiguous {ratio['wall']:.3f} wall, {ratio['cpu']:.3f} CPU; "
               f"load {os.getloadavg()[0]:.1f}", flush=True)
     payload = {"benchmark": "memory_format", "threads": args.threads, "results": results,
-               "environment": {"python": platform.python_version(), "torch": torch.__version__},
                "command": f"python benchmarks/memory_format.py --threads {args.threads} --repeats {args.repeats}"}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(payload, args.out)
 
 
 if __name__ == "__main__":

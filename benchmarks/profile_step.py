@@ -12,14 +12,13 @@ and writes them to JSON. Not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 
 import lightning as L
 import torch
+from common import write_results
 from hydra import compose, initialize_config_dir
 from torch.profiler import ProfilerActivity, profile
 
@@ -81,13 +80,9 @@ def main() -> None:
     payload = {"benchmark": "profile_step", "overrides": args.overrides, "threads": args.threads,
                "step": args.step, "total_self_cpu_ms": round(total_us / 1e3, 1), "top": table,
                "loadavg": [round(v, 2) for v in os.getloadavg()],
-               "environment": {"python": platform.python_version(), "torch": torch.__version__},
                "command": " ".join(["python benchmarks/profile_step.py", f"--threads {args.threads}",
                                     *args.overrides])}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(payload, args.out)
 
 
 if __name__ == "__main__":

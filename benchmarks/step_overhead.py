@@ -12,15 +12,14 @@ MoCo, supervised, MoCo, ...). Prints a table and writes JSON. Not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from common import write_results
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -150,14 +149,9 @@ def main() -> None:
                "batch": args.batch, "size": args.size, "queue": args.queue, "threads": args.threads,
                "channels_last": args.channels_last, "seconds_per_step": runs, "ratios": ratios,
                "ratio_median": {kind: statistics.median(values) for kind, values in ratios.items()},
-               "loadavg_end": [round(v, 2) for v in os.getloadavg()],
-               "environment": {"python": platform.python_version(), "torch": torch.__version__},
                "command": f"python benchmarks/step_overhead.py --threads {args.threads} --repeats {args.repeats} "
                           f"--steps {args.steps}"}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(payload, args.out)
 
 
 if __name__ == "__main__":

@@ -11,30 +11,16 @@ the momentum update, the enqueue). Prints a table and writes JSON. Not a test.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from common import bare_step, time_call, write_results
 from torch.nn import functional as F
 
 from moco_lightning import MoCo
 from moco_lightning.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -62,11 +48,7 @@ def main() -> None:
         optimizer.step()
 
     def moco_step() -> None:
-        out = model.step(im_q, im_k)
-        optimizer.zero_grad()
-        out["loss"].backward()
-        optimizer.step()
-        model.momentum_update(0.99)
+        bare_step(model, optimizer, im_q, im_k)
 
     def infonce() -> None:
         model.contrastive_loss(q, k)[0].backward()
@@ -79,17 +61,16 @@ def main() -> None:
         "momentum update": (lambda: model.momentum_update(0.99), 20),
         "enqueue": (lambda: model.dequeue_and_enqueue(k), 20),
     }
-    results = {name: round(timed(fn, n) * 1000, 2) for name, (fn, n) in parts.items()}
+    results = {name: round(time_call(fn, n) * 1000, 2) for name, (fn, n) in parts.items()}
     limit = (results["query forward + backward + SGD"] + results["key encoder forward (no gradient)"]) / results[
         "query forward + backward + SGD"]
     for name, ms in results.items():
         print(f"{name:<48} {ms:>9.2f} ms")
     print(f"limit of MoCo / supervised from the key forward pass: {limit:.3f}")
     payload = {"benchmark": "step_parts", "threads": args.threads, "ms_median": results,
-               "limit_ratio": round(limit, 3), "loadavg_end": [round(v, 2) for v in os.getloadavg()],
+               "limit_ratio": round(limit, 3),
                "command": f"python benchmarks/step_parts.py --threads {args.threads}"}
-    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(payload, args.out)
 
 
 if __name__ == "__main__":
