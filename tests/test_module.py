@@ -5,28 +5,13 @@ import lightning as L
 import pytest
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from moco_lightning import MoCo
+from two_view_noise import SIZE, TwoViewNoise
 
-SIZE = 8
 # the tiny loaders hold as many images as the queue; the one test about that warning asserts it explicitly
 pytestmark = pytest.mark.filterwarnings("ignore:queue_size=16 is not smaller than the training set")
-
-
-class TwoViewNoise(Dataset):
-    """Random images in two noisy views, labels 0..3: enough to run MoCo steps."""
-
-    def __init__(self, n: int = 16) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.images = torch.rand(n, 3, SIZE, SIZE, generator=g)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i):
-        x = self.images[i]
-        return (x + 0.05 * torch.randn_like(x), x + 0.05 * torch.randn_like(x)), i % 4
 
 
 def tiny_moco(**kwargs) -> MoCo:

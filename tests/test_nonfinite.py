@@ -7,23 +7,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from moco_lightning import MoCo
 from moco_lightning.checkpointing import AtomicCheckpointIO
 from moco_lightning.nonfinite import NonFiniteLossError, NonFiniteLossGuard
-
-
-class TwoViewNoise(Dataset):
-    def __init__(self, n: int = 32) -> None:
-        self.images = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i):
-        x = self.images[i]
-        return (x + 0.05 * torch.randn_like(x), x + 0.05 * torch.randn_like(x)), i % 4
+from two_view_noise import TwoViewNoise
 
 
 class PoisonBatch(Callback):
@@ -43,7 +32,7 @@ def _fit(tmp_path, callbacks, log_every_n_steps=1):
                         log_every_n_steps=log_every_n_steps, enable_progress_bar=False, enable_model_summary=False,
                         plugins=[AtomicCheckpointIO()], default_root_dir=tmp_path)
     with pytest.raises(NonFiniteLossError) as info:
-        trainer.fit(model, DataLoader(TwoViewNoise(), batch_size=4, drop_last=True))
+        trainer.fit(model, DataLoader(TwoViewNoise(32), batch_size=4, drop_last=True))
     return trainer, str(info.value)
 
 

@@ -8,27 +8,12 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from moco_lightning import MoCoV3
 from moco_lightning.losses import moco_v3_loss
 from moco_lightning.vit import MoCoViT
-
-SIZE = 8
-
-
-class TwoViewNoise(Dataset):
-    """Random images in two noisy views, labels 0..3."""
-
-    def __init__(self, n: int = 16) -> None:
-        self.images = torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i):
-        x = self.images[i]
-        return (x + 0.05 * torch.randn_like(x), x + 0.05 * torch.randn_like(x)), i % 4
+from two_view_noise import SIZE, TwoViewNoise
 
 
 def tiny_vit(freeze_patch_embed: bool = True) -> MoCoViT:

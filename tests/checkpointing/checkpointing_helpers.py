@@ -9,27 +9,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from moco_lightning import MoCo
 from moco_lightning.checkpointing import AtomicCheckpointIO
-
-SIZE = 8
-
-
-class TwoViewNoise(Dataset):
-    """Random images in two noisy views, labels 0..3: enough to run MoCo steps."""
-
-    def __init__(self, n: int = 16) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.images = torch.rand(n, 3, SIZE, SIZE, generator=g)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
-        x = self.images[i]
-        return (x + 0.05 * torch.randn_like(x), x + 0.05 * torch.randn_like(x)), i % 4
+from two_view_noise import TwoViewNoise
 
 
 def loader(n: int = 16, batch_size: int = 4) -> DataLoader:
