@@ -23,7 +23,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from moco_lightning.diagnostics import alignment, key_ages, parameter_drift, similarity_stats, uniformity
@@ -143,7 +143,7 @@ class DiagnosticsMonitor(Callback):
             torch.manual_seed(self.seed)
             z = self._embed(project, (batch[0] for batch in dm.eval_val_dataloader()), pl_module.device)
             metrics["val/uniformity"] = float(uniformity(z))
-            views = self._views(dm)
+            views = self._views(dm, pl_module.device)
             if views is not None:
                 z1, z2 = [], []
                 for x1, x2 in views:
@@ -152,7 +152,7 @@ class DiagnosticsMonitor(Callback):
                 metrics["val/alignment"] = float(alignment(torch.cat(z1), torch.cat(z2)))
         return metrics
 
-    def _views(self, dm: Any) -> Iterable[tuple[torch.Tensor, torch.Tensor]] | None:
+    def _views(self, dm: Any, device: torch.device) -> Iterable[tuple[torch.Tensor, torch.Tensor]] | None:
         """The two augmented views of the validation images, batch by batch: the same at every run (fixed seed).
 
         Being the same, they are kept after the first run when they fit in :attr:`VIEW_CACHE_BYTES` (on the
@@ -165,9 +165,8 @@ class DiagnosticsMonitor(Callback):
             return None
         if getattr(dm, "batch_augmentation", False):  # the loader gives images; the views are made on the device
             generator = torch.Generator().manual_seed(self.seed)
-            device = dm.trainer.strategy.root_device if getattr(dm, "trainer", None) is not None else None
-            batches = (dm.batch_augment(_to_device(images, device), generator) for images, _ in loader)
-            return self._caching(dm, ((x1, x2) for x1, x2 in batches))
+            return self._caching(dm, (dm.batch_augment(move_data_to_device(images, device), generator)
+                                      for images, _ in loader))
         return self._caching(dm, ((x1, x2) for (x1, x2), _ in loader))
 
     def _caching(self, dm: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -223,12 +222,3 @@ class DiagnosticsMonitor(Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message)
-
-
-def _to_device(images: torch.Tensor | list[torch.Tensor], device: torch.device | None) -> Any:
-    """A batch of images (or the loader's two crops) on ``device``; as it is when ``device`` is ``None``."""
-    if device is None:
-        return images
-    if isinstance(images, torch.Tensor):
-        return images.to(device)
-    return [crops.to(device) for crops in images]
