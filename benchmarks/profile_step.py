@@ -79,7 +79,6 @@ def main() -> None:
 
     payload = {"benchmark": "profile_step", "overrides": args.overrides, "threads": args.threads,
                "step": args.step, "total_self_cpu_ms": round(total_us / 1e3, 1), "top": table,
-               "loadavg": [round(v, 2) for v in os.getloadavg()],
                "command": " ".join(["python benchmarks/profile_step.py", f"--threads {args.threads}",
                                     *args.overrides])}
     write_results(payload, args.out)
