@@ -41,7 +41,8 @@ CPU_ONLY = ["trainer.accelerator=cpu"] if not torch.cuda.is_available() else []
 def _group_overrides(group: str, option: str, tmp_path: Path) -> list[str]:
     if group == "recipe":  # recipes are chosen by the model family + data + backbone they are named after
         family, pair = option.split("/")
-        data, backbone = pair.split("_", 1)  # data options have no underscore, backbones may (vit_small)
+        data = max((d for d in group_options(CONFIG_PATH, "data") if pair.startswith(f"{d}_")), key=len)
+        backbone = pair.removeprefix(f"{data}_")  # both may hold an underscore (fashion_mnist, vit_small)
         return [f"model={FAMILY_MODEL[family]}", f"data={data}", f"backbone={backbone}"]
     if group == "model_family":  # set by the model file: the family's own model
         return [f"model={FAMILY_MODEL[option]}"]

@@ -399,8 +399,12 @@ def _check_data_path(data: DictConfig) -> None:
         return
     if OmegaConf.is_missing(data, "data_dir"):
         raise ConfigError("data.data_dir is missing; set data.data_dir=/path/to/images")
-    data_dir = os.path.expanduser(str(data.data_dir))
     target = _import_target(data._target_, "data")
+    check_files = getattr(target, "check_files", None)
+    if check_files is not None:  # a datamodule that knows where its files may be (the idx datasets)
+        check_files(data.data_dir, download=bool(data.get("download", False)))
+        return
+    data_dir = os.path.expanduser(str(data.data_dir))
     if data.get("download", False):
         return
     required = getattr(target, "required_files", None)

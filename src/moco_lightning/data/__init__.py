@@ -8,6 +8,8 @@ training device from the loader's ``(images, y)`` by ``on_after_batch_transfer``
 | datamodule | data | default crop |
 |---|---|---|
 | :class:`DigitsDataModule` | scikit-learn digits, embedded (the default; no download) | 16 |
+| :class:`FashionMNISTDataModule` | Fashion-MNIST idx files (Debian's ``dataset-fashion-mnist``, or download) | 28 |
+| :class:`MNISTDataModule`, :class:`KMNISTDataModule` | the same format (download) | 28 |
 | :class:`CIFAR10DataModule`, :class:`CIFAR100DataModule` | torchvision CIFAR (download) | 32 |
 | :class:`STL10DataModule` | torchvision STL-10, unlabeled + train / test (download) | 96 |
 | :class:`ImageNetDataModule` | ``data_dir/train``, ``data_dir/val`` class folders | 224 |
@@ -28,6 +30,14 @@ from moco_lightning.data.folder import (
     SkippedImagesReport,
     scan_image_folder,
 )
+from moco_lightning.data.idx import (
+    FashionMNISTDataModule,
+    IdxDataModule,
+    KMNISTDataModule,
+    MNISTDataModule,
+    TensorImageDataset,
+    read_idx,
+)
 from moco_lightning.data.torchvision_sets import CIFAR10DataModule, CIFAR100DataModule, STL10DataModule
 
 __all__ = [
@@ -38,15 +48,21 @@ __all__ = [
     "DatasetNotAvailableError",
     "DigitsDataModule",
     "DigitsDataset",
+    "FashionMNISTDataModule",
     "ImageFolderDataModule",
     "ImageFolderDataset",
     "ImageNetDataModule",
+    "IdxDataModule",
+    "KMNISTDataModule",
+    "MNISTDataModule",
     "MoCoDataModule",
     "STL10DataModule",
+    "TensorImageDataset",
     "SkippedImagesReport",
     "TransformedDataset",
     "digits_split",
     "load_digits_images",
+    "read_idx",
     "scan_image_folder",
     "seed_worker",
 ]
