@@ -110,3 +110,24 @@ def test_readme_links_every_page_and_resolves() -> None:
     unlisted = [page for page in pages if not page.startswith("api/") and f"docs/{page}" not in relative]
     assert not unlisted, f"README's table of contents misses the docs pages {unlisted}"
     assert any(f"docs/{page}" in relative for page in api_pages), "README does not link the API reference"
+
+
+def test_docstring_roles_become_links_code_or_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """docs/hooks/sphinx_roles.py: a role to our API is a link, to torch is code, to a missing object a warning."""
+    import griffe
+
+    spec = importlib.util.spec_from_file_location("sphinx_roles", ROOT / "docs/hooks/sphinx_roles.py")
+    roles = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(roles)
+    loader = griffe.GriffeLoader(search_paths=[str(ROOT / "src")])
+    moco = loader.load("moco_lightning").get_member("module.MoCo")
+
+    text = (":meth:`momentum_update`, :class:`~moco_lightning.KeyQueue`, :class:`torch.nn.Module`, "
+            ":func:`moco_lightning.losses.gone`")
+    with caplog.at_level("WARNING", logger="mkdocs.plugins.sphinx_roles"):
+        out = roles._rewrite(text, moco, loader.modules_collection, "moco_lightning")
+    assert out == (
+        "[`momentum_update`][moco_lightning.module.MoCo.momentum_update], "
+        "[`KeyQueue`][moco_lightning.queue.KeyQueue], `torch.nn.Module`, `moco_lightning.losses.gone`"
+    )
+    assert ["moco_lightning.losses.gone" in record.getMessage() for record in caplog.records] == [True]
