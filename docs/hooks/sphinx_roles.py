@@ -3,7 +3,8 @@
 The docstrings are written for Sphinx as well as for MkDocs. A role whose target the API reference renders (a
 public object of the package) becomes a cross-reference, so ``mkdocs build --strict`` fails when that object is
 renamed; a role that names ``moco_lightning.<something>`` that does not exist is a warning (so a failure in strict
-mode) too. A role whose target is private or outside the package (torch, Lightning) becomes inline code.
+mode) too. A role whose target is private or outside the package (torch, Lightning) becomes inline code, and the
+``::`` that opens an RST literal block becomes ``:``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import griffe
 
 ROLE = re.compile(r":(?:py:)?(?:class|func|mod|meth|data|attr|exc|obj):`(?P<tilde>~?)(?P<target>[^`]+)`")
+LITERAL_MARKER = re.compile(r"(?<=\S)::$", re.MULTILINE)
 log = logging.getLogger("mkdocs.plugins.sphinx_roles")  # under "mkdocs": counted as a warning by --strict
 
 
@@ -69,7 +71,8 @@ def _rewrite(text: str, obj: griffe.Object, collection: Any, package: str) -> st
             log.warning("%s: the docstring of %s refers to %s, which does not exist", obj.filepath, obj.path, name)
         return f"`{title}`"
 
-    return ROLE.sub(replace, text)
+    # "per step::" introduces an RST literal block; the indented block is already code in Markdown
+    return LITERAL_MARKER.sub(":", ROLE.sub(replace, text))
 
 
 class SphinxRoles(griffe.Extension):
