@@ -284,9 +284,11 @@ class KNNMonitor(Callback):
         every_n_epochs: run after epochs ``n-1, 2n-1, ...`` and always after the last one.
         features: ``"backbone"`` (the query backbone, what downstream tasks use) or ``"embedding"`` (the
             normalised output of the query encoder, as the official CIFAR-10 demo's monitor).
-        k, temperature: kNN parameters (InstDisc / official MoCo demo: 200, 0.1).
+        k: neighbours that vote (InstDisc / official MoCo demo: 200).
+        temperature: temperature of the votes' weights (InstDisc / official MoCo demo: 0.1).
         bank_dtype: "auto" (float16 on GPU, float32 on CPU), "float16" or "float32".
-        chunk_size, bank_chunk_size: block sizes of the similarity computation.
+        chunk_size: queries per block of the similarity computation.
+        bank_chunk_size: bank rows per block of the similarity computation (None: the whole bank at once).
         prefix: metric name prefix; logs ``{prefix}_top1`` and ``{prefix}_top5``.
 
     """
