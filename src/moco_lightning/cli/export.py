@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
         help="output file (one format) or folder (both); default: next to the checkpoint, named "
         "<checkpoint>_torchvision.pth / <checkpoint>_detectron2.pkl",
     )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="also load a checkpoint that holds arbitrary pickled objects; unpickling runs their code, so only for "
+        "files from a source you trust",
+    )
     return parser
 
 
@@ -61,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point ``moco-export``; exits with status 2 and a message on a bad checkpoint."""
     args = _parser().parse_args(argv)
     try:
-        ckpt = read_backbone_checkpoint(args.checkpoint)
+        ckpt = read_backbone_checkpoint(args.checkpoint, allow_pickle=args.trust_checkpoint)
         formats = _formats(args.format, ckpt)
         for fmt in formats:
             if args.output is None:
