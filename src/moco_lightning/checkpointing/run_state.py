@@ -16,7 +16,8 @@ It also works around Lightning issue #20550 (open in 2.6): when ``configure_opti
 ``trainer.estimated_stepping_batches`` (every lr schedule here does), the train loader is built before the
 checkpoint is restored, and Lightning never hands the saved loader position to it, so a run resumed mid-epoch
 would start the epoch over. At ``on_train_start`` the pending position is loaded into the loader and its iterator
-re-created, as the normal restore path does (a no-op where Lightning already did it).
+re-created, as the normal restore path does (a no-op where Lightning already did it). The Lightning internals
+this takes are listed in :mod:`moco_lightning.lightning_internals`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+
+from moco_lightning.lightning_internals import load_pending_loader_states, pending_loader_states, restarted_mid_epoch
 
 __all__ = ["CHECKPOINT_KEY", "ResumeState", "package_version"]
 
@@ -130,15 +133,13 @@ def _restore_loader_position(trainer: L.Trainer) -> None:
     Only for a checkpoint taken mid-epoch with batches left: after a checkpoint at an epoch's end the next epoch
     starts from its own first batch (its order is drawn from the seed and the epoch), whatever the saved position.
     """
-    fit_loop = trainer.fit_loop
-    pending = getattr(fit_loop, "_combined_loader_states_to_load", None)
-    fetcher = getattr(fit_loop, "_data_fetcher", None)
-    if not pending or not fit_loop.restarting or fit_loop._combined_loader is None or fetcher is None:
+    pending, combined_loader, fetcher = pending_loader_states(trainer)
+    if not pending or not trainer.fit_loop.restarting or combined_loader is None or fetcher is None:
         return
-    drawn = fit_loop.epoch_loop.batch_progress.current.ready
-    if not (fit_loop.restarted_mid_epoch and 0 < drawn < trainer.num_training_batches):
+    drawn = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    if not (restarted_mid_epoch(trainer) and 0 < drawn < trainer.num_training_batches):
         return
-    fit_loop._load_combined_loader_states()
+    load_pending_loader_states(trainer)
     iter(fetcher)  # the iterator made before the restore started at the epoch's first batch
 
 
