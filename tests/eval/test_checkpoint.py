@@ -146,3 +146,13 @@ def test_a_checkpoint_that_would_run_code_is_refused_unless_allowed(moco_checkpo
     assert not marker.exists()  # nothing ran
     ckpt = read_backbone_checkpoint(hostile, allow_pickle=True)  # the explicit opt-in loads it, code and all
     assert marker.is_dir() and "conv1.weight" in ckpt.state_dict
+
+
+def test_the_argparse_options_of_a_training_script_load_without_opt_in(moco_checkpoint, tmp_path):
+    import argparse
+
+    _, path = moco_checkpoint
+    with_args = tmp_path / "with_args.ckpt"
+    torch.save({**torch.load(path, weights_only=True), "args": argparse.Namespace(lr=0.03, arch="resnet18")},
+               with_args)
+    assert read_backbone_checkpoint(with_args).backbone == "resnet18"

@@ -20,6 +20,7 @@ read from the shapes of its weights.
 
 from __future__ import annotations
 
+import argparse
 import math
 import pickle
 import re
@@ -47,6 +48,8 @@ _BACKBONE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
 #: State-dict prefixes of the query encoder's projection head (v1/v2 linear or MLP, v3 MLP with BN), in order.
 _HEAD_PREFIXES: tuple[str, ...] = ("encoder_q.head.", "base_encoder.head.", "module.encoder_q.fc.", "encoder_q.fc.",
                                    "module.base_encoder.fc.", "module.base_encoder.head.", "base_encoder.fc.")
+#: Classes a checkpoint may hold besides tensors and plain containers, loaded with ``weights_only=True``.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 #: The prefixes of this project's own modules (their checkpoints carry hyper-parameters).
 _OWN_PREFIXES = ("encoder_q.backbone.", "base_encoder.backbone.")
 
@@ -93,7 +96,9 @@ def _torch_load(path: Path, allow_pickle: bool = False) -> Any:
     """Load a checkpoint on the CPU with ``weights_only=True``; a full pickle only when ``allow_pickle``.
 
     Official MoCo and MoCo v3 checkpoints (``epoch``, ``arch``, ``state_dict``, ``optimizer``, v3's ``scaler``)
-    and this project's hold only tensors, numbers, strings and containers, which ``weights_only`` loads.
+    and this project's hold only tensors, numbers, strings and containers, which ``weights_only`` loads. The one
+    class allowed besides (:data:`SAFE_GLOBALS`) is ``argparse.Namespace``, the ``args`` that scripts derived
+    from the official ``main_moco.py`` often add: rebuilding it only sets attributes.
 
     Raises:
         UnsafeCheckpointError: the file needs a full pickle (which runs any code it carries) and ``allow_pickle``
@@ -103,7 +108,8 @@ def _torch_load(path: Path, allow_pickle: bool = False) -> Any:
     if allow_pickle:
         return torch.load(path, map_location="cpu", weights_only=False)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         what = f"such as {found.group(1)}" if found else "that torch.load(weights_only=True) refuses"
