@@ -26,13 +26,14 @@ def trainer() -> L.Trainer:
                      enable_progress_bar=False, enable_model_summary=False)
 
 
-@pytest.mark.parametrize("use", PRIVATE_USES, ids=lambda use: use.path)
-def test_each_internal_in_use_is_where_lightning_has_it(trainer, use):
+@pytest.mark.parametrize("path", PRIVATE_USES)
+def test_each_internal_in_use_is_where_lightning_has_it(trainer, path):
     try:
-        internal(trainer, use.path)
+        internal(trainer, path)
     except LightningInternalsError:
-        pytest.fail(f"lightning {L.__version__} moved Trainer.{use.path}: revisit {use.used_by} in "
-                    f"moco_lightning/lightning_internals.py (upstream: {use.upstream})")
+        used_by, upstream = PRIVATE_USES[path]
+        pytest.fail(f"lightning {L.__version__} moved Trainer.{path}: revisit {used_by} in "
+                    f"moco_lightning/lightning_internals.py (upstream: {upstream})")
 
 
 def test_a_moved_internal_is_a_one_line_error_naming_the_feature_and_the_tested_range():

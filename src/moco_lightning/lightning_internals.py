@@ -28,69 +28,47 @@ What is used, by what, and what lets it go:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
 
 __all__ = [
     "PRIVATE_USES",
     "TESTED_LIGHTNING",
     "LightningInternalsError",
-    "PrivateUse",
-    "cluster_environment",
     "internal",
-    "load_pending_loader_states",
-    "pending_loader_states",
     "request_stop_after_step",
     "require_internals",
-    "restarted_mid_epoch",
+    "restore_loader_position",
     "setup_train_data",
     "signal_handler_snapshot",
-    "slurm_save_and_requeue",
+    "slurm_requeue",
 ]
 
 #: The Lightning versions the resume and preemption tests pass with: the range pyproject.toml requires.
 TESTED_LIGHTNING = ">=2.6,<2.7"
 
-
-@dataclass(frozen=True)
-class PrivateUse:
-    """One Lightning internal the package relies on.
-
-    Attributes:
-        path: where it is, from a ``Trainer`` (``"fit_loop._data_fetcher"``).
-        used_by: the feature of this package that needs it.
-        upstream: the Lightning issue / pull request whose release lets it go (or why there is none).
-
-    """
-
-    path: str
-    used_by: str
-    upstream: str
-
-
-_PREEMPTION = "PreemptionCheckpoint (stop after the step, then save)"
+_STOP = "PreemptionCheckpoint (stop after the step, then save)"
 _SLURM = "PreemptionCheckpoint under SLURM auto-requeue (Lightning's hpc save and requeue)"
-_LOADER = "ResumeState's mid-epoch loader position (Lightning #20550)"
-_NO_ISSUE = "no public API, none filed"
-_FIX_20550 = "the release with PR #21765 (fixes #20550)"
+_LOADER = "ResumeState's mid-epoch loader position"
+_NONE, _PR_21765 = "no public API, none filed", "the release with PR #21765 (fixes #20550)"
 
-#: Each Lightning internal in use, reached from a ``Trainer`` (see the table above).
-PRIVATE_USES: tuple[PrivateUse, ...] = (
-    PrivateUse("_signal_connector.received_sigterm", _PREEMPTION, _NO_ISSUE),
-    PrivateUse("_signal_connector._original_handlers", _PREEMPTION, _NO_ISSUE),
-    PrivateUse("_signal_connector._slurm_sigusr_handler_fn", _SLURM, _NO_ISSUE),
-    PrivateUse("_accelerator_connector.cluster_environment", _SLURM, _NO_ISSUE),
-    PrivateUse("_checkpoint_connector.hpc_save_path", _SLURM, _NO_ISSUE),
-    PrivateUse("fit_loop._combined_loader_states_to_load", _LOADER, _FIX_20550),
-    PrivateUse("fit_loop._combined_loader", _LOADER, _FIX_20550),
-    PrivateUse("fit_loop._data_fetcher", _LOADER, _FIX_20550),
-    PrivateUse("fit_loop._load_combined_loader_states", _LOADER, _FIX_20550),
-    PrivateUse("fit_loop.restarted_mid_epoch", _LOADER, _FIX_20550),
-    PrivateUse("fit_loop.setup_data", "the lr schedule's epoch length (optim.steps_per_epoch)", _NO_ISSUE),
-)
+#: Each internal in use, reached from a ``Trainer``: ``{path: (the feature that needs it, what lets it go)}``.
+PRIVATE_USES: dict[str, tuple[str, str]] = {
+    "_signal_connector.received_sigterm": (_STOP, _NONE),
+    "_signal_connector._original_handlers": (_STOP, _NONE),
+    "_signal_connector._slurm_sigusr_handler_fn": (_SLURM, _NONE),
+    "_accelerator_connector.cluster_environment": (_SLURM, _NONE),
+    "_checkpoint_connector.hpc_save_path": (_SLURM, _NONE),
+    "fit_loop._combined_loader_states_to_load": (_LOADER, _PR_21765),
+    "fit_loop._combined_loader": (_LOADER, _PR_21765),
+    "fit_loop._data_fetcher": (_LOADER, _PR_21765),
+    "fit_loop._load_combined_loader_states": (_LOADER, _PR_21765),
+    "fit_loop.restarted_mid_epoch": (_LOADER, _PR_21765),
+    "fit_loop.setup_data": ("the lr schedule's epoch length (optim.steps_per_epoch)", _NONE),
+}
 
 
 class LightningInternalsError(RuntimeError):
@@ -98,41 +76,34 @@ class LightningInternalsError(RuntimeError):
 
 
 def internal(trainer: Any, path: str) -> Any:
-    """The Lightning internal at ``path`` (an entry of :data:`PRIVATE_USES`) of ``trainer``.
+    """The Lightning internal at ``path`` (a key of :data:`PRIVATE_USES`) of ``trainer``.
 
     Raises:
         LightningInternalsError: the installed Lightning does not have it.
 
     """
-    use = next(u for u in PRIVATE_USES if u.path == path)
     value = trainer
     for name in path.split("."):
         try:
             value = getattr(value, name)
         except AttributeError:
             raise LightningInternalsError(
-                f"lightning {L.__version__} has no Trainer.{path}, which {use.used_by} needs; install "
+                f"lightning {L.__version__} has no Trainer.{path}, which {PRIVATE_USES[path][0]} needs; install "
                 f"lightning{TESTED_LIGHTNING}, the range moco-lightning is tested with "
                 "(see moco_lightning/lightning_internals.py)") from None
     return value
 
 
 def require_internals(trainer: Any, used_by: str) -> None:
-    """Check, before any compute, that every internal of :data:`PRIVATE_USES` that ``used_by`` starts with is there.
-
-    Raises:
-        LightningInternalsError: one of them is missing.
-
-    """
-    for use in PRIVATE_USES:
-        if use.used_by.startswith(used_by):
-            internal(trainer, use.path)
+    """Check, before any compute, that the internals of the features starting with ``used_by`` are all there."""
+    for path, (feature, _) in PRIVATE_USES.items():
+        if feature.startswith(used_by):
+            internal(trainer, path)
 
 
-# ------------------------------------------------------------------------------------------------ preemption
 def request_stop_after_step(trainer: L.Trainer) -> None:
     """Set Lightning's SIGTERM flag: the loop finishes the step and raises ``SIGTERMException`` (on every rank)."""
-    internal(trainer, "_signal_connector.received_sigterm")  # raises where Lightning moved it
+    internal(trainer, "_signal_connector.received_sigterm")
     trainer._signal_connector.received_sigterm = True
 
 
@@ -141,39 +112,40 @@ def signal_handler_snapshot(trainer: L.Trainer) -> dict[int, Any]:
     return internal(trainer, "_signal_connector._original_handlers")
 
 
-def cluster_environment(trainer: L.Trainer) -> Any:
-    """The cluster environment, read where Lightning's signal connector reads it."""
-    return internal(trainer, "_accelerator_connector.cluster_environment")
+def slurm_requeue(trainer: L.Trainer, signum: int) -> Path | None:
+    """Under SLURM auto-requeue and its signal, Lightning's requeue: ``hpc_ckpt_<n>.ckpt``, ``scontrol requeue``.
 
-
-def slurm_save_and_requeue(trainer: L.Trainer, signum: int) -> Path:
-    """Lightning's SLURM requeue handler: ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir``, then ``scontrol requeue``.
-
-    Returns the checkpoint's path.
+    Returns the checkpoint's path, or ``None`` (nothing done) outside SLURM auto-requeue or for another signal.
     """
+    environment = internal(trainer, "_accelerator_connector.cluster_environment")
+    if not (isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+            and signum == environment.requeue_signal):
+        return None
     path = Path(internal(trainer, "_checkpoint_connector.hpc_save_path")(trainer.default_root_dir))
-    internal(trainer, "_signal_connector._slurm_sigusr_handler_fn")(signum, None)
+    internal(trainer, "_signal_connector._slurm_sigusr_handler_fn")(signum, None)  # saves there, then requeues
     return path
 
 
-# ---------------------------------------------------------------------------------------------------- resume
-def pending_loader_states(trainer: L.Trainer) -> tuple[list[dict[str, Any]], Any, Any]:
-    """``(loader states still to load, combined loader, data fetcher)`` of the fit loop (Lightning #20550)."""
-    return (internal(trainer, "fit_loop._combined_loader_states_to_load"),
-            internal(trainer, "fit_loop._combined_loader"), internal(trainer, "fit_loop._data_fetcher"))
+def restore_loader_position(trainer: L.Trainer) -> None:
+    """Load the loader states Lightning kept pending (issue #20550) and re-create the fetcher's iterator.
 
-
-def load_pending_loader_states(trainer: L.Trainer) -> None:
-    """Load the pending loader states into the combined loader, as Lightning's restore does when it gets to it."""
+    Only for a checkpoint taken mid-epoch with batches left: after a checkpoint at an epoch's end the next epoch
+    starts from its own first batch (its order is drawn from the seed and the epoch), whatever the saved position.
+    A no-op where Lightning already loaded them.
+    """
+    fit_loop = trainer.fit_loop
+    pending = internal(trainer, "fit_loop._combined_loader_states_to_load")
+    fetcher = internal(trainer, "fit_loop._data_fetcher")
+    if not pending or not fit_loop.restarting or internal(trainer, "fit_loop._combined_loader") is None:
+        return
+    drawn = fit_loop.epoch_loop.batch_progress.current.ready
+    mid_epoch = internal(trainer, "fit_loop.restarted_mid_epoch") and 0 < drawn < trainer.num_training_batches
+    if fetcher is None or not mid_epoch:
+        return
     internal(trainer, "fit_loop._load_combined_loader_states")()
+    iter(fetcher)  # the iterator made before the restore started at the epoch's first batch
 
 
-def restarted_mid_epoch(trainer: L.Trainer) -> bool:
-    """Whether the fit loop resumed from a checkpoint taken in the middle of an epoch."""
-    return bool(internal(trainer, "fit_loop.restarted_mid_epoch"))
-
-
-# ---------------------------------------------------------------------------------------------------- optim
 def setup_train_data(trainer: L.Trainer) -> None:
     """Build the train loader now, as ``Trainer.estimated_stepping_batches`` does when it needs its length."""
     internal(trainer, "fit_loop.setup_data")()

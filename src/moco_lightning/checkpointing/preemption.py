@@ -35,17 +35,15 @@ from types import FrameType
 from typing import Any
 
 import lightning as L
-from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from moco_lightning.lightning_internals import (
-    cluster_environment,
     request_stop_after_step,
     require_internals,
     signal_handler_snapshot,
-    slurm_save_and_requeue,
+    slurm_requeue,
 )
 
 __all__ = ["PreemptionCheckpoint"]
@@ -117,11 +115,8 @@ class PreemptionCheckpoint(Callback):
             if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
                 return
             signum = self.signum if self.signum is not None else int(signal.SIGTERM)
-            environment = cluster_environment(trainer)
-            if (isinstance(environment, SLURMEnvironment) and environment.auto_requeue
-                    and signum == environment.requeue_signal):
-                self.saved_path = slurm_save_and_requeue(trainer, signum)
-            else:
+            self.saved_path = slurm_requeue(trainer, signum)
+            if self.saved_path is None:
                 self.saved_path = self.checkpoint_path(trainer)
                 trainer.save_checkpoint(self.saved_path, weights_only=False)
             if trainer.is_global_zero:
