@@ -15,7 +15,8 @@ What is used, by what, and what lets it go:
   ``Trainer._signal_connector._slurm_sigusr_handler_fn``: ``PreemptionCheckpoint`` under SLURM auto-requeue,
   Lightning's own save and requeue at a step boundary. Goes with a public hook for it (none filed).
 * ``FitLoop._combined_loader_states_to_load``, ``._combined_loader``, ``._data_fetcher``,
-  ``._load_combined_loader_states()`` and ``.restarted_mid_epoch``: ``ResumeState``, the loader position that
+  ``._load_combined_loader_states()``, ``.restarted_mid_epoch``, ``.restarting`` and
+  ``.epoch_loop.batch_progress``: ``ResumeState``, the loader position that
   Lightning leaves unloaded when ``configure_optimizers`` reads ``estimated_stepping_batches`` (Lightning issue
   #20550). Goes with the release of Lightning PR #21765.
 * ``FitLoop.setup_data()`` (public name, not documented): ``optim.steps_per_epoch`` builds the train loader
@@ -67,6 +68,8 @@ PRIVATE_USES: dict[str, tuple[str, str]] = {
     "fit_loop._data_fetcher": (_LOADER, _PR_21765),
     "fit_loop._load_combined_loader_states": (_LOADER, _PR_21765),
     "fit_loop.restarted_mid_epoch": (_LOADER, _PR_21765),
+    "fit_loop.restarting": (_LOADER, _PR_21765),
+    "fit_loop.epoch_loop.batch_progress.current.ready": (_LOADER, _PR_21765),
     "fit_loop.setup_data": ("the lr schedule's epoch length (optim.steps_per_epoch)", _NONE),
 }
 
@@ -133,14 +136,12 @@ def restore_loader_position(trainer: L.Trainer) -> None:
     starts from its own first batch (its order is drawn from the seed and the epoch), whatever the saved position.
     A no-op where Lightning already loaded them.
     """
-    fit_loop = trainer.fit_loop
     pending = internal(trainer, "fit_loop._combined_loader_states_to_load")
-    fetcher = internal(trainer, "fit_loop._data_fetcher")
-    if not pending or not fit_loop.restarting or internal(trainer, "fit_loop._combined_loader") is None:
+    fetcher, loader = internal(trainer, "fit_loop._data_fetcher"), internal(trainer, "fit_loop._combined_loader")
+    if not pending or not internal(trainer, "fit_loop.restarting") or loader is None or fetcher is None:
         return
-    drawn = fit_loop.epoch_loop.batch_progress.current.ready
-    mid_epoch = internal(trainer, "fit_loop.restarted_mid_epoch") and 0 < drawn < trainer.num_training_batches
-    if fetcher is None or not mid_epoch:
+    drawn = internal(trainer, "fit_loop.epoch_loop.batch_progress.current.ready")
+    if not (internal(trainer, "fit_loop.restarted_mid_epoch") and 0 < drawn < trainer.num_training_batches):
         return
     internal(trainer, "fit_loop._load_combined_loader_states")()
     iter(fetcher)  # the iterator made before the restore started at the epoch's first batch
