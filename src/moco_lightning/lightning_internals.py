@@ -136,6 +136,7 @@ def restore_loader_position(trainer: L.Trainer) -> None:
     starts from its own first batch (its order is drawn from the seed and the epoch), whatever the saved position.
     A no-op where Lightning already loaded them.
     """
+    require_internals(trainer, "ResumeState")  # on every run: a moved internal shows before the first resume
     pending = internal(trainer, "fit_loop._combined_loader_states_to_load")
     fetcher, loader = internal(trainer, "fit_loop._data_fetcher"), internal(trainer, "fit_loop._combined_loader")
     if not pending or not internal(trainer, "fit_loop.restarting") or loader is None or fetcher is None:

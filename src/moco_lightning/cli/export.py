@@ -4,6 +4,7 @@
     moco-export run.ckpt --format torchvision --output r50.pth
     moco-export run.ckpt --format detectron2 --output r50_d2.pkl   # MODEL.WEIGHTS of the detection recipes
     moco-export vit.ckpt --format deit --output vit_s_deit.pth     # as MoCo v3's convert_to_deit.py
+    moco-export other.pth.tar --trust-checkpoint                   # a file with pickled objects: trusted sources only
 
 torchvision: ``torchvision.models.resnet50().load_state_dict(torch.load("r50.pth"), strict=False)`` loads it
 with only ``fc.*`` missing. detectron2: the official MoCo key renaming (stem, res2-res5, norms, shortcuts).
