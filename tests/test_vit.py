@@ -5,11 +5,12 @@ from functools import partial
 
 import pytest
 import torch
+from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from moco_lightning.backbones import build_backbone
-from moco_lightning.vit import VIT_SIZES, MoCoViT, sincos_position_embedding
+from moco_lightning.vit import VIT_SIZES, MoCoViT
 
 
 def tiny(**kwargs) -> MoCoViT:
@@ -18,27 +19,36 @@ def tiny(**kwargs) -> MoCoViT:
     return MoCoViT(**defaults)
 
 
-def test_position_embedding_follows_the_2d_sincos_formula():
-    table = sincos_position_embedding((3, 3), 8).double()
-    assert table.shape == (1, 1 + 9, 8)
-    assert torch.equal(table[0, 0], torch.zeros(8, dtype=torch.float64))  # the class token gets no position
-    quarter = 2
-    for row in range(3):
-        for col in range(3):
-            expected = []
+def official_sincos_table(rows: int, cols: int, dim: int) -> torch.Tensor:
+    """MoCo v3's 2-D sin-cos table (vits.py), written out: ``[sin(i w), cos(i w), sin(j w), cos(j w)]`` per patch."""
+    quarter = dim // 4
+    omegas = [10000.0 ** (-d / quarter) for d in range(quarter)]
+    table = [[0.0] * dim]  # the class token gets no position
+    for row in range(rows):  # patches are laid out row by row
+        for col in range(cols):
+            token = []
             for pos in (row, col):
-                omegas = [10000.0 ** (-d / quarter) for d in range(quarter)]
-                expected += [math.sin(pos * w) for w in omegas] + [math.cos(pos * w) for w in omegas]
-            token = 1 + row * 3 + col  # patches are laid out row by row
-            torch.testing.assert_close(table[0, token], torch.tensor(expected, dtype=torch.float64), atol=1e-6,
-                                       rtol=0)
+                token += [math.sin(pos * w) for w in omegas] + [math.cos(pos * w) for w in omegas]
+            table.append(token)
+    return torch.tensor(table, dtype=torch.float64)[None]
+
+
+@pytest.mark.parametrize(("grid", "dim"), [((2, 2), 16), ((3, 2), 8), ((14, 14), 384)])
+def test_timm_sincos_table_with_the_layout_used_is_the_official_one(grid, dim):
+    table = build_sincos2d_pos_embed(list(grid), dim, interleave_sin_cos=True).double()
+    torch.testing.assert_close(table, official_sincos_table(*grid, dim)[0, 1:], atol=1e-6, rtol=0)
+
+
+def test_position_embedding_is_the_official_table_behind_a_zero_class_token():
+    vit = tiny()
+    assert vit.pos_embed.shape == (1, 1 + 2 * 2, 16)
+    torch.testing.assert_close(vit.pos_embed.double(), official_sincos_table(2, 2, 16), atol=1e-6, rtol=0)
 
 
 def test_position_embedding_is_a_fixed_buffer_not_a_parameter():
     vit = tiny()
     assert "pos_embed" not in dict(vit.named_parameters())
     assert "pos_embed" in dict(vit.named_buffers()) and "pos_embed" in vit.state_dict()
-    torch.testing.assert_close(vit.pos_embed, sincos_position_embedding((2, 2), 16))
 
 
 def test_forward_and_backward_at_a_tiny_size_with_the_patch_projection_frozen():

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from moco_lightning.distributed import shuffle_batch, unshuffle_batch
+from moco_lightning.distributed import is_distributed, shuffle_batch, unshuffle_batch
 
 __all__ = [
     "BN_MODES",
@@ -151,10 +151,6 @@ def _all_reduce_batch_norm(bn: nn.modules.batchnorm._BatchNorm, input: torch.Ten
     return out.to(input.dtype)
 
 
-def _synced() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 class AllReduceBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm over the global batch of all processes, for processes on the CPU.
 
@@ -166,7 +162,7 @@ class AllReduceBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalise with the statistics of the batches of every process (training) or the running ones (eval)."""
-        return _all_reduce_batch_norm(self, input) if self.training and _synced() else super().forward(input)
+        return _all_reduce_batch_norm(self, input) if self.training and is_distributed() else super().forward(input)
 
 
 class AllReduceBatchNorm1d(nn.BatchNorm1d):
@@ -174,7 +170,7 @@ class AllReduceBatchNorm1d(nn.BatchNorm1d):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalise with the statistics of the batches of every process (training) or the running ones (eval)."""
-        return _all_reduce_batch_norm(self, input) if self.training and _synced() else super().forward(input)
+        return _all_reduce_batch_norm(self, input) if self.training and is_distributed() else super().forward(input)
 
 
 def _replace(module: nn.Module, makes: dict[type, type], **kwargs: object) -> nn.Module:

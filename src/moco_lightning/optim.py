@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from moco_lightning.lightning_internals import setup_train_data
+
 log = logging.getLogger(__name__)
 
 #: Learning-rate schedules understood by :func:`lr_lambda`.
@@ -238,8 +240,8 @@ def steps_per_epoch(trainer: Any) -> int:
 
     Read from the loader, not from ``max_steps``, so epochs keep their length when a run is cut short.
     """
-    if trainer.train_dataloader is None:  # as Trainer.estimated_stepping_batches does when it needs the loader
-        trainer.fit_loop.setup_data()
+    if trainer.train_dataloader is None:
+        setup_train_data(trainer)
     batches = trainer.num_training_batches
     if batches in (None, 0) or math.isinf(batches):
         raise ValueError("the training loader has no known length; epoch-based lr schedules need a sized loader")

@@ -1,7 +1,7 @@
 """The Vision Transformers of MoCo v3 (Chen, Xie, He 2021, Sec. 4 and 5).
 
-timm's ``VisionTransformer`` with a fixed 2-D sin-cos position embedding, the official initialisation and an
-optional frozen patch projection.
+timm's ``VisionTransformer`` with a fixed 2-D sin-cos position embedding (timm's ``build_sincos2d_pos_embed``), the
+official initialisation and an optional frozen patch projection.
 
 Built on ``timm.models.vision_transformer.VisionTransformer`` (the official ``vits.py`` subclasses it too), without
 a classifier (``num_classes=0``): the forward pass returns the class token after the last LayerNorm, ``(N, D)``.
@@ -15,6 +15,7 @@ import math
 from functools import partial
 
 import torch
+from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -25,30 +26,14 @@ VIT_SIZES: dict[str, dict[str, int]] = {
 }
 
 
-def sincos_position_embedding(grid_size: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """The fixed 2-D sin-cos position embedding of MoCo v3, ``(1, 1 + H·W, dim)`` with a zero row for the class token.
-
-    Patch ``(row i, column j)`` (row-major, as the patch tokens are laid out) gets
-    ``[sin(i·ω), cos(i·ω), sin(j·ω), cos(j·ω)]`` with ``ω_d = temperature^(−d / (dim/4))``, ``d = 0 .. dim/4 − 1``,
-    as the official ``build_2d_sincos_position_embedding``.
-    """
-    if dim % 4 != 0:
-        raise ValueError(f"the 2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
-    h, w = grid_size
-    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
-                                indexing="ij")
-    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
-    out_i = rows.flatten()[:, None] * omega[None, :]
-    out_j = cols.flatten()[:, None] * omega[None, :]
-    patches = torch.cat([out_i.sin(), out_i.cos(), out_j.sin(), out_j.cos()], dim=1)
-    return torch.cat([torch.zeros(1, dim), patches], dim=0).unsqueeze(0)
-
-
 class MoCoViT(VisionTransformer):
     """timm's ``VisionTransformer`` as MoCo v3 trains it.
 
-    * The position embedding is the fixed 2-D sin-cos table (:func:`sincos_position_embedding`), a buffer (saved in
-      the state dict under timm's name ``pos_embed``, never a parameter, so no optimizer or EMA touches it).
+    * The position embedding is the fixed 2-D sin-cos table of the official ``build_2d_sincos_position_embedding``:
+      patch ``(row i, column j)`` gets ``[sin(i·ω), cos(i·ω), sin(j·ω), cos(j·ω)]``, ``ω_d = 10000^(−d / (D/4))``,
+      and the class token a zero row. timm's ``build_sincos2d_pos_embed`` with ``interleave_sin_cos=True`` is that
+      layout (its default puts both sines first). It is a buffer (saved in the state dict under timm's name
+      ``pos_embed``, never a parameter, so no optimizer or EMA touches it).
     * Initialisation of the official ``vits.py``: Xavier-uniform linears (Q, K and V as three separate matrices),
       zero biases, class token N(0, 1e-6), patch projection Xavier-uniform over its ``3·p·p`` inputs.
     * ``freeze_patch_embed`` (official ``--stop-grad-conv1``, the v3 stability trick, Sec. 5.1): the random patch
@@ -69,11 +54,14 @@ class MoCoViT(VisionTransformer):
         if image_size % patch_size != 0:
             raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}; choose a "
                              "patch size that divides the image size (16 at 224 px, 4 at 32 px)")
+        if embed_dim % 4 != 0:
+            raise ValueError(f"embed_dim={embed_dim}: the 2-D sin-cos position embedding needs a multiple of 4")
         super().__init__(img_size=image_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                          num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True, num_classes=0, global_pool="token",
                          norm_layer=partial(nn.LayerNorm, eps=1e-6))
         del self.pos_embed  # timm's learned parameter, replaced by the fixed table
-        self.register_buffer("pos_embed", sincos_position_embedding(self.patch_embed.grid_size, embed_dim))
+        patches = build_sincos2d_pos_embed(list(self.patch_embed.grid_size), embed_dim, interleave_sin_cos=True)
+        self.register_buffer("pos_embed", torch.cat([patches.new_zeros(1, embed_dim), patches]).unsqueeze(0))
         self._init_as_moco_v3()
         self.patch_embed.proj.requires_grad_(not freeze_patch_embed)
 

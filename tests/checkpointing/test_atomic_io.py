@@ -80,3 +80,27 @@ def test_partial_files_of_killed_writers_are_removed_at_the_next_save(tmp_path):
     stale.write_bytes(b"half a checkpoint")
     AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "last.ckpt")
     assert not stale.exists() and (tmp_path / "last.ckpt").is_file()
+
+
+def test_lightning_still_writes_checkpoints_through_the_system_temporary_folder(tmp_path, monkeypatch):
+    """When this fails, Lightning writes next to the target: AtomicCheckpointIO's save can go (#21253, PR #21744)."""
+    import tempfile
+
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    system_tmp, run = tmp_path / "node_local_tmp", tmp_path / "run"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    real_mkstemp, made = tempfile.mkstemp, []
+
+    def mkstemp(*args, **kwargs):
+        handle, name = real_mkstemp(*args, **kwargs)
+        made.append(name)
+        return handle, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    TorchCheckpointIO().save_checkpoint({"w": torch.zeros(2)}, run / "last.ckpt")
+    assert (run / "last.ckpt").is_file()
+    assert any(str(system_tmp) in name for name in made), (
+        "Lightning's TorchCheckpointIO no longer writes through the system temporary folder (#21253 fixed, PR "
+        "#21744 released?): AtomicCheckpointIO's save may go (moco_lightning/lightning_internals.py)")

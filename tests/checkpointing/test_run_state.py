@@ -75,3 +75,14 @@ def test_mid_epoch_resume_continues_with_the_remaining_batches(first_epoch, tmp_
     trainer = tiny_trainer(tmp_path, callbacks=[ResumeState(), resumed], max_epochs=2, limit_train_batches=3)
     trainer.fit(tiny_moco(queue_size=48), datamodule=_digits(), ckpt_path=first_epoch / "step=1.ckpt")
     assert resumed.labels == expected
+
+
+def test_lightning_still_restarts_the_epoch_without_the_workaround(first_epoch, tmp_path):
+    """When this fails, Lightning resumes the loader by itself: restore_loader_position (ResumeState) can go."""
+    resumed = RecordBatches()
+    trainer = tiny_trainer(tmp_path, callbacks=[resumed], max_epochs=1, limit_train_batches=3)
+    trainer.fit(tiny_moco(queue_size=48), datamodule=_digits(), ckpt_path=first_epoch / "step=1.ckpt")
+    assert resumed.labels[0] == _epoch_labels(0)[0], (
+        "Lightning now resumes a mid-epoch loader whose configure_optimizers reads estimated_stepping_batches "
+        "(#20550 fixed, PR #21765 released): drop the restore_loader_position workaround of "
+        "ResumeState (moco_lightning/lightning_internals.py)")

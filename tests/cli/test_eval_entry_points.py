@@ -13,10 +13,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf.errors import ConfigAttributeError, MissingMandatoryValue
 
 from moco_lightning import MoCo
-from moco_lightning.cli import CONFIG_PATH
+from moco_lightning.cli import CONFIG_PATH, eval_knn
 from moco_lightning.cli.eval_knn import warn_if_data_differs_from_pretraining
 from moco_lightning.cli.eval_linear import evaluate_linear
 from moco_lightning.cli.export import main as export_main
+from moco_lightning.eval.checkpoint import UnsafeCheckpointError
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_DATA = ["data.image_size=8", "data.eval_batch_size=128"]
@@ -97,8 +98,6 @@ def test_eval_knn_script_prints_and_saves_accuracy(checkpoint, tmp_path):
 
 
 def test_eval_knn_on_the_embedding_evaluates_the_whole_query_encoder(checkpoint, monkeypatch):
-    from moco_lightning.cli import eval_knn
-
     seen = {}
 
     def fake_knn(embed, train_loader, val_loader, **kwargs):  # the data path is tested above; check what embeds
@@ -190,3 +189,41 @@ def test_export_of_a_non_moco_file_exits_with_a_message(tmp_path, capsys):
         export_main([str(bad), "--format", "torchvision"])
     assert exit_info.value.code == 2
     assert "not a MoCo checkpoint" in capsys.readouterr().err
+
+
+def test_export_refuses_a_checkpoint_that_would_run_code_unless_trusted(checkpoint, tmp_path, capsys):
+    marker = tmp_path / "code_ran"
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save({**torch.load(checkpoint, weights_only=True), "extra": _RunsCode(marker)}, hostile)
+    out = tmp_path / "r18.pth"
+    with pytest.raises(SystemExit) as exit_info:
+        export_main([str(hostile), "--format", "torchvision", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--trust-checkpoint" in err and err.count("\n") == 1
+    assert not marker.exists() and not out.exists()
+    export_main([str(hostile), "--format", "torchvision", "--output", str(out), "--trust-checkpoint"])
+    assert marker.is_dir() and out.is_file()
+
+
+def test_eval_entry_points_refuse_pickled_code_unless_allow_pickle(checkpoint, tmp_path):
+    marker = tmp_path / "code_ran"
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save({**torch.load(checkpoint, weights_only=True), "extra": _RunsCode(marker)}, hostile)
+    for name, evaluate in (("eval_linear", evaluate_linear), ("eval_knn", eval_knn.evaluate_knn)):
+        with pytest.raises(UnsafeCheckpointError, match="allow_pickle=true"):
+            evaluate(_compose(name, [f"checkpoint={hostile}", *TINY_DATA]))
+    assert not marker.exists()
+    result = eval_knn.evaluate_knn(_compose("eval_knn", [f"checkpoint={hostile}", "allow_pickle=true", *TINY_DATA]))
+    assert marker.is_dir() and result["checkpoint"] == str(hostile) and 0.0 <= result["knn_top1"] <= 1.0
+
+
+class _RunsCode:
+    """Unpickling this creates a folder: a stand-in for whatever code a hostile checkpoint would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.makedirs, (self.marker,)

@@ -16,8 +16,7 @@ FLAGSHIP = ["backbone=resnet50", "trainer.devices=8"]
 
 def test_flagship_is_eight_device_ddp_with_resnet50(compose_train):
     cfg = compose_train(FLAGSHIP)
-    assert cfg.trainer.devices == 8
-    assert cfg.trainer.strategy == "ddp"
+    assert cfg.trainer.devices == 8 and cfg.trainer.strategy == "auto"  # Lightning's auto: DDP (built below)
     assert cfg.trainer.sync_batchnorm is False and cfg.model.bn == "auto"
     assert cfg.model.backbone == "resnet50"
 
@@ -51,6 +50,10 @@ def test_flagship_builds_an_eight_process_ddp_trainer(compose_train):
     assert trainer.world_size == 8
 
 
-def test_one_device_is_not_ddp(compose_train):
-    assert compose_train().trainer.strategy == "auto"
-    assert compose_train(["trainer.num_nodes=2"]).trainer.strategy == "ddp"
+def test_one_device_is_not_ddp_and_several_nodes_are(compose_train):
+    def strategy(overrides):
+        cfg = compose_train([*overrides, "trainer.accelerator=cpu"])
+        return instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False).strategy
+
+    assert not isinstance(strategy([]), DDPStrategy)
+    assert isinstance(strategy(["trainer.num_nodes=2"]), DDPStrategy)

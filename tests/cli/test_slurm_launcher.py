@@ -19,7 +19,7 @@ def test_slurm_launcher_takes_nodes_tasks_and_gpus_from_the_trainer(compose_trai
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node, launcher.cpus_per_task) == (2, 8, 8, 10)
     assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0  # requeue on preemption
-    assert cfg.trainer.strategy == "ddp"  # Lightning's own DDP over the 16 SLURM tasks
+    assert cfg.trainer.strategy == "auto"  # Lightning's auto: its own DDP over the 16 SLURM tasks
 
 
 def test_sbatch_script_asks_for_two_nodes_of_eight_gpu_tasks(compose_train, monkeypatch, tmp_path):

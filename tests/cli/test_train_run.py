@@ -99,7 +99,7 @@ def test_console_script_composes_the_flagship_from_any_directory(tmp_path):
     result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=110)
     assert result.returncode == 0, result.stderr[-3000:]
     cfg = yaml.safe_load(result.stdout)
-    assert cfg["trainer"]["devices"] == 8 and cfg["trainer"]["strategy"] == "ddp"
+    assert cfg["trainer"]["devices"] == 8 and cfg["trainer"]["strategy"] == "auto"
     assert cfg["model"]["backbone"] == "resnet50"
 
 

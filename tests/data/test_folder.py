@@ -56,6 +56,21 @@ def test_labels_line_up_with_the_images(tmp_path):
     assert torch.equal(decoded_labels(x_q), y)
 
 
+def test_scan_skips_hidden_entries_and_folders_without_images(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", classes=2, per_class=2)
+    for hidden in (root / ".ipynb_checkpoints" / "a.png", root / "class0" / ".thumbs" / "b.png",
+                   root / "class1" / ".c.png"):
+        hidden.parent.mkdir(exist_ok=True)
+        Image.fromarray(label_image(0, 8)).save(hidden)
+    (root / "notes").mkdir()
+    (root / "notes" / "readme.txt").write_text("no images here")
+    with pytest.warns(UserWarning, match=r"ignoring sub-folders without images: \['notes'\]"):
+        samples, classes = scan_image_folder(root)
+    assert classes == ["class0", "class1"] and len(samples) == 4
+    assert [label for _, label in samples] == [0, 0, 1, 1]
+    assert not any("/." in path for path, _ in samples)
+
+
 def test_val_dir_and_eval_view_resize_then_centre_crop(tmp_path):
     train = write_image_folder(tmp_path / "train", classes=2, per_class=3, size=40)
     val = write_image_folder(tmp_path / "val", classes=2, per_class=2, size=30)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from moco_lightning.data import DigitsDataModule
+from moco_lightning.data.base import seed_worker
 
 
 def first_batches(dm, n=2):
@@ -23,6 +24,13 @@ def test_loader_settings_are_passed_to_the_dataloader():
     assert loader.batch_size == 8 and loader.num_workers == 2 and loader.pin_memory is False
     assert loader.persistent_workers is True and loader.prefetch_factor == 3 and loader.drop_last
     assert dm.eval_val_dataloader().batch_size == 50
+
+
+def test_every_loader_seeds_its_own_workers():
+    # so Lightning's worker seeding (seed_everything(workers=True)) would never apply: the CLIs do not ask for it
+    dm = DigitsDataModule(batch_size=8, num_workers=2)
+    loaders = [dm.train_dataloader(), dm.eval_train_dataloader(), dm.eval_val_dataloader()]
+    assert all(loader.worker_init_fn is seed_worker for loader in loaders)
 
 
 def test_persistent_workers_default_follows_num_workers():

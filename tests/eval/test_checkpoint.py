@@ -2,7 +2,12 @@ import pytest
 import torch
 from eval_helpers import make_blobs
 
-from moco_lightning.eval.checkpoint import CheckpointError, load_backbone, read_backbone_checkpoint
+from moco_lightning.eval.checkpoint import (
+    CheckpointError,
+    UnsafeCheckpointError,
+    load_backbone,
+    read_backbone_checkpoint,
+)
 
 
 def test_loads_the_query_backbone_with_its_architecture_from_hyper_parameters(moco_checkpoint):
@@ -106,3 +111,48 @@ def test_query_encoder_without_a_head_is_a_clear_error(moco_checkpoint, tmp_path
     torch.save({"arch": "resnet18", "state_dict": state}, path)
     with pytest.raises(CheckpointError, match="features=backbone"):
         load_query_encoder(path)
+
+
+class _RunsCode:
+    """Unpickling this creates a folder: a stand-in for whatever code a hostile checkpoint would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.makedirs, (self.marker,)
+
+
+def pickled_code_checkpoint(moco_checkpoint, tmp_path):
+    """The tiny MoCo checkpoint plus an entry whose unpickling runs code; returns (path, marker folder)."""
+    _, path = moco_checkpoint
+    checkpoint = torch.load(path, weights_only=True)
+    marker = tmp_path / "code_ran"
+    checkpoint["extra"] = _RunsCode(marker)
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save(checkpoint, hostile)
+    return hostile, marker
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unless_allowed(moco_checkpoint, tmp_path):
+    hostile, marker = pickled_code_checkpoint(moco_checkpoint, tmp_path)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_backbone(hostile)
+    message = str(info.value)
+    assert "\n" not in message and str(hostile) in message and "os.makedirs" in message
+    assert "allow_pickle=true" in message and "--trust-checkpoint" in message
+    assert not marker.exists()  # nothing ran
+    ckpt = read_backbone_checkpoint(hostile, allow_pickle=True)  # the explicit opt-in loads it, code and all
+    assert marker.is_dir() and "conv1.weight" in ckpt.state_dict
+
+
+def test_the_argparse_options_of_a_training_script_load_without_opt_in(moco_checkpoint, tmp_path):
+    import argparse
+
+    _, path = moco_checkpoint
+    with_args = tmp_path / "with_args.ckpt"
+    torch.save({**torch.load(path, weights_only=True), "args": argparse.Namespace(lr=0.03, arch="resnet18")},
+               with_args)
+    assert read_backbone_checkpoint(with_args).backbone == "resnet18"

@@ -9,6 +9,9 @@ target's own folder, flushes it to disk (``fsync``) and renames it over the targ
 POSIX and Windows within one file system): a reader sees the old file or the new one, never a mix.
 
 A full disk is reported as a :class:`DiskFullError` that says so and that the previous file is intact.
+
+This works around Lightning issue #21253; it can go with the release of Lightning PR #21744 (see
+:mod:`moco_lightning.lightning_internals`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 __all__ = ["AtomicCheckpointIO", "DiskFullError", "PARTIAL_SUFFIX"]
@@ -50,7 +52,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     (they do not end in ``.ckpt``).
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str],
+                        storage_options: Any | None = None) -> None:
         """Write ``checkpoint`` to ``path`` so that ``path`` is at all times either the old file or the new one.
 
         Raises:
@@ -80,7 +83,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         _remove_stale_partials(target)
 
 
-def _is_local(path: _PATH) -> bool:
+def _is_local(path: str | os.PathLike[str]) -> bool:
     from fsspec.implementations.local import LocalFileSystem
 
     return isinstance(get_filesystem(path), LocalFileSystem)

@@ -19,6 +19,8 @@ installs its own handler (resubmit the job, exit). When a Python handler is alre
 start of training, the callback takes SIGUSR2 too: it stops after the step, writes ``last.ckpt``, then calls that
 handler, so the resubmitted job resumes from this step (``ckpt_path=auto``) instead of the last periodic checkpoint.
 
+The Lightning internals this takes are listed in :mod:`moco_lightning.lightning_internals`.
+
 The training CLI then exits with status ``128 + signal`` (143 for SIGTERM, 138 for SIGUSR1), the shell's code for
 "ended by this signal": a wrapper or an orchestrator restarts it (``ckpt_path=auto``) rather than taking the run
 for finished.
@@ -33,10 +35,16 @@ from types import FrameType
 from typing import Any
 
 import lightning as L
-from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from moco_lightning.lightning_internals import (
+    request_stop_after_step,
+    require_internals,
+    signal_handler_snapshot,
+    slurm_requeue,
+)
 
 __all__ = ["PreemptionCheckpoint"]
 
@@ -66,6 +74,7 @@ class PreemptionCheckpoint(Callback):
     # ------------------------------------------------------------------ signals
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Install the handlers (before Lightning's, which then keeps ours for SIGUSR1 and chains them for SIGTERM)."""
+        require_internals(trainer, "PreemptionCheckpoint")
         self._trainer, self.signum, self.saved_path = trainer, None, None
         for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
             signum = getattr(signal, name, None)
@@ -81,16 +90,16 @@ class PreemptionCheckpoint(Callback):
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.signum = signum
         if self._trainer is not None:  # Lightning's stop flag: the loop raises SIGTERMException after this step
-            self._trainer._signal_connector.received_sigterm = True
+            request_stop_after_step(self._trainer)
         log.info("received %s: stopping after the current step to save a checkpoint", signal.Signals(signum).name)
 
     def _restore_handlers(self, trainer: L.Trainer) -> None:
         # Lightning's teardown puts back the handlers it found when it registered its own (ours): point those
         # entries at the handlers from before the run, so that neither path leaves ours installed
-        snapshot = getattr(trainer._signal_connector, "_original_handlers", None)
+        snapshot = signal_handler_snapshot(trainer) if self._previous else {}
         for signum, handler in self._previous.items():
             handler = handler if handler is not None else signal.SIG_DFL
-            if isinstance(snapshot, dict) and signum in snapshot:
+            if signum in snapshot:
                 snapshot[signum] = handler
             try:
                 signal.signal(signum, handler)
@@ -106,13 +115,8 @@ class PreemptionCheckpoint(Callback):
             if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
                 return
             signum = self.signum if self.signum is not None else int(signal.SIGTERM)
-            environment = trainer._accelerator_connector.cluster_environment  # as Lightning's signal connector reads it
-            if (isinstance(environment, SLURMEnvironment) and environment.auto_requeue
-                    and signum == environment.requeue_signal):
-                connector = trainer._checkpoint_connector
-                self.saved_path = Path(connector.hpc_save_path(trainer.default_root_dir))
-                trainer._signal_connector._slurm_sigusr_handler_fn(signum, None)  # saves there, then requeues
-            else:
+            self.saved_path = slurm_requeue(trainer, signum)
+            if self.saved_path is None:
                 self.saved_path = self.checkpoint_path(trainer)
                 trainer.save_checkpoint(self.saved_path, weights_only=False)
             if trainer.is_global_zero:

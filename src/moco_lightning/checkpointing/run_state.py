@@ -16,7 +16,8 @@ It also works around Lightning issue #20550 (open in 2.6): when ``configure_opti
 ``trainer.estimated_stepping_batches`` (every lr schedule here does), the train loader is built before the
 checkpoint is restored, and Lightning never hands the saved loader position to it, so a run resumed mid-epoch
 would start the epoch over. At ``on_train_start`` the pending position is loaded into the loader and its iterator
-re-created, as the normal restore path does (a no-op where Lightning already did it).
+re-created, as the normal restore path does (:func:`moco_lightning.lightning_internals.restore_loader_position`,
+with the other Lightning internals in use).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+
+from moco_lightning.lightning_internals import restore_loader_position
 
 __all__ = ["CHECKPOINT_KEY", "ResumeState", "package_version"]
 
@@ -108,7 +111,7 @@ class ResumeState(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Restore the loader's position and this process's generators (in that order: no draw in between)."""
-        _restore_loader_position(trainer)
+        restore_loader_position(trainer)
         if self._loaded is None:
             return
         saved, self._loaded = self._loaded, None
@@ -122,24 +125,6 @@ class ResumeState(Callback):
                          saved_world, saved_batch, world, batch)
         if states:
             restore_rng_state(states[trainer.global_rank % len(states)])
-
-
-def _restore_loader_position(trainer: L.Trainer) -> None:
-    """Load the loader states Lightning kept pending (issue #20550) and re-create the fetcher's iterator.
-
-    Only for a checkpoint taken mid-epoch with batches left: after a checkpoint at an epoch's end the next epoch
-    starts from its own first batch (its order is drawn from the seed and the epoch), whatever the saved position.
-    """
-    fit_loop = trainer.fit_loop
-    pending = getattr(fit_loop, "_combined_loader_states_to_load", None)
-    fetcher = getattr(fit_loop, "_data_fetcher", None)
-    if not pending or not fit_loop.restarting or fit_loop._combined_loader is None or fetcher is None:
-        return
-    drawn = fit_loop.epoch_loop.batch_progress.current.ready
-    if not (fit_loop.restarted_mid_epoch and 0 < drawn < trainer.num_training_batches):
-        return
-    fit_loop._load_combined_loader_states()
-    iter(fetcher)  # the iterator made before the restore started at the epoch's first batch
 
 
 def _global_batch(trainer: L.Trainer) -> int | None:

@@ -5,8 +5,8 @@ the package ``moco_lightning.conf``. :data:`CONFIG_PATH` is the absolute path of
 installed package when it is importable, else ``conf/`` next to ``src/`` in a checkout), so the entry points work
 from any working directory, as scripts at the repository root and as console scripts.
 
-Importing this module registers the OmegaConf resolvers the configs use (``${moco.strategy:...}``,
-``${moco.one_or_many:...}``, ``${moco.cifar_stem:...}``, ``${moco.patch_size:...}``, ``${moco.wandb_offline:}``);
+Importing this module registers the OmegaConf resolvers the configs use (``${moco.one_or_many:...}``,
+``${moco.cifar_stem:...}``, ``${moco.patch_size:...}``, ``${moco.wandb_offline:}``);
 call :func:`register_resolvers` before composing the configs with Hydra's compose API from your own code.
 """
 
@@ -19,12 +19,13 @@ import logging
 import netrc
 import os
 import socket
-import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from omegaconf import ListConfig, OmegaConf
+
+from moco_lightning.deadline import call_with_deadline
 
 __all__ = ["CONFIG_PATH", "config_dir", "count_devices", "register_resolvers", "write_results"]
 
@@ -73,20 +74,13 @@ def count_devices(devices: Any) -> int | None:
     return None if devices == -1 else devices
 
 
-def _strategy(devices: Any, num_nodes: Any = 1) -> str:
-    """``ddp`` when the run has several processes, else ``auto`` (Lightning's single-device strategy)."""
+def _one_or_many(devices: Any, num_nodes: Any, one: Any, many: Any) -> Any:
+    """``one`` for a run of one process, ``many`` for several (devices x nodes); ``one`` when it cannot be known."""
     try:
         count = count_devices(devices)
     except ValueError:
-        return "auto"  # the config checks report the bad value
-    if (count is not None and count > 1) or int(num_nodes or 1) > 1:
-        return "ddp"
-    return "auto"
-
-
-def _one_or_many(devices: Any, num_nodes: Any, one: Any, many: Any) -> Any:
-    """``one`` for a run of one process, ``many`` for several (devices x nodes); ``one`` when it cannot be known."""
-    return many if _strategy(devices, num_nodes) == "ddp" else one
+        return one  # the config checks report the bad value
+    return many if (count is not None and count > 1) or int(num_nodes or 1) > 1 else one
 
 
 def _cifar_stem(image_size: Any) -> bool:
@@ -129,19 +123,14 @@ def _wandb_offline() -> bool:
 @functools.lru_cache(maxsize=8)
 def _reachable(host: str, port: int, timeout: float = 3.0) -> bool:
     """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds (DNS lookup included)."""
-    outcome: dict[str, bool] = {}
+    def connect() -> bool:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
 
-    def connect() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                outcome["ok"] = True
-        except OSError:
-            outcome["ok"] = False
-
-    thread = threading.Thread(target=connect, name=f"reach-{host}", daemon=True)  # DNS ignores socket timeouts
-    thread.start()
-    thread.join(2 * timeout)
-    return outcome.get("ok", False)
+    try:
+        return call_with_deadline(connect, 2 * timeout, f"connecting to {host}:{port}")
+    except OSError:  # refused, unreachable, or past the deadline (TimeoutError)
+        return False
 
 
 def write_results(result: dict[str, Any], output_dir: str | None) -> None:
@@ -156,7 +145,6 @@ def write_results(result: dict[str, Any], output_dir: str | None) -> None:
 def register_resolvers() -> None:
     """Register the ``moco.*`` OmegaConf resolvers used by the configs (idempotent)."""
     for name, resolver in (
-        ("moco.strategy", _strategy),
         ("moco.one_or_many", _one_or_many),
         ("moco.cifar_stem", _cifar_stem),
         ("moco.patch_size", _patch_size),

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from moco_lightning.cli import CONFIG_PATH, write_results
-from moco_lightning.eval.checkpoint import CheckpointError, load_backbone, load_query_encoder
+from moco_lightning.eval.checkpoint import CheckpointError, load_backbone, load_query_encoder, read_backbone_checkpoint
 from moco_lightning.eval.knn import FEATURES, knn_accuracy
 
 __all__ = ["evaluate_knn", "main", "warn_if_data_differs_from_pretraining"]
@@ -58,11 +58,11 @@ def _device(name: str) -> torch.device:
 
 def evaluate_knn(cfg: DictConfig) -> dict[str, Any]:
     """Run the kNN evaluation a config describes; returns the result dict that is also saved as JSON."""
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed)
     if cfg.features not in FEATURES:
         raise CheckpointError(f"features={cfg.features} is not one of {', '.join(FEATURES)}")
     load = load_backbone if cfg.features == "backbone" else load_query_encoder
-    backbone, dim, ckpt = load(cfg.checkpoint)
+    backbone, dim, ckpt = load(read_backbone_checkpoint(cfg.checkpoint, allow_pickle=cfg.allow_pickle))
     warn_if_data_differs_from_pretraining(cfg)
     device = _device(cfg.device)
     backbone.to(device).eval()

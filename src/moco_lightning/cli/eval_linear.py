@@ -42,8 +42,9 @@ def per_device_batch(cfg: DictConfig) -> int:
 
 def evaluate_linear(cfg: DictConfig) -> tuple[dict[str, Any], L.Trainer]:
     """Run the linear evaluation a config describes; returns the result dict and the Trainer."""
-    L.seed_everything(cfg.seed, workers=True)
-    ckpt = read_backbone_checkpoint(cfg.checkpoint)  # fail on a bad file before building anything
+    L.seed_everything(cfg.seed)
+    # fail on a bad file before building anything
+    ckpt = read_backbone_checkpoint(cfg.checkpoint, allow_pickle=cfg.allow_pickle)
     warn_if_data_differs_from_pretraining(cfg)
     cfg.data.eval_batch_size = per_device_batch(cfg)
     datamodule = instantiate(cfg.data)

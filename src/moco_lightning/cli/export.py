@@ -4,6 +4,7 @@
     moco-export run.ckpt --format torchvision --output r50.pth
     moco-export run.ckpt --format detectron2 --output r50_d2.pkl   # MODEL.WEIGHTS of the detection recipes
     moco-export vit.ckpt --format deit --output vit_s_deit.pth     # as MoCo v3's convert_to_deit.py
+    moco-export other.pth.tar --trust-checkpoint                   # a file with pickled objects: trusted sources only
 
 torchvision: ``torchvision.models.resnet50().load_state_dict(torch.load("r50.pth"), strict=False)`` loads it
 with only ``fc.*`` missing. detectron2: the official MoCo key renaming (stem, res2-res5, norms, shortcuts).
@@ -54,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
         help="output file (one format) or folder (both); default: next to the checkpoint, named "
         "<checkpoint>_torchvision.pth / <checkpoint>_detectron2.pkl",
     )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="also load a checkpoint that holds arbitrary pickled objects; unpickling runs their code, so only for "
+        "files from a source you trust",
+    )
     return parser
 
 
@@ -61,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point ``moco-export``; exits with status 2 and a message on a bad checkpoint."""
     args = _parser().parse_args(argv)
     try:
-        ckpt = read_backbone_checkpoint(args.checkpoint)
+        ckpt = read_backbone_checkpoint(args.checkpoint, allow_pickle=args.trust_checkpoint)
         formats = _formats(args.format, ckpt)
         for fmt in formats:
             if args.output is None:

@@ -187,7 +187,7 @@ def train(cfg: DictConfig) -> float | None:
         choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else None
         check_config(cfg, choices)
 
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed)
     datamodule, model, trainer = build(cfg)
     for callback in trainer.callbacks:
         if isinstance(callback, ResumeState) and callback.config is None:

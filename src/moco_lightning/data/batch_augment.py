@@ -41,9 +41,10 @@ Differences to the per-image path, checked one by one against torchvision / PIL 
   (2 ceil(3 sigma) + 1): the extra taps of the batched kernel carry weights below 1e-3 (max difference 2e-4). The
   official code blurs PIL images with ``ImageFilter.GaussianBlur(radius=sigma)``, PIL's approximation of a
   Gaussian of standard deviation sigma by box filters, which the per-image PIL path keeps.
-* Solarize: pixels at or above the fixed threshold 0.5 are inverted, as PIL's ``solarize(threshold=128)`` on
-  uint8 images and torchvision's ``solarize(0.5)`` on floats (kornia's ``RandomSolarize`` would draw the threshold
-  around 0.5 and add a random brightness shift: it is not used).
+* Solarize: pixels at or above the fixed threshold 0.5 are inverted (kornia's ``solarize(x, 0.5)``), as PIL's
+  ``solarize(threshold=128)`` on uint8 images and torchvision's ``solarize(0.5)`` on floats. kornia's
+  ``RandomSolarize`` could do the same (``thresholds=(0.5, 0.5), additions=0.0``: its defaults draw the threshold
+  around 0.5 and add a random shift), but it draws from the global generator, not the datamodule's.
 * Flip: the same (``flip(-1)`` of the images that drew it).
 * Affine (digits): torchvision's inverse matrix (rotation about the centre, integer translations, scale, x-shear)
   and its fill by a sampled mask, on a grid of pixel centres: identical to ``torchvision.transforms.v2.functional.
@@ -69,6 +70,7 @@ from kornia.enhance import (
     adjust_contrast_with_mean_subtraction,
     adjust_hue,
     adjust_saturation_with_gray_subtraction,
+    solarize,
 )
 from kornia.filters import gaussian_blur2d
 from torch.nn import functional as F
@@ -444,8 +446,7 @@ class RandomSolarize(BatchOp):
 
     def apply(self, images: torch.Tensor, params: Params) -> torch.Tensor:
         """Apply drawn parameters to a batch on its device."""
-        return on_selected(images, params["applied"],
-                           lambda x: torch.where(x >= self.threshold, 1.0 - x, x))
+        return on_selected(images, params["applied"], lambda x: solarize(x, self.threshold))
 
 
 class RandomHorizontalFlip(BatchOp):

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from moco_lightning.deadline import call_with_deadline
 
 __all__ = ["DatasetNotAvailableError", "ensure_dataset_files", "missing_files"]
 
@@ -34,21 +35,7 @@ def _resolve_host(url: str, timeout: float) -> None:
     if host is None:
         return
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    outcome: dict[str, BaseException] = {}
-
-    def resolve() -> None:
-        try:
-            socket.getaddrinfo(host, port)
-        except BaseException as err:  # noqa: BLE001 - reported to the caller below
-            outcome["error"] = err
-
-    thread = threading.Thread(target=resolve, name=f"resolve-{host}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise TimeoutError(f"could not resolve {host} within {timeout:g} s (no network?)")
-    if "error" in outcome:
-        raise outcome["error"]
+    call_with_deadline(lambda: socket.getaddrinfo(host, port), timeout, f"could not resolve {host}: the lookup")
 
 
 def ensure_dataset_files(dataset: str, folder: str | os.PathLike[str], files: Sequence[str], *, download: bool,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
 from moco_lightning.data.base import DatasetError, MoCoDataModule
 
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 #: extensions (lower case) recognised as images: torchvision's ``IMG_EXTENSIONS``.
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS: tuple[str, ...] = IMG_EXTENSIONS
 
 _LAYOUT_HELP = ("Arrange the images as <folder>/<class name>/<image>.jpg (labelled) or put them directly in "
                 "<folder> (unlabelled, pretraining only)")
@@ -53,16 +54,11 @@ class CorruptImageWarning(UserWarning):
     """An image file could not be decoded and was replaced by another image of the dataset."""
 
 
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _walk_images(folder: str) -> list[str]:
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f) and not f.startswith("."))
-    return found
+def _visible_image(root: str) -> Callable[[str], bool]:
+    """``is_valid_file`` of ``make_dataset``: a known image extension, and no hidden file or folder below ``root``."""
+    start = len(os.path.join(root, ""))
+    return lambda path: (has_file_allowed_extension(path, IMAGE_EXTENSIONS)
+                         and not any(part.startswith(".") for part in path[start:].split(os.sep)))
 
 
 def scan_image_folder(root: str | os.PathLike[str], setting: str = "data.data_dir"
@@ -91,18 +87,15 @@ def scan_image_folder(root: str | os.PathLike[str], setting: str = "data.data_di
     entries = sorted((e for e in os.scandir(root) if not e.name.startswith(".")), key=lambda e: e.name)
     if not entries:
         raise DatasetError(f"{setting}={root!r} is an empty folder. {_LAYOUT_HELP}.")
-    class_dirs = [e for e in entries if e.is_dir()]
-    top_images = [e.path for e in entries if e.is_file() and _is_image(e.name)]
-    samples: list[tuple[str, int]] = []
-    classes: list[str] = []
-    empty_dirs: list[str] = []
-    for entry in class_dirs:
-        images = _walk_images(entry.path)
-        if not images:
-            empty_dirs.append(entry.name)
-            continue
-        samples.extend((path, len(classes)) for path in images)
-        classes.append(entry.name)
+    top_images = [e.path for e in entries if e.is_file() and has_file_allowed_extension(e.name, IMAGE_EXTENSIONS)]
+    # the sub-folders, as torchvision's find_classes lists them but without hidden ones (.ipynb_checkpoints)
+    folders = [e.name for e in entries if e.is_dir()]
+    found = make_dataset(root, {name: i for i, name in enumerate(folders)}, is_valid_file=_visible_image(root),
+                         allow_empty=True) if folders else []
+    classes = sorted({folders[label] for _, label in found})  # the class folders that hold images
+    index = {folders.index(name): i for i, name in enumerate(classes)}
+    samples = [(path, index[label]) for path, label in found]
+    empty_dirs = [name for name in folders if name not in classes]
     if classes:
         if empty_dirs:
             warnings.warn(f"{setting}={root!r}: ignoring sub-folders without images: {empty_dirs[:10]}",

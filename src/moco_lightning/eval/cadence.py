@@ -1,15 +1,14 @@
-"""When the epoch-end monitors run: at the kNN monitor's cadence, so that their cost shows up at the same epochs.
+"""When the epoch-end monitors run: every n-th epoch and after the last one, by default at the kNN monitor's cadence.
 
-The representation diagnostics (:class:`~moco_lightning.eval.diagnostics_monitor.DiagnosticsMonitor`) and the
+The kNN monitor (:class:`~moco_lightning.eval.knn.KNNMonitor`) runs every ``every_n_epochs``; the representation
+diagnostics (:class:`~moco_lightning.eval.diagnostics_monitor.DiagnosticsMonitor`) and the
 embedding map (:class:`~moco_lightning.eval.embedding_map.EmbeddingMap`) read the ``every_n_epochs`` of the
-trainer's :class:`~moco_lightning.eval.knn.KNNMonitor` unless given their own.
+trainer's kNN monitor unless given their own, so that their cost shows up at the same epochs.
 """
 
 from __future__ import annotations
 
 import lightning as L
-
-from moco_lightning.eval.knn import KNNMonitor
 
 __all__ = ["is_monitor_epoch", "monitor_every_n_epochs"]
 
@@ -20,6 +19,8 @@ def monitor_every_n_epochs(trainer: L.Trainer, every_n_epochs: int | None = None
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1 or null (the kNN monitor's), got {every_n_epochs}")
         return every_n_epochs
+    from moco_lightning.eval.knn import KNNMonitor  # here: the kNN monitor itself uses this module
+
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
         if isinstance(callback, KNNMonitor):
             return callback.every_n_epochs

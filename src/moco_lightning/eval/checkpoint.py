@@ -20,8 +20,10 @@ read from the shapes of its weights.
 
 from __future__ import annotations
 
+import argparse
 import math
 import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,8 @@ _BACKBONE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
 #: State-dict prefixes of the query encoder's projection head (v1/v2 linear or MLP, v3 MLP with BN), in order.
 _HEAD_PREFIXES: tuple[str, ...] = ("encoder_q.head.", "base_encoder.head.", "module.encoder_q.fc.", "encoder_q.fc.",
                                    "module.base_encoder.fc.", "module.base_encoder.head.", "base_encoder.fc.")
+#: Classes a checkpoint may hold besides tensors and plain containers, loaded with ``weights_only=True``.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 #: The prefixes of this project's own modules (their checkpoints carry hyper-parameters).
 _OWN_PREFIXES = ("encoder_q.backbone.", "base_encoder.backbone.")
 
@@ -84,22 +88,48 @@ class BackboneCheckpoint:
     head_state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _torch_load(path: Path) -> Any:
-    """Load a checkpoint on the CPU: safely (``weights_only``) if possible, else as a full pickle.
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that holds pickled Python objects beyond tensors and plain containers, loaded without opt-in."""
 
-    Only load checkpoints you trust: the fallback executes pickled code (as ``torch.load`` always did).
+
+def _torch_load(path: Path, allow_pickle: bool = False) -> Any:
+    """Load a checkpoint on the CPU with ``weights_only=True``; a full pickle only when ``allow_pickle``.
+
+    Official MoCo and MoCo v3 checkpoints (``epoch``, ``arch``, ``state_dict``, ``optimizer``, v3's ``scaler``)
+    and this project's hold only tensors, numbers, strings and containers, which ``weights_only`` loads. The one
+    class allowed besides (:data:`SAFE_GLOBALS`) is ``argparse.Namespace``, the ``args`` that scripts derived
+    from the official ``main_moco.py`` often add: rebuilding it only sets attributes.
+
+    Raises:
+        UnsafeCheckpointError: the file needs a full pickle (which runs any code it carries) and ``allow_pickle``
+            is false.
+
     """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    if allow_pickle:
         return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f"such as {found.group(1)}" if found else "that torch.load(weights_only=True) refuses"
+        raise UnsafeCheckpointError(
+            f"{path} holds pickled Python objects ({what}); unpickling them runs code "
+            "from the file. Only if you trust where it came from, opt in with allow_pickle=true (moco-eval-knn, "
+            "moco-eval-linear) or --trust-checkpoint (moco-export)") from err
 
 
-def read_backbone_checkpoint(checkpoint: str | Path | Mapping[str, Any]) -> BackboneCheckpoint:
+def read_backbone_checkpoint(checkpoint: str | Path | Mapping[str, Any], *,
+                             allow_pickle: bool = False) -> BackboneCheckpoint:
     """Extract the query backbone's state dict and description from a checkpoint file (or loaded dict).
+
+    Args:
+        checkpoint: the file, or a checkpoint already loaded.
+        allow_pickle: load a file that holds arbitrary pickled objects (runs their code: trusted files only).
 
     Raises:
         FileNotFoundError: if the file does not exist.
+        UnsafeCheckpointError: if the file needs a full pickle and ``allow_pickle`` is false.
         CheckpointError: if it holds no MoCo query backbone.
 
     """
@@ -111,7 +141,7 @@ def read_backbone_checkpoint(checkpoint: str | Path | Mapping[str, Any]) -> Back
             raise FileNotFoundError(
                 f"checkpoint {str(file)!r} does not exist; pass checkpoint=<path to a .ckpt written by moco-train>"
             )
-        path, ckpt = str(file), _torch_load(file)
+        path, ckpt = str(file), _torch_load(file, allow_pickle)
 
     state = ckpt.get("state_dict") if isinstance(ckpt, Mapping) else None
     if not isinstance(state, Mapping):

@@ -29,7 +29,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torchvision import models
 
@@ -174,8 +173,3 @@ def export_deit(checkpoint: str | Path | Mapping[str, Any] | BackboneCheckpoint,
     torch.save({"model": state}, output)
     return output
 
-
-def load_detectron2_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
-    """Read back the ``model`` dict of a detectron2 checkpoint written by :func:`export_detectron2`."""
-    with Path(path).open("rb") as f:
-        return pickle.load(f)["model"]

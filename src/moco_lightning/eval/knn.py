@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
 from moco_lightning import distributed
+from moco_lightning.eval.cadence import is_monitor_epoch
 
 #: What the kNN monitor embeds: the query backbone's features (``embed``) or the normalised query-encoder output
 #: (``project``, the 128-d embedding of the official CIFAR-10 demo's monitor).
@@ -318,11 +319,6 @@ class KNNMonitor(Callback):
         self.prefix = prefix
         self.last: dict[str, float] = {}
 
-    def _should_run(self, trainer: L.Trainer) -> bool:
-        epoch = trainer.current_epoch + 1
-        last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch >= trainer.max_epochs
-        return epoch % self.every_n_epochs == 0 or last
-
     def compute(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Embed the datamodule's eval loaders with ``pl_module.embed`` in eval mode; return kNN accuracy."""
         dm = trainer.datamodule
@@ -357,7 +353,7 @@ class KNNMonitor(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Run the kNN evaluation when due and log ``{prefix}_top1`` and ``{prefix}_top5``."""
-        if trainer.sanity_checking or not self._should_run(trainer):
+        if not is_monitor_epoch(trainer, self.every_n_epochs):
             return
         self.last = self.compute(trainer, pl_module)
         for name, value in self.last.items():
