@@ -229,3 +229,15 @@ def test_readme_v3_commands_compose_to_what_they_claim():
                 assert got == pytest.approx(expected, rel=1e-9), f"{command}: {key}"
             else:
                 assert got == expected, f"{command}: {key}"
+
+
+# ---------------------------------------------------------------------------------------------- bn
+def test_mocov3_bn_takes_the_v3_values_and_refuses_the_queue_ones(compose_train):
+    from moco_lightning.cli.config_checks import ConfigError
+
+    assert compose_train(["model=mocov3"]).model.bn == "sync"  # the official SyncBN
+    check_config(compose_train(["model=mocov3", "model.bn=none"]))
+    with pytest.raises(ConfigError, match="model.bn=split is not a BN mode of MoCo v3; choose one of auto, sync, none"):
+        check_config(compose_train(["model=mocov3", "model.bn=split"]))
+    with pytest.raises(ConfigError, match="trainer.sync_batchnorm=true"):
+        check_config(compose_train(["model=mocov3", "trainer.sync_batchnorm=true"]))
