@@ -75,6 +75,8 @@ def test_v3_pair_is_asymmetric():
     for view in (view_1, view_2):
         (jitter, p), = find(view, v2.ColorJitter)
         assert p == 0.8 and jitter.saturation == (0.8, 1.2) and jitter.hue == (-0.1, 0.1)
+        # the official --crop-min default (the ViT runs); the ResNet-50 runs pass 0.2
+        assert tuple(find(view, v2.RandomResizedCrop)[0][0].scale) == (0.08, 1.0)
 
 
 def test_digits_augmentation_never_flips_or_drops_colour():

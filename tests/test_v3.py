@@ -268,3 +268,55 @@ def test_channels_last_and_compile_train_like_the_default_layout():
     for a, b in zip(default.state_dict().values(), fast.state_dict().values()):
         torch.testing.assert_close(a, b, atol=3e-3, rtol=1e-2)  # another summation order, the same training
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------- bn setting
+def _setup_as_under_ddp(model: MoCoV3, world_size: int) -> MoCoV3:
+    """Run ``setup("fit")`` as a CPU DDP run of ``world_size`` processes would (no process group needed)."""
+    from types import SimpleNamespace
+
+    model._trainer = SimpleNamespace(world_size=world_size,
+                                     strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    model.setup("fit")
+    return model
+
+
+@pytest.mark.parametrize(("bn", "converted"), [("sync", True), ("auto", True), ("none", False)])
+def test_bn_sync_normalises_over_all_processes_and_none_keeps_plain_bn(bn, converted):
+    from moco_lightning.bn import AllReduceBatchNorm1d, AllReduceBatchNorm2d
+
+    model = _setup_as_under_ddp(tiny_v3("convnet", bn=bn), world_size=2)
+    assert model.hparams.bn == bn and model.bn_mode == ("none" if bn == "none" else "sync")
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    all_reduce = [isinstance(m, AllReduceBatchNorm1d | AllReduceBatchNorm2d) for m in bns]
+    assert bns and all(all_reduce) if converted else not any(all_reduce)
+    one_process = _setup_as_under_ddp(tiny_v3("convnet", bn=bn), world_size=1)  # one process: plain BN whatever bn says
+    assert not any(isinstance(m, AllReduceBatchNorm2d) for m in one_process.modules())
+
+
+@pytest.mark.parametrize("bn", ["shuffle", "split", "sinc"])
+def test_bn_modes_of_the_queue_are_refused_with_the_v3_values(bn):
+    with pytest.raises(ValueError, match=r"bn must be one of \('auto', 'sync', 'none'\)"):
+        tiny_v3("convnet", bn=bn)
+
+
+def test_checkpoints_written_with_sync_batchnorm_load_with_bn(tmp_path):
+    flag, expected = False, "none"  # not the default: the old flag itself must decide
+    model = tiny_v3(bn=expected)
+    trainer = tiny_trainer()
+    trainer.strategy.connect(model)
+    path = tmp_path / "old.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    hparams = ckpt["hyper_parameters"]
+    assert hparams["bn"] == expected and "sync_batchnorm" not in hparams  # what a checkpoint records now
+    del hparams["bn"]
+    hparams["sync_batchnorm"] = flag  # what checkpoints written before the rename record
+    torch.save(ckpt, path)
+    loaded = MoCoV3.load_from_checkpoint(path)
+    assert loaded.hparams.bn == expected and "sync_batchnorm" not in loaded.hparams
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, msg=name)
+    assert tiny_v3("convnet", sync_batchnorm=True).hparams.bn == "sync"
+    with pytest.raises(ValueError, match="sync_batchnorm=True .* contradicts bn='none'"):
+        tiny_v3("convnet", bn="none", sync_batchnorm=True)

@@ -108,3 +108,24 @@ def test_image_size_not_a_multiple_of_the_patch_is_an_error():
 def test_cifar_stem_is_refused_for_a_vit():
     with pytest.raises(ValueError, match="cifar_stem"):
         build_backbone("vit_small", cifar_stem=True)
+
+
+def test_conv_stem_makes_16_px_tokens_and_trains():
+    from moco_lightning.vit import ConvStem
+
+    vit = MoCoViT(embed_dim=16, depth=1, num_heads=2, image_size=32, patch_size=16, freeze_patch_embed=True,
+                  conv_stem=True)
+    assert isinstance(vit.patch_embed, ConvStem) and vit.patch_embed.grid_size == (2, 2)
+    convs = [m for m in vit.patch_embed.proj if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.stride) for c in convs] == [
+        (3, 2, (2, 2)), (2, 4, (2, 2)), (4, 8, (2, 2)), (8, 16, (2, 2)), (16, 16, (1, 1))]
+    assert tuple(vit.pos_embed.shape) == (1, 5, 16)  # class token + 2 x 2 tokens
+    assert all(p.requires_grad for p in vit.patch_embed.parameters())  # --stop-grad-conv1 leaves a stem alone
+    tokens = vit.patch_embed(torch.randn(2, 3, 32, 32))
+    assert tokens.shape == (2, 4, 16)
+    assert vit(torch.randn(2, 3, 32, 32)).shape == (2, 16)
+
+
+def test_conv_stem_needs_16_px_patches():
+    with pytest.raises(ValueError, match="patch_size=4"):
+        MoCoViT(embed_dim=16, depth=1, num_heads=2, image_size=32, patch_size=4, conv_stem=True)

@@ -31,6 +31,11 @@ from moco_lightning.scalars import device_scalar
 from moco_lightning.speed import compile_backbones, memory_format, to_layout
 from moco_lightning.vit import MoCoViT
 
+#: Values of MoCoV3's ``bn`` setting: the BN modes of :mod:`moco_lightning.bn` that mean something without a queue
+#: or a key shuffle. ``"sync"``: BatchNorm over the global batch of all processes (the official code's SyncBN);
+#: ``"none"``: plain per-process BatchNorm; ``"auto"``: the official choice, ``"sync"``.
+V3_BN_MODES = ("auto", "sync", "none")
+
 
 class MoCoV3(MomentumUpdateAfterStep, L.LightningModule):
     """MoCo v3 (Chen, Xie, He 2021, "An Empirical Study of Training Self-Supervised Vision Transformers").
@@ -73,7 +78,10 @@ class MoCoV3(MomentumUpdateAfterStep, L.LightningModule):
         patch_size: ViTs: side of a patch in pixels (16; 4 at 32 px).
         freeze_patch_embed: ViTs: keep the random patch projection frozen (official ``--stop-grad-conv1``, on in
             the ViT recipes).
-        sync_batchnorm: under DDP, BatchNorm over the global batch everywhere (the official code's SyncBatchNorm).
+        bn: how BatchNorm sees the batch under DDP, the same setting as :class:`~moco_lightning.MoCo`'s ``bn`` with
+            the values of :data:`V3_BN_MODES`: ``"sync"`` (default, the official code) normalises over the global
+            batch of all processes, in the encoders and the predictor; ``"none"`` keeps per-process statistics;
+            ``"auto"`` is ``"sync"``. One process: plain BN either way.
         optimizer: ``"lars"`` (ResNet), ``"adamw"`` (ViT) or ``"sgd"``.
         lr: base learning rate per 256 images when ``scale_lr`` (official: ``lr × batch / 256``).
         scale_lr: use ``lr × global batch / 256`` (global batch = per-device batch × processes × accumulation).
@@ -88,6 +96,8 @@ class MoCoV3(MomentumUpdateAfterStep, L.LightningModule):
         warmup_epochs: epochs of linear warm-up from 0 (official: 10 ResNet, 40 ViT).
         channels_last: NHWC weights and image batches (:mod:`moco_lightning.speed`), as ``MoCo``'s.
         compile: ``torch.compile`` the backbones of both encoders in place, as ``MoCo``'s.
+        sync_batchnorm: the former name of ``bn`` (``True`` = ``"sync"``, ``False`` = ``"none"``), accepted so that
+            checkpoints written before the rename load; the hyper-parameters record ``bn`` only.
 
     """
 
@@ -105,7 +115,7 @@ class MoCoV3(MomentumUpdateAfterStep, L.LightningModule):
         image_size: int = 224,
         patch_size: int = 16,
         freeze_patch_embed: bool = True,
-        sync_batchnorm: bool = True,
+        bn: str = "sync",
         optimizer: str = "lars",
         lr: float = 0.6,
         scale_lr: bool = True,
@@ -119,13 +129,17 @@ class MoCoV3(MomentumUpdateAfterStep, L.LightningModule):
         warmup_epochs: float = 10,
         channels_last: bool = False,
         compile: bool | dict[str, Any] = False,
+        *,
+        sync_batchnorm: bool | None = None,
     ) -> None:
         super().__init__()
         betas = tuple(float(b) for b in betas)  # plain types in checkpoints (not ListConfig)
         lr_milestones = tuple(float(e) for e in lr_milestones)
+        bn = legacy_bn_setting(bn, sync_batchnorm)
         check_moco_v3_args(dim=dim, mlp_dim=mlp_dim, temperature=temperature, momentum=momentum,
-                           momentum_schedule=momentum_schedule, optimizer=optimizer, lr_interval=lr_interval)
-        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+                           momentum_schedule=momentum_schedule, optimizer=optimizer, lr_interval=lr_interval, bn=bn)
+        ignore = ["sync_batchnorm", *(["backbone"] if isinstance(backbone, nn.Module) else [])]
+        self.save_hyperparameters(ignore=ignore)
         self.T, self.m = temperature, momentum
 
         net, self.feature_dim = build_backbone(
@@ -178,13 +192,18 @@ class MoCoV3(MomentumUpdateAfterStep, L.LightningModule):
         return self.contrastive_loss(q1, k2) + self.contrastive_loss(q2, k1)
 
     # ------------------------------------------------------------------ Lightning
+    @property
+    def bn_mode(self) -> str:
+        """The concrete BN mode of ``bn``: ``"sync"`` or ``"none"``."""
+        return "sync" if self.hparams.bn == "auto" else self.hparams.bn
+
     def setup(self, stage: str) -> None:
-        """Under DDP, BatchNorm over the global batch everywhere (encoders and predictor), as the official code.
+        """With ``bn="sync"`` under DDP, BatchNorm over the global batch everywhere (encoders and predictor).
 
         ``torch.nn.SyncBatchNorm`` on accelerators; on CPU processes, where it refuses to run, the all-reduce BN of
         :mod:`moco_lightning.bn` with the same statistics. One process needs nothing.
         """
-        if stage == "fit" and self.hparams.sync_batchnorm and self.trainer.world_size > 1:
+        if stage == "fit" and self.bn_mode == "sync" and self.trainer.world_size > 1:
             convert_batchnorm(self, "sync", device_type=self.trainer.strategy.root_device.type)
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
@@ -226,11 +245,31 @@ class MoCoV3(MomentumUpdateAfterStep, L.LightningModule):
         return global_batch_size(self.trainer)
 
 
+def legacy_bn_setting(bn: str, sync_batchnorm: bool | None) -> str:
+    """``bn``, or the value the former ``sync_batchnorm`` flag stands for when it is given (old checkpoints).
+
+    Raises:
+        ValueError: when both are given and disagree.
+
+    """
+    if sync_batchnorm is None:
+        return bn
+    legacy = "sync" if sync_batchnorm else "none"
+    if bn not in ("sync", legacy):  # "sync" is the default: an old checkpoint's flag decides
+        raise ValueError(f"sync_batchnorm={sync_batchnorm} (the former name of bn) contradicts bn={bn!r}; "
+                         f"give bn only (bn={legacy!r})")
+    return legacy
+
+
 def check_moco_v3_args(
     dim: int, mlp_dim: int, temperature: float, momentum: float, momentum_schedule: str = "cosine",
-    optimizer: str = "lars", lr_interval: str = "step",
+    optimizer: str = "lars", lr_interval: str = "step", bn: str = "sync",
 ) -> None:
     """Raise a ``ValueError`` naming the setting when a MoCo v3 hyper-parameter is out of range."""
+    if bn not in V3_BN_MODES:
+        hint = " (shuffle and split BN hide the positive key of a queue; MoCo v3 has none)" if bn in (
+            "shuffle", "split") else ""
+        raise ValueError(f"bn must be one of {V3_BN_MODES} for MoCo v3{hint}, got bn={bn!r}")
     if dim < 1 or mlp_dim < 1:
         raise ValueError(f"dim and mlp_dim must be positive widths (official 256, 4096), got dim={dim}, "
                          f"mlp_dim={mlp_dim}")

@@ -21,10 +21,15 @@ from moco_lightning.data import MoCoDataModule
 GROUPS = sorted(p.name for p in Path(CONFIG_PATH).iterdir() if p.is_dir() and not p.name.startswith("_"))
 #: recipes live in one folder per model family: conf/recipe/<family>/<data>_<backbone>.yaml
 RECIPES = sorted(f"{p.parent.name}/{p.stem}" for p in Path(CONFIG_PATH, "recipe").glob("*/*.yaml"))
+#: settings of a model family for a backbone family: conf/backbone_recipe/<model_family>/<backbone_family>.yaml
+BACKBONE_RECIPES = sorted(f"{p.parent.name}/{p.stem}" for p in Path(CONFIG_PATH, "backbone_recipe").glob("*/*.yaml"))
+NESTED = {"recipe": RECIPES, "backbone_recipe": BACKBONE_RECIPES}
 OPTIONS = [(group, option) for group in GROUPS
-           for option in (RECIPES if group == "recipe" else group_options(CONFIG_PATH, group))]
+           for option in NESTED.get(group) or group_options(CONFIG_PATH, group)]
 #: a model of each family (conf/model_family/), the one its recipes are for
 FAMILY_MODEL = {"moco": "mocov2", "mocov3": "mocov3"}
+#: a backbone of each backbone family (conf/backbone_family/)
+FAMILY_BACKBONE = {"resnet": "resnet50", "vit": "vit_small"}
 
 
 def _has_optuna_sweeper() -> bool:
@@ -46,6 +51,11 @@ def _group_overrides(group: str, option: str, tmp_path: Path) -> list[str]:
         return [f"model={FAMILY_MODEL[family]}", f"data={data}", f"backbone={backbone}"]
     if group == "model_family":  # set by the model file: the family's own model
         return [f"model={FAMILY_MODEL[option]}"]
+    if group == "backbone_family":  # set by the backbone file: a backbone of the family (ViTs: MoCo v3 only)
+        return [f"backbone={FAMILY_BACKBONE[option]}", *(["model=mocov3"] if option == "vit" else [])]
+    if group == "backbone_recipe":  # chosen by the model family + backbone family it is named after
+        family, backbone_family = option.split("/")
+        return [f"model={FAMILY_MODEL[family]}", f"backbone={FAMILY_BACKBONE[backbone_family]}"]
     overrides = [f"{group}={option}"]
     if group == "backbone" and option in VITS:  # ViTs are MoCo v3 backbones
         overrides.append("model=mocov3")
@@ -56,9 +66,11 @@ def _group_overrides(group: str, option: str, tmp_path: Path) -> list[str]:
 
 def test_every_group_has_options():
     expected = {"backbone", "callbacks", "data", "experiment", "hparams_search", "logger", "model", "recipe",
-                "trainer", "model_family"}
+                "trainer", "model_family", "backbone_family", "backbone_recipe"}
     assert expected <= set(GROUPS)
-    assert {"resnet18", "resnet34", "resnet50", "vit_small", "vit_base"} <= set(group_options(CONFIG_PATH, "backbone"))
+    assert {"resnet18", "resnet34", "resnet50", "vit_small", "vit_base", "vit_conv_small", "vit_conv_base"} <= set(
+        group_options(CONFIG_PATH, "backbone"))
+    assert {"mocov3/resnet", "mocov3/vit"} <= set(BACKBONE_RECIPES)
     assert {"mocov1", "mocov2", "mocov3"} <= set(group_options(CONFIG_PATH, "model"))
     assert {"moco/digits_resnet18", "mocov3/digits_resnet18", "mocov3/imagenet_resnet50",
             "mocov3/imagenet_vit_small"} <= set(RECIPES)
@@ -77,14 +89,16 @@ def test_option_composes_and_instantiates(group, option, compose_train, tmp_path
         pytest.skip("hydra-optuna-sweeper is an optional extra (pip install 'moco-lightning[optuna]')")
     overrides = [*_group_overrides(group, option, tmp_path), *CPU_ONLY]
     cfg = compose_train(overrides)
-    if group == "recipe":  # the recipe the model family + data + backbone pick is this file
-        assert compose_train(overrides, return_hydra_config=True).hydra.runtime.choices.recipe == option
+    if group in NESTED:  # the recipe the model family + data + backbone (family) pick is this file
+        assert compose_train(overrides, return_hydra_config=True).hydra.runtime.choices[group] == option
+    if group in ("model_family", "backbone_family"):
+        assert compose_train(overrides, return_hydra_config=True).hydra.runtime.choices[group] == option
     container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert container["model"]["backbone"] in BACKBONES
 
     if group in ("data", "experiment", "recipe"):
         assert isinstance(instantiate(cfg.data), MoCoDataModule)
-    if group in ("model", "backbone", "experiment", "recipe", "model_family"):
+    if group in ("model", "backbone", "experiment", "recipe", "model_family", "backbone_family", "backbone_recipe"):
         if cfg.model.backbone in VITS and (group, option) != ("backbone", "vit_small"):
             # building a ViT-B or a 224 px ViT twice (base and momentum encoder) takes seconds: bind the
             # arguments; backbone/vit_small builds one for real

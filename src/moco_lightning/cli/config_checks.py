@@ -370,15 +370,21 @@ def _check_queue(cfg: DictConfig) -> None:
 def _check_bn(cfg: DictConfig) -> None:
     """``model.bn`` is a known mode; split BN divides the per-device batch; Lightning's SyncBN stays off."""
     from moco_lightning.bn import BN_MODES
+    from moco_lightning.v3 import V3_BN_MODES
 
     if "bn" not in cfg.model:
         return
     mode = str(cfg.model.bn)
-    if mode not in BN_MODES:
-        raise ConfigError(f"model.bn={mode} is not a BN mode; choose one of {', '.join(BN_MODES)}")
+    v3 = str(cfg.model.get("_target_", "")).endswith("MoCoV3")
+    modes = V3_BN_MODES if v3 else BN_MODES
+    if mode not in modes:
+        raise ConfigError(f"model.bn={mode} is not a BN mode of {'MoCo v3' if v3 else 'MoCo'}; choose one of "
+                          f"{', '.join(modes)}")
     if cfg.trainer.get("sync_batchnorm", False):
         raise ConfigError("trainer.sync_batchnorm=true converts every BatchNorm and undoes MoCo's own BN handling; "
                           "set trainer.sync_batchnorm=false and model.bn=sync (or model.bn=auto)")
+    if v3:  # no split BN in MoCo v3
+        return
     batch = global_batch_size(cfg)
     processes = None if batch is None else batch // int(cfg.data.batch_size)
     splits = int(cfg.model.get("bn_splits", 1) or 1)

@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from moco_lightning.backbones import VITS, build_backbone
 from moco_lightning.heads import ProjectionHead, build_mlp
+from moco_lightning.vit import CONV_STEM_PATCH
 
 #: State-dict prefixes of the query backbone, tried in order: (prefix, keys to drop after stripping it).
 _BACKBONE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -202,9 +203,12 @@ def read_backbone_checkpoint(checkpoint: str | Path | Mapping[str, Any], *,
 def vit_geometry(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
     """``{"image_size", "patch_size"}`` of a ViT state dict; ``{}`` for anything else.
 
-    Read from the patch projection and the position embedding (a square grid behind one class token).
+    Read from the patch projection and the position embedding (a square grid behind one class token); the
+    convolutional stem of ``vit_conv_*`` (``patch_embed.proj.0.weight``, ...) always makes 16 px patches.
     """
     proj, pos = state.get("patch_embed.proj.weight"), state.get("pos_embed")
+    if proj is None and "patch_embed.proj.0.weight" in state:  # vit_conv_*: the convolutional stem
+        proj = torch.empty(0, 0, CONV_STEM_PATCH, CONV_STEM_PATCH)
     if proj is None or pos is None or proj.dim() != 4 or pos.dim() != 3:
         return {}
     patch = int(proj.shape[-1])
