@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 __all__ = ["CURVE_PANELS", "PROJECTIONS", "embedding_map_figure", "project_2d", "save_figure",
-           "sweep_heatmap_figure", "training_curves_figure"]
+           "sweep_curves_figure", "sweep_heatmap_figure", "training_curves_figure"]
 
 #: 2-D projections of :func:`project_2d`; "auto" is UMAP when ``umap-learn`` is installed, else t-SNE.
 PROJECTIONS = ("auto", "tsne", "umap", "pca")
@@ -127,6 +127,50 @@ def training_curves_figure(series: Mapping[str, tuple[Sequence[float], Sequence[
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+def sweep_curves_figure(runs: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+                        metrics: Sequence[str], title: str = "") -> Figure:
+    """One panel per metric, one line per run of a sweep: how the jobs compare over training.
+
+    Dense (per-step) series are shown as a running mean over about 1/50 of their length, so that two noisy curves
+    can be told apart; sparse (per-epoch) ones as points.
+
+    Args:
+        runs: run label (its swept values) -> metric name -> ``(steps, values)``.
+        metrics: the metrics to draw, one panel each.
+        title: the figure's title (the sweep folder).
+
+    """
+    if not any(runs[run].get(metric) and len(runs[run][metric][0]) for run in runs for metric in metrics):
+        raise ValueError(f"no metric to plot: none of {list(metrics)} has a value in any job")
+    fig = Figure(figsize=(5.0 * len(metrics), 3.2), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(metrics), squeeze=False)).ravel()
+    for ax, metric in zip(axes, metrics):
+        for label, series in runs.items():
+            if metric not in series or not len(series[metric][0]):
+                continue
+            steps, values = np.asarray(series[metric][0], float), np.asarray(series[metric][1], float)
+            sparse = len(steps) <= 50
+            if not sparse:
+                window = max(1, len(values) // 50)
+                values = np.convolve(values, np.ones(window) / window, mode="valid")
+                steps = steps[window - 1:]
+            ax.plot(steps, values * 100.0 if _is_fraction(metric) else values, label=label,
+                    marker="o" if sparse else None, markersize=3)
+        ax.set_title(metric + (" (%)" if _is_fraction(metric) else ""), fontsize=10)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _is_fraction(metric: str) -> bool:
+    """Accuracies are logged as fractions and shown in per cent."""
+    return "acc" in metric or "knn_top" in metric or "top1" in metric or "top5" in metric
 
 
 def sweep_heatmap_figure(grid: np.ndarray, x_values: Sequence[str], y_values: Sequence[str], x_key: str,

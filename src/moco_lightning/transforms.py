@@ -268,13 +268,15 @@ def moco_v2_transform(image_size: int = 224, mean: Sequence[float] = IMAGENET_ME
 
 def moco_v3_transforms(image_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
                        std: Sequence[float] = IMAGENET_STD,
-                       crop_scale: tuple[float, float] = (0.08, 1.0)) -> tuple[v2.Compose, v2.Compose]:
+                       crop_scale: tuple[float, float] = (0.08, 1.0),
+                       flip_prob: float = 0.5) -> tuple[v2.Compose, v2.Compose]:
     """MoCo v3's asymmetric pair (Chen, Xie, He 2021, Sec. 3 / Appendix; official ``main_moco.py``, BYOL's recipe).
 
     Both views: RandomResizedCrop(scale ``crop_scale``; default 0.08-1, the official ``--crop-min`` default, which
     the ViT runs keep; the official ResNet-50 runs pass ``--crop-min=.2``, i.e. ``crop_scale=(0.2, 1.0)``),
     ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8, RandomGrayscale(p 0.2), horizontal flip. View 1: Gaussian blur
     with p 1.0. View 2: Gaussian blur with p 0.1 and solarisation (threshold 0.5, i.e. 128/255) with p 0.2.
+    ``flip_prob=0`` leaves out the flip, for data where a mirror image is another class (MNIST, KMNIST).
 
     Returns:
         ``(view_1_transform, view_2_transform)``.
@@ -289,7 +291,7 @@ def moco_v3_transforms(image_size: int = 224, mean: Sequence[float] = IMAGENET_M
             v2.RandomGrayscale(p=0.2),
             v2.RandomApply([GaussianBlur((0.1, 2.0))], p=blur_prob),
             RandomSolarize(p=solarize_prob, threshold=0.5),
-            v2.RandomHorizontalFlip(),
+            v2.RandomHorizontalFlip(p=flip_prob),
             *_finish(mean, std),
         ])
 

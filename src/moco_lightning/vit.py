@@ -1,9 +1,9 @@
 """The Vision Transformers of MoCo v3 (Chen, Xie, He 2021, Sec. 4 and 5).
 
 timm's ``VisionTransformer`` with a fixed 2-D sin-cos position embedding (timm's ``build_sincos2d_pos_embed``), the
-official initialisation and an optional frozen patch projection; ``vit_conv_small`` / ``vit_conv_base`` replace the patch projection by a small
-convolutional stem (:class:`ConvStem`, Xiao et al. 2021, "Early Convolutions Help Transformers See Better") and
-drop one block, as the official ``vits.py``.
+official initialisation and an optional frozen patch projection; ``vit_conv_small`` / ``vit_conv_base`` replace the
+patch projection by a small convolutional stem (:class:`ConvStem`, Xiao et al. 2021, "Early Convolutions Help
+Transformers See Better") and drop one block, as the official ``vits.py``.
 
 Built on ``timm.models.vision_transformer.VisionTransformer`` (the official ``vits.py`` subclasses it too), without
 a classifier (``num_classes=0``): the forward pass returns the class token after the last LayerNorm, ``(N, D)``.

@@ -90,3 +90,32 @@ def test_heatmap_keys_can_be_chosen_and_must_be_swept(sweep, capsys, tmp_path_fa
         main([str(sweep), "--x", "model.lr"])
     assert exit_info.value.code == 2
     assert "--x model.lr: not a swept key" in capsys.readouterr().err
+
+
+def test_curves_draw_each_job_that_logged_the_metric(sweep, capsys, monkeypatch):
+    from moco_lightning import plots
+
+    drawn = {}
+    real = plots.sweep_curves_figure
+
+    def spy(runs, metrics, title=""):
+        drawn.update(runs=runs, metrics=metrics)
+        return real(runs, metrics, title)
+
+    monkeypatch.setattr(plots, "sweep_curves_figure", spy)
+    main([str(sweep), "--curves", "val/knn_top1,train/loss"])
+    assert f"curves: {sweep / 'sweep_curves.png'}" in capsys.readouterr().out
+    assert drawn["metrics"] == ["val/knn_top1", "train/loss"]
+    # job 3 never logged: three lines, named by their swept values, each with its own values
+    assert sorted(drawn["runs"]) == ["model.momentum=0.99 model.queue_size=256",
+                                     "model.momentum=0.99 model.queue_size=64",
+                                     "model.momentum=0.999 model.queue_size=64"]
+    assert drawn["runs"]["model.momentum=0.99 model.queue_size=256"]["val/knn_top1"][1] == [0.70, 0.85, 0.90]
+    image = imread(sweep / "sweep_curves.png")
+    assert image.shape[1] > 2 * image.shape[0] and image[..., :3].std() > 0.05  # two panels side by side
+
+
+def test_curves_of_a_metric_nobody_logged_is_one_line(sweep, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(sweep), "--curves", "val/nothing"])
+    assert exit_info.value.code == 2 and "no metric to plot" in capsys.readouterr().err

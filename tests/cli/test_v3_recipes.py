@@ -27,7 +27,10 @@ from moco_lightning.transforms import (
     CIFAR10_MEAN,
     CIFAR100_MEAN,
     DIGITS_MEAN,
+    FASHION_MNIST_MEAN,
     IMAGENET_MEAN,
+    KMNIST_MEAN,
+    MNIST_MEAN,
     STL10_MEAN,
     GaussianBlur,
     RandomSolarize,
@@ -40,7 +43,8 @@ VIT = ("adamw", 1.5e-4, 0.2, 0.1, 40)
 RESNET = ("lars", 0.6, 1.0, 1e-6, 10)
 #: the statistics each dataset is normalised with
 MEANS = {"digits": DIGITS_MEAN, "cifar10": CIFAR10_MEAN, "cifar100": CIFAR100_MEAN, "stl10": STL10_MEAN,
-         "imagenet": IMAGENET_MEAN, "imagefolder": IMAGENET_MEAN}
+         "imagenet": IMAGENET_MEAN, "imagefolder": IMAGENET_MEAN, "fashion_mnist": FASHION_MNIST_MEAN,
+         "mnist": MNIST_MEAN, "kmnist": KMNIST_MEAN}
 #: (data, backbone) -> (augmentation, crop scale, optimizer, lr per 256, T, weight decay, warm-up epochs), with
 #: model=mocov3. One row per data option x {resnet50, vit_small}; the recipe files show where they differ.
 TABLE = {

@@ -8,6 +8,8 @@ Reads every job of a ``python train.py -m ...`` sweep (each job folder's ``.hydr
 * saves ``sweep_heatmap.png``: the final metric over two swept keys (``model.momentum`` x ``model.queue_size``
   by default, any two with ``--x`` / ``--y``; jobs that differ in other keys are averaged per cell),
 * saves ``sweep_report.csv`` (one row per job),
+* with ``--curves METRIC[,METRIC]``, saves ``sweep_curves.png``: those metrics over training, one line per job
+  (e.g. ``--curves train/acc_top1,val/knn_top1`` for the BN-leak pair of ``hparams_search=bn_leak``),
 * names the jobs that failed or did not finish, and the grid points of the sweep that have no job folder.
 """
 
@@ -25,7 +27,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["Job", "SweepReport", "main", "read_job", "read_sweep"]
+__all__ = ["Job", "SweepReport", "main", "read_job", "read_sweep", "save_curves"]
 
 DEFAULT_X, DEFAULT_Y = "model.momentum", "model.queue_size"
 DEFAULT_METRIC = "val/knn_top1"
@@ -166,8 +168,8 @@ def read_sweep(folder: str | Path, metric: str | None = None) -> SweepReport:
 
 
 def report(folder: str | Path, x_key: str | None = None, y_key: str | None = None, metric: str | None = None,
-           out: str | Path | None = None) -> tuple[SweepReport, Path | None, Path]:
-    """Read a sweep, print its table and problems, save the heatmap (when a key varies) and the CSV."""
+           out: str | Path | None = None, curves: Sequence[str] = ()) -> tuple[SweepReport, Path | None, Path]:
+    """Read a sweep, print its table and problems, save the heatmap (when a key varies), the CSV and the curves."""
     from moco_lightning.plots import save_figure, sweep_heatmap_figure
 
     sweep = read_sweep(folder, metric)
@@ -190,7 +192,24 @@ def report(folder: str | Path, x_key: str | None = None, y_key: str | None = Non
         print("\nno key varies between the jobs: no heatmap")
     table = sweep.write_csv(out_dir / "sweep_report.csv")
     print(f"table: {table}")
+    if curves:
+        print(f"curves: {save_curves(sweep, curves, out_dir / 'sweep_curves.png')}")
     return sweep, heatmap, table
+
+
+def save_curves(sweep: SweepReport, metrics: Sequence[str], path: Path) -> Path:
+    """Draw ``metrics`` over training for every job that logged them, one line per job; returns the PNG's path."""
+    from moco_lightning.cli.plot import find_metrics_csv, read_metrics
+    from moco_lightning.plots import save_figure, sweep_curves_figure
+
+    runs = {}
+    for job in sorted(sweep.jobs, key=lambda j: _natural(j.name)):
+        try:
+            series = read_metrics(find_metrics_csv(job.folder))
+        except FileNotFoundError:
+            continue
+        runs[_describe(job.overrides, sweep.swept) if sweep.swept else job.name] = series
+    return save_figure(sweep_curves_figure(runs, list(metrics), title=str(sweep.folder)), path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -202,9 +221,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--y", help=f"swept key of the heatmap's rows (default {DEFAULT_Y}, else the second one)")
     parser.add_argument("--metric", help="metric column of csv/metrics.csv (default: the config's optimized_metric)")
     parser.add_argument("--out", help="folder of sweep_heatmap.png and sweep_report.csv (default: the sweep folder)")
+    parser.add_argument("--curves", default="", help="comma-separated metrics to draw over training, one line per "
+                        "job, into sweep_curves.png (e.g. train/acc_top1,val/knn_top1)")
     args = parser.parse_args(argv)
     try:
-        report(args.folder, args.x, args.y, args.metric, args.out)
+        report(args.folder, args.x, args.y, args.metric, args.out,
+               [m.strip() for m in args.curves.split(",") if m.strip()])
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
