@@ -118,7 +118,8 @@ def test_option_composes_and_instantiates(group, option, compose_train, tmp_path
     if group == "hparams_search":
         hydra_cfg = compose_train(overrides, return_hydra_config=True).hydra
         assert hydra_cfg.mode.name == "MULTIRUN"
-        assert {"model.momentum", "model.queue_size"} <= set(hydra_cfg.sweeper.params)
+        swept = set(hydra_cfg.sweeper.params)
+        assert swept == {"model.bn"} if option == "bn_leak" else {"model.momentum", "model.queue_size"} <= swept
 
 
 def test_recipe_follows_the_data_backbone_pair(compose_train):
