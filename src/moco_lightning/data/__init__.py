@@ -19,7 +19,7 @@ Add :class:`SkippedImagesReport` to the trainer callbacks to get a per-epoch cou
 by the folder datamodules.
 """
 
-from moco_lightning.data.base import DatasetError, MoCoDataModule, TransformedDataset, seed_worker
+from moco_lightning.data.base import DatasetError, MoCoDataModule, TensorImageDataset, TransformedDataset, seed_worker
 from moco_lightning.data.digits import DigitsDataModule, DigitsDataset, digits_split, load_digits_images
 from moco_lightning.data.download import DatasetNotAvailableError
 from moco_lightning.data.folder import (
@@ -35,7 +35,6 @@ from moco_lightning.data.idx import (
     IdxDataModule,
     KMNISTDataModule,
     MNISTDataModule,
-    TensorImageDataset,
     read_idx,
 )
 from moco_lightning.data.torchvision_sets import CIFAR10DataModule, CIFAR100DataModule, STL10DataModule

@@ -26,7 +26,7 @@ from moco_lightning.transforms import (
     linear_train_transform,
 )
 
-__all__ = ["DatasetError", "MoCoDataModule", "TransformedDataset", "seed_worker"]
+__all__ = ["DatasetError", "MoCoDataModule", "TensorImageDataset", "TransformedDataset", "seed_worker"]
 
 
 class DatasetError(ValueError):
@@ -52,6 +52,28 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+
+
+class TensorImageDataset(Dataset):
+    """Images held as one tensor ``(N, C, H, W)``: ``dataset[i] = (images[i], labels[i])``, no transform.
+
+    Args:
+        images: image tensor (uint8 or float in ``[0, 1]``); a grey image may be an expanded view of one channel.
+        labels: ``(N,)`` int64 class indices.
+
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"TensorImageDataset: {len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
 
 
 class TransformedDataset(Dataset):

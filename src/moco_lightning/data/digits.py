@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
-from moco_lightning.data.base import MoCoDataModule
+from moco_lightning.data.base import MoCoDataModule, TensorImageDataset
 
 __all__ = ["DIGITS_SPLIT_SEED", "DIGITS_VAL_FRACTION", "DigitsDataModule", "DigitsDataset", "digits_split",
            "load_digits_images"]
@@ -62,26 +61,8 @@ def digits_split(labels: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndar
     return np.sort(train_idx), np.sort(val_idx)
 
 
-class DigitsDataset(Dataset):
-    """In-memory image tensors with labels: ``dataset[i] = (images[i], labels[i])`` (no transform).
-
-    Args:
-        images: ``(N, 3, S, S)`` float tensor in ``[0, 1]``.
-        labels: ``(N,)`` int64 tensor.
-
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        if len(images) != len(labels):
-            raise ValueError(f"DigitsDataset: {len(images)} images but {len(labels)} labels")
-        self.images = images
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], int(self.labels[index])
+class DigitsDataset(TensorImageDataset):
+    """The digits in memory: ``dataset[i] = (images[i], labels[i])``, images ``(N, 3, S, S)`` float in ``[0, 1]``."""
 
 
 class DigitsDataModule(MoCoDataModule):

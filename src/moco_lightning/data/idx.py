@@ -24,11 +24,10 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision import datasets
 
-from moco_lightning.data.base import MoCoDataModule
+from moco_lightning.data.base import MoCoDataModule, TensorImageDataset
 from moco_lightning.data.download import DatasetNotAvailableError, ensure_dataset_files
 
-__all__ = ["FashionMNISTDataModule", "IdxDataModule", "KMNISTDataModule", "MNISTDataModule", "TensorImageDataset",
-           "read_idx"]
+__all__ = ["FashionMNISTDataModule", "IdxDataModule", "KMNISTDataModule", "MNISTDataModule", "read_idx"]
 
 #: idx type codes (the third byte of the magic number) and the numpy types they stand for (big-endian)
 _IDX_TYPES: dict[int, str] = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -73,28 +72,6 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
             f"{path}: {state} ({len(raw) - header:,} bytes of data where its header {shape} says {expected:,}); "
             "delete it and install or download it again")
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
-
-
-class TensorImageDataset(Dataset):
-    """Images held as one tensor ``(N, C, H, W)``: ``dataset[i] = (images[i], labels[i])``, no transform.
-
-    Args:
-        images: image tensor (uint8 or float in ``[0, 1]``); a grey image may be an expanded view of one channel.
-        labels: ``(N,)`` int64 class indices.
-
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        if len(images) != len(labels):
-            raise ValueError(f"TensorImageDataset: {len(images)} images but {len(labels)} labels")
-        self.images = images
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], int(self.labels[index])
 
 
 class IdxDataModule(MoCoDataModule):
