@@ -54,7 +54,8 @@ def test_raw_pixels_go_through_the_same_probe(tmp_path):
 
 @pytest.mark.parametrize(("override", "message"), [("dtype=float16", "dtype=float16 is not one of"),
                                                     ("l2_grid=[]", "l2_grid=.* non-empty"),
-                                                    ("holdout_fraction=1.5", "holdout_fraction=1.5 must be in")])
+                                                    ("holdout_fraction=1.5", "holdout_fraction=1.5 must be in"),
+                                                    ("patience=0", "patience=0 must be a positive integer")])
 def test_bad_settings_fail_in_one_line_before_any_data_is_read(override, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         evaluate_features(_compose(["checkpoint=pixels", override, "data.image_size=0"]))  # the data would fail too

@@ -74,10 +74,23 @@ def test_a_noisy_problem_gets_a_stronger_l2_than_a_clean_one():
     for seed in range(2):
         clean.append(choose_l2(*gaussian_classes(150, 5, 3.0, seed), 3, grid, seed=seed, max_iter=100)[0])
         noisy_x, noisy_y = gaussian_classes(150, 60, 0.3, seed, label_noise=0.2)  # 60 dims, 120 fitted points
-        best, scores = choose_l2(noisy_x, noisy_y, 3, grid, seed=seed, max_iter=100)
+        best, scores = choose_l2(noisy_x, noisy_y, 3, grid, seed=seed, max_iter=100, patience=None)
         noisy.append(best)
         assert set(scores) == set(grid) and scores[best]["top1"] == max(s["top1"] for s in scores.values())
     assert min(noisy) > max(clean)
+
+
+def test_the_walk_down_the_grid_stops_when_the_held_out_score_keeps_falling():
+    grid = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    x, y = gaussian_classes(150, 60, 0.3, seed=0, label_noise=0.2)  # the strongest strength is best (test above)
+    whole_best, whole = choose_l2(x, y, 3, grid, max_iter=100, patience=None)
+    best, walked = choose_l2(x, y, 3, grid, max_iter=100, patience=1)
+    assert set(whole) == set(grid) and len(walked) < len(grid)
+    assert best == whole_best and all(walked[v] == whole[v] for v in walked)  # the same fits, fewer of them
+    strongest_first = sorted(walked, reverse=True)
+    assert strongest_first == sorted(grid, reverse=True)[: len(walked)]
+    assert all(walked[v]["top1"] < walked[best]["top1"] or walked[v]["loss"] > walked[best]["loss"]
+               for v in strongest_first[-1:])  # it stopped on a worse one
 
 
 def test_the_held_out_part_is_stratified_and_bad_settings_fail_early():

@@ -39,6 +39,8 @@ def check_features_config(cfg: DictConfig) -> None:
         raise ConfigError(f"holdout_fraction={cfg.holdout_fraction} must be in (0, 1), e.g. holdout_fraction=0.2")
     if cfg.dtype not in _DTYPES:
         raise ConfigError(f"dtype={cfg.dtype} is not one of {', '.join(_DTYPES)}; set dtype=float32")
+    if cfg.patience is not None and int(cfg.patience) < 1:
+        raise ConfigError(f"patience={cfg.patience} must be a positive integer, or null to fit the whole l2_grid")
     if int(cfg.max_iter) < 1 or int(cfg.batch_size) < 1:
         raise ConfigError(f"max_iter={cfg.max_iter} and batch_size={cfg.batch_size} must be positive integers")
 
@@ -69,7 +71,7 @@ def evaluate_features(cfg: DictConfig) -> dict[str, Any]:
     result = feature_probe(backbone, datamodule, module=backbone, device=None if pixels else device,
                            l2_grid=[float(v) for v in cfg.l2_grid], holdout_fraction=float(cfg.holdout_fraction),
                            seed=int(cfg.seed), max_iter=int(cfg.max_iter), tolerance=float(cfg.tolerance),
-                           dtype=_DTYPES[cfg.dtype])
+                           dtype=_DTYPES[cfg.dtype], patience=None if cfg.patience is None else int(cfg.patience))
     if not result.converged:
         log.warning("L-BFGS stopped at max_iter=%d before its tolerance; raise max_iter for a converged fit",
                     cfg.max_iter)
