@@ -67,7 +67,8 @@ def training_batches(datamodule: Any, augment: str, batch_size: int) -> tuple[Da
     if augment == "linear":
         dataset = datamodule.eval_dataset("train", augment=True)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                            num_workers=datamodule.num_workers, generator=torch.Generator().manual_seed(0))
+                            num_workers=datamodule.num_workers, persistent_workers=datamodule.num_workers > 0,
+                            generator=torch.Generator().manual_seed(0))
         return loader, lambda images: images
     datamodule.batch_size = batch_size
     loader = datamodule.train_dataloader()
