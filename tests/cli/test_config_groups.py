@@ -175,6 +175,10 @@ def test_linear_protocols_compose_for_eval_linear(protocol, tmp_path):
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
         cfg = compose("eval_linear", overrides=[f"linear_protocol={protocol}", "checkpoint=x.ckpt",
                                                 f"paths.output_dir={tmp_path}"])
+    assert cfg.protocol == protocol
+    if protocol == "features":  # not an SGD protocol: L-BFGS on frozen features, L2 chosen on held-out data
+        assert cfg.l2_grid and 0.0 < cfg.holdout_fraction < 1.0 and cfg.dtype in ("float32", "float64")
+        return
     expected = {"moco": (30.0, False, "step", 100), "mocov3": (0.1, True, "cosine", 90)}[protocol]
     assert (cfg.lr, cfg.scale_lr, cfg.schedule, cfg.trainer.max_epochs) == expected
     assert cfg.weight_decay == 0.0 and cfg.momentum == 0.9

@@ -1,6 +1,8 @@
 """``python eval_linear.py checkpoint=...`` / ``moco-eval-linear``: linear evaluation, official MoCo protocols.
 
 ``linear_protocol=moco`` (default) is the v1/v2 protocol, ``linear_protocol=mocov3`` the v3 one (conf/linear_protocol/).
+``linear_protocol=features`` is not an official protocol but a probe that fits a CPU budget (logistic regression on
+frozen features by L-BFGS, :mod:`moco_lightning.cli.eval_linear_features`).
 
 Loads the query backbone of a pretraining checkpoint, freezes it in eval mode, trains a new linear classifier
 (:class:`moco_lightning.eval.linear.LinearProbe`) with the Trainer of ``conf/trainer`` and the loggers of
@@ -23,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from moco_lightning.cli import CONFIG_PATH, write_results
 from moco_lightning.cli.config_checks import ConfigError, count_processes
 from moco_lightning.cli.eval_knn import warn_if_data_differs_from_pretraining
+from moco_lightning.cli.eval_linear_features import PIXELS, evaluate_features, summary
 from moco_lightning.eval.checkpoint import CheckpointError, read_backbone_checkpoint
 from moco_lightning.eval.linear import linear_eval
 
@@ -80,7 +83,11 @@ def evaluate_linear(cfg: DictConfig) -> tuple[dict[str, Any], L.Trainer]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval_linear")
 def _hydra_main(cfg: DictConfig) -> float:
+    if cfg.get("protocol") == "features":  # the CPU-budget probe on frozen features (conf/linear_protocol/features)
+        return _features_main(cfg)
     try:
+        if str(cfg.checkpoint) == PIXELS:
+            raise ConfigError("checkpoint=pixels (no encoder) works only with linear_protocol=features")
         result, trainer = evaluate_linear(cfg)
     except (CheckpointError, ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -93,6 +100,17 @@ def _hydra_main(cfg: DictConfig) -> float:
             flush=True,
         )
         write_results(result, OmegaConf.select(cfg, "paths.output_dir"))
+    return result["linear_top1"]
+
+
+def _features_main(cfg: DictConfig) -> float:
+    try:
+        result = evaluate_features(cfg)
+    except (CheckpointError, ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(summary(result), flush=True)
+    write_results(result, OmegaConf.select(cfg, "paths.output_dir"))
     return result["linear_top1"]
 
 

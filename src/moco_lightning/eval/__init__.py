@@ -21,6 +21,7 @@ from moco_lightning.eval.export import (
 )
 from moco_lightning.eval.knn import KNNMonitor, extract_features, knn_accuracy, weighted_knn_predict
 from moco_lightning.eval.linear import LinearProbe, linear_eval
+from moco_lightning.eval.linear_features import feature_probe, probe_features
 from moco_lightning.eval.online_linear import OnlineLinearProbe
 
 __all__ = [
@@ -38,10 +39,12 @@ __all__ = [
     "export_detectron2",
     "export_torchvision",
     "extract_features",
+    "feature_probe",
     "knn_accuracy",
     "linear_eval",
     "load_backbone",
     "load_query_encoder",
+    "probe_features",
     "read_backbone_checkpoint",
     "torchvision_model",
     "torchvision_state_dict",

@@ -1,0 +1,31 @@
+"""benchmarks/supervised_reference.py (the supervised upper reference) at a budget of about a second."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "supervised_reference.py"
+
+
+@pytest.mark.timeout(300)
+def test_the_supervised_reference_trains_for_its_budget_and_reports_both_accuracies(tmp_path):
+    out = tmp_path / "reference.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    done = subprocess.run([sys.executable, str(SCRIPT), "data.image_size=8", "data.batch_size=32", "--minutes",
+                           "0.02", "--out", str(out)], capture_output=True, text=True, timeout=280, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "classifier top-1" in done.stdout and "kNN top-1" in done.stdout
+    result = json.loads(out.read_text())
+    assert (result["dataset"], result["backbone"], result["image_size"], result["batch_size"]) == (
+        "digits", "resnet18", 8, 32)
+    assert result["cifar_stem"] is False  # the digits recipe's stem, as MoCo would build it
+    assert result["steps"] >= 1 and result["train_seconds"] >= 0.02 * 60  # stops after the step crossing the budget
+    assert 0.0 <= result["classifier_top1"] <= 1.0 and 0.0 <= result["knn_top1"] <= 1.0
+    assert result["lr"] == pytest.approx(0.1 * 32 / 256)
+
