@@ -67,16 +67,32 @@ def test_val_dir_and_eval_view_resize_then_centre_crop(tmp_path):
     assert dm.eval_transform.transforms[0].size == [round(16 / 0.875)]
 
 
-def test_flat_folder_pretrains_without_labels_but_cannot_evaluate(tmp_path):
-    for j in range(5):
+def test_flat_folder_pretrains_and_evaluates_without_labels(tmp_path):
+    for j in range(6):
         Image.fromarray(label_image(j, 12)).save(tmp_path / f"{j}.jpg")
-    dm = ImageFolderDataModule(data_dir=str(tmp_path), batch_size=4, num_workers=0, image_size=8)
+    dm = ImageFolderDataModule(data_dir=str(tmp_path), batch_size=4, num_workers=0, image_size=8, val_fraction=0.2)
     dm.setup("fit")
-    assert dm.num_classes == 0 and not dm.has_labels and dm.num_train_samples == 5
+    assert dm.num_classes == 0 and not dm.has_labels and dm.num_train_samples == 5  # one image held out
     (x_q, _), y = first_views(dm)
     assert x_q.shape == (4, 3, 8, 8) and y.tolist() == [-1] * 4
-    with pytest.raises(ValueError, match="class sub-folders"):
-        dm.eval_val_dataloader()
+    x, y = next(iter(dm.eval_val_dataloader()))  # the label-free diagnostics read these
+    assert x.shape == (1, 3, 8, 8) and y.tolist() == [-1]
+    with pytest.raises(ValueError, match="linear probe needs labelled images.*<class name>"):
+        dm.require_labels("the linear probe")
+
+
+def test_one_sub_folder_or_labels_none_is_unlabelled(tmp_path):
+    write_image_folder(tmp_path / "one", classes=1, per_class=3)
+    samples, classes = scan_image_folder(tmp_path / "one")
+    assert classes == [] and len(samples) == 3 and {label for _, label in samples} == {-1}
+    root = write_image_folder(tmp_path / "two", classes=2, per_class=2)
+    Image.fromarray(label_image(0, 12)).save(root / "loose.png")
+    with pytest.warns(UserWarning, match="ignoring 1 images"):
+        assert scan_image_folder(root)[1] == ["class0", "class1"]
+    samples, classes = scan_image_folder(root, labels="none")  # every image below the folder, nested ones too
+    assert classes == [] and len(samples) == 5
+    with pytest.raises(ValueError, match="data.labels"):
+        ImageFolderDataModule(data_dir=str(root), labels="folders")
 
 
 def test_missing_folder_is_a_clear_error_at_setup(tmp_path):

@@ -41,6 +41,7 @@ from moco_lightning.checkpointing import (
 from moco_lightning.cli import CONFIG_PATH
 from moco_lightning.cli.config_checks import ConfigError, check_command_line, check_config
 from moco_lightning.data import DatasetError, DatasetNotAvailableError
+from moco_lightning.eval.knn import has_labels
 from moco_lightning.nonfinite import NonFiniteLossError
 
 __all__ = ["KNNReport", "build", "main", "resolve_checkpoint", "train"]
@@ -193,26 +194,23 @@ def train(cfg: DictConfig) -> float | None:
         if isinstance(callback, ResumeState) and callback.config is None:
             callback.config = _config_text(cfg)
     with _clean_exit(cfg, trainer):
+        labelled = has_labels(datamodule)  # scans an image folder: its errors are one line too
+        if not labelled:
+            _drop_label_metrics(trainer)
         ckpt_path = resolve_checkpoint(cfg, model, trainer)
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
 
         report = None
-        if cfg.get("knn_report") and ckpt_path is None:
-            report = KNNReport(type(datamodule).__name__.removesuffix("DataModule"))
-            datamodule.prepare_data()
-            datamodule.setup("fit")
-            report.rows["raw pixels"] = KNNReport.measure(lambda x: x.flatten(1), datamodule)
-            report.rows["encoder at init"] = KNNReport.measure(model.embed, datamodule, model)
-            log.info("kNN top-1 before training: raw pixels %.4f, encoder at init %.4f",
-                     report.rows["raw pixels"], report.rows["encoder at init"])
+        if cfg.get("knn_report") and not labelled:
+            log.info("knn_report: the images have no labels (no class folders): no kNN table at the end")
+        elif cfg.get("knn_report"):
+            report = _report_before_training(datamodule, model, resumed=ckpt_path is not None)
 
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     if report is not None:
-        report.rows["trained encoder"] = KNNReport.measure(model.embed, datamodule, model)
-        if trainer.is_global_zero:
-            print(report.table(), flush=True)
+        _report_after_training(report, datamodule, model, trainer)
     _print_embedding_map(trainer)
     checkpoint = trainer.checkpoint_callback
     if trainer.is_global_zero and checkpoint is not None and checkpoint.dirpath:
@@ -225,12 +223,68 @@ def train(cfg: DictConfig) -> float | None:
     return None
 
 
+def _drop_label_metrics(trainer: L.Trainer) -> None:
+    """Without labels: drop the checkpoint callbacks that keep the best model by a kNN metric (it cannot exist).
+
+    ``last.ckpt`` and the step checkpoints (no monitor) stay.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from moco_lightning.eval.knn import KNNMonitor
+
+    prefixes = tuple({cb.prefix for cb in trainer.callbacks if isinstance(cb, KNNMonitor)} | {"val/knn"})
+    dropped = [cb for cb in trainer.callbacks
+               if isinstance(cb, ModelCheckpoint) and cb.monitor and str(cb.monitor).startswith(prefixes)]
+    if dropped:
+        trainer.callbacks = [cb for cb in trainer.callbacks if not any(cb is d for d in dropped)]
+        log.info("checkpoints: the images have no labels: no best-by-%s checkpoint (last.ckpt is kept)",
+                 ", ".join(sorted({str(cb.monitor) for cb in dropped})))
+
+
+def _report_before_training(datamodule: Any, model: torch.nn.Module, resumed: bool) -> KNNReport | None:
+    """The reference rows of the kNN table (raw pixels, the encoder at init), or ``None`` with one line why not.
+
+    On a resumed run the module has not loaded the checkpoint yet: it holds the weights the run's seed gives at
+    initialisation, the same as at the first launch.
+    """
+    report = KNNReport(type(datamodule).__name__.removesuffix("DataModule"))
+    try:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        report.rows["raw pixels"] = KNNReport.measure(lambda x: x.flatten(1), datamodule)
+        report.rows["encoder at init"] = KNNReport.measure(model.embed, datamodule, model)
+    except (DatasetError, DatasetNotAvailableError):
+        raise  # the data itself is unusable: training would fail too
+    except Exception as err:  # noqa: BLE001 - the report is an extra: it never stops a training run
+        log.warning("knn_report skipped (%s); training goes on", f"{type(err).__name__}: {err}".splitlines()[0])
+        return None
+    log.info("kNN top-1 before training%s: raw pixels %.4f, encoder at init %.4f",
+             " (the encoder at init of this seed; the run resumes from its checkpoint)" if resumed else "",
+             report.rows["raw pixels"], report.rows["encoder at init"])
+    return report
+
+
+def _report_after_training(report: KNNReport, datamodule: Any, model: torch.nn.Module, trainer: L.Trainer) -> None:
+    """Measure the trained encoder and print the kNN table (main process); one line instead when it fails."""
+    try:
+        report.rows["trained encoder"] = KNNReport.measure(model.embed, datamodule, model)
+    except Exception as err:  # noqa: BLE001 - the report is an extra: it never fails a finished run
+        log.warning("knn_report skipped (%s)", f"{type(err).__name__}: {err}".splitlines()[0])
+        return
+    if trainer.is_global_zero:
+        print(report.table(), flush=True)
+
+
 def _print_embedding_map(trainer: L.Trainer) -> None:
     """Say where the embedding map of the trained encoder is (callbacks.embedding_map), next to the kNN table."""
     from moco_lightning.eval.embedding_map import EmbeddingMap
 
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
-        if isinstance(callback, EmbeddingMap) and callback.last_path is not None and trainer.is_global_zero:
+        if not isinstance(callback, EmbeddingMap) or not trainer.is_global_zero:
+            continue
+        if callback.skipped is not None:
+            print(f"embedding map: not drawn ({callback.skipped})", flush=True)
+        elif callback.last_path is not None:
             print(f"embedding map: {callback.last_path}", flush=True)
 
 

@@ -198,6 +198,19 @@ class MoCoDataModule(LightningDataModule):
         self._batch_augment: BatchTwoViewAugmentation | None = None
         self._augment_generator: torch.Generator | None = None
 
+    @property
+    def has_labels(self) -> bool:
+        """Whether the evaluation sets carry class labels (kNN, linear probe, coloured maps); ``True`` here."""
+        return True
+
+    def require_labels(self, what: str) -> None:
+        """Raise :class:`DatasetError` naming ``what`` when the data has no labels (an unlabelled image folder)."""
+        if not self.has_labels:
+            folder = getattr(self, "data_dir", "the data")
+            raise DatasetError(f"{what} needs labelled images, but data.data_dir={folder!r} has no class folders; "
+                               "arrange the images as <folder>/<class name>/<image> (two classes or more), or give "
+                               "a labelled folder with data.data_dir=...")
+
     # ------------------------------------------------------------------ subclass hooks
     def _build_pretrain_dataset(self) -> Dataset:
         """Return the pretraining set as ``(image, label)`` pairs without transform."""

@@ -1,8 +1,11 @@
 """Image-folder datasets (any folder, ImageNet) that skip unreadable images instead of crashing mid-epoch.
 
 Layouts:
-    * labelled: ``root/<class>/<...>/<image>`` (class = first-level sub-folder, sorted names -> 0..C-1);
-    * unlabelled (pretraining only): images directly in ``root`` (label -1).
+    * labelled: ``root/<class>/<...>/<image>`` with at least two class folders (class = first-level sub-folder,
+      sorted names -> 0..C-1);
+    * unlabelled: images directly in ``root``, or in one sub-folder, or anywhere below ``root`` with
+      ``labels="none"`` (label -1). Pretraining and the label-free diagnostics run; what needs labels (the kNN
+      monitor and report, a linear probe) steps aside.
 
 Bad input is found before training where it is cheap (missing / empty folder, no file with a known image
 extension: a clear error at ``setup()``), and during training where it is not (a corrupt or truncated file: it is
@@ -34,6 +37,7 @@ from moco_lightning.data.base import DatasetError, MoCoDataModule
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "LABEL_MODES",
     "CorruptImageWarning",
     "ImageFolderDataModule",
     "ImageFolderDataset",
@@ -42,11 +46,14 @@ __all__ = [
     "scan_image_folder",
 ]
 
+#: How labels are read from the folder layout (``data.labels``).
+LABEL_MODES: tuple[str, ...] = ("auto", "none")
+
 #: extensions (lower case) recognised as images: torchvision's ``IMG_EXTENSIONS``.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-_LAYOUT_HELP = ("Arrange the images as <folder>/<class name>/<image>.jpg (labelled) or put them directly in "
-                "<folder> (unlabelled, pretraining only)")
+_LAYOUT_HELP = ("Arrange the images as <folder>/<class name>/<image>.jpg (labelled, two classes or more) or put "
+                "them directly in <folder> (unlabelled)")
 
 
 class CorruptImageWarning(UserWarning):
@@ -65,16 +72,18 @@ def _walk_images(folder: str) -> list[str]:
     return found
 
 
-def scan_image_folder(root: str | os.PathLike[str], setting: str = "data.data_dir"
+def scan_image_folder(root: str | os.PathLike[str], setting: str = "data.data_dir", labels: str = "auto"
                       ) -> tuple[list[tuple[str, int]], list[str]]:
     """List the images of a folder: ``(samples [(path, label)], class names)``.
 
-    Labelled when ``root`` has sub-folders with images (labels index the sorted class names); unlabelled (labels
-    -1, no classes) when the images lie directly in ``root``.
+    Labelled when ``root`` has two or more sub-folders with images (labels index the sorted class names);
+    unlabelled (labels -1, no classes) otherwise: images directly in ``root`` or in a single sub-folder (one
+    class is no label), and every image below ``root`` with ``labels="none"``.
 
     Args:
         root: the folder.
         setting: the config key that holds ``root``, named in error messages.
+        labels: ``"auto"`` (class folders when there are two or more) or ``"none"`` (ignore the folder names).
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
@@ -88,6 +97,8 @@ def scan_image_folder(root: str | os.PathLike[str], setting: str = "data.data_di
                                 f"{_LAYOUT_HELP}.")
     if not os.path.isdir(root):
         raise NotADirectoryError(f"{setting}={root!r} is a file, not a folder. {_LAYOUT_HELP}.")
+    if labels not in LABEL_MODES:
+        raise ValueError(f"data.labels={labels!r}: choose one of {', '.join(LABEL_MODES)}")
     entries = sorted((e for e in os.scandir(root) if not e.name.startswith(".")), key=lambda e: e.name)
     if not entries:
         raise DatasetError(f"{setting}={root!r} is an empty folder. {_LAYOUT_HELP}.")
@@ -103,7 +114,7 @@ def scan_image_folder(root: str | os.PathLike[str], setting: str = "data.data_di
             continue
         samples.extend((path, len(classes)) for path in images)
         classes.append(entry.name)
-    if classes:
+    if len(classes) >= 2 and labels == "auto":
         if empty_dirs:
             warnings.warn(f"{setting}={root!r}: ignoring sub-folders without images: {empty_dirs[:10]}",
                           stacklevel=2)
@@ -111,8 +122,8 @@ def scan_image_folder(root: str | os.PathLike[str], setting: str = "data.data_di
             warnings.warn(f"{setting}={root!r}: ignoring {len(top_images)} images lying next to the class "
                           "sub-folders (they have no class)", stacklevel=2)
         return samples, classes
-    if top_images:
-        return [(path, -1) for path in top_images], []
+    if samples or top_images:  # one class folder, images in root, or labels="none": every image, unlabelled
+        return [(path, -1) for path in sorted([*top_images, *(path for path, _ in samples)])], []
     n_files = sum(len(files) for _, _, files in os.walk(root, followlinks=True))
     if n_files == 0:
         raise DatasetError(f"{setting}={root!r} contains no files (only empty sub-folders). {_LAYOUT_HELP}.")
@@ -242,14 +253,15 @@ class _FolderDataModule(MoCoDataModule):
 
 
 class ImageFolderDataModule(_FolderDataModule):
-    """Any folder of images: class sub-folders (labelled) or a flat folder (unlabelled, pretraining only).
+    """Any folder of images: class sub-folders (labelled) or a folder without them (unlabelled).
 
     * ``val_dir`` given: pretraining and evaluation "train" use ``data_dir``, evaluation "val" uses ``val_dir``
-      (same class names required).
-    * otherwise, for a labelled ``data_dir``: a fixed stratified ``val_fraction`` of it (``split_seed``, not the
-      run seed) is held out for evaluation "val"; pretraining and evaluation "train" use the rest.
-    * a flat ``data_dir``: everything is used for pretraining; ``num_classes`` is 0 and the evaluation loaders
-      raise (no labels): do not enable the kNN monitor / linear probe.
+      (same class names required; unlabelled when ``data_dir`` is).
+    * otherwise a fixed ``val_fraction`` of ``data_dir`` (``split_seed``, not the run seed; stratified when
+      labelled) is held out for evaluation "val"; pretraining and evaluation "train" use the rest.
+    * unlabelled (:func:`scan_image_folder`): ``num_classes`` is 0, :attr:`has_labels` is false and the labels are
+      -1. The evaluation loaders still give the images, for what needs no labels (alignment, uniformity, an
+      uncoloured embedding map); the kNN monitor, the kNN report and the linear probe step aside or refuse.
 
     Crop size 224 and ImageNet statistics by default; evaluation view = resize to size/0.875 + centre crop.
 
@@ -258,6 +270,8 @@ class ImageFolderDataModule(_FolderDataModule):
         val_dir: optional folder of validation images with the same class sub-folders.
         val_fraction: fraction held out for validation when ``val_dir`` is not given (0 = no validation set).
         split_seed: random_state of that split (fixed, independent of ``seed``).
+        labels: ``"auto"`` (class sub-folders, when there are two or more, are the labels) or ``"none"`` (every
+            image below ``data_dir``, unlabelled, whatever the folders are called).
         **kwargs: the :class:`~moco_lightning.data.MoCoDataModule` keywords.
 
     """
@@ -265,35 +279,40 @@ class ImageFolderDataModule(_FolderDataModule):
     dataset_name = "folder"
 
     def __init__(self, data_dir: str, val_dir: str | None = None, val_fraction: float = 0.1, split_seed: int = 0,
-                 **kwargs: Any) -> None:
+                 labels: str = "auto", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"ImageFolderDataModule: data.val_fraction must be in [0, 1), got {val_fraction!r}")
+        if labels not in LABEL_MODES:
+            raise ValueError(f"ImageFolderDataModule: data.labels must be one of {', '.join(LABEL_MODES)}, "
+                             f"got {labels!r}")
         self.data_dir = os.path.expanduser(str(data_dir))
         self.val_dir = os.path.expanduser(str(val_dir)) if val_dir is not None else None
         self.val_fraction = float(val_fraction)
         self.split_seed = int(split_seed)
+        self.labels = labels
         self._train_samples: list[tuple[str, int]] | None = None
         self._val_samples: list[tuple[str, int]] = []
 
     @property
     def has_labels(self) -> bool:
-        """Whether the folder is labelled (class sub-folders); known after ``setup()``."""
+        """Whether the folder is labelled (two or more class sub-folders); scans the folder on first use."""
+        self._scan()
         return self.num_classes > 0
 
     def _scan(self) -> None:
         if self._train_samples is not None:
             return
-        samples, classes = scan_image_folder(self.data_dir, "data.data_dir")
+        samples, classes = scan_image_folder(self.data_dir, "data.data_dir", self.labels)
         self.classes, self.num_classes = classes, len(classes)
         if self.val_dir is not None:
-            val_samples, val_classes = scan_image_folder(self.val_dir, "data.val_dir")
+            val_samples, val_classes = scan_image_folder(self.val_dir, "data.val_dir", self.labels)
             if val_classes != classes:
                 raise DatasetError(f"data.val_dir={self.val_dir!r} has classes {val_classes[:5]}... but "
                                  f"data.data_dir={self.data_dir!r} has {classes[:5]}...: both need the same class "
                                  "sub-folders")
             self._train_samples, self._val_samples = samples, val_samples
-        elif classes and self.val_fraction > 0:
+        elif self.val_fraction > 0 and len(samples) >= 2:
             self._train_samples, self._val_samples = self._split(samples)
         else:
             self._train_samples = samples
@@ -303,9 +322,10 @@ class ImageFolderDataModule(_FolderDataModule):
 
         labels = np.array([label for _, label in samples])
         n_val = max(1, round(self.val_fraction * len(samples)))
-        counts = np.bincount(labels)
+        counts = np.bincount(np.maximum(labels, 0))
         # Stratify when every class can give one image to each side; otherwise fall back to a plain split.
-        stratifiable = counts.min() >= 2 and n_val >= len(counts) and len(samples) - n_val >= len(counts)
+        stratifiable = (self.num_classes > 0 and counts.min() >= 2 and n_val >= len(counts)
+                        and len(samples) - n_val >= len(counts))
         stratify = labels if stratifiable else None
         train_idx, val_idx = train_test_split(np.arange(len(samples)), test_size=n_val, stratify=stratify,
                                               random_state=self.split_seed)
@@ -318,10 +338,6 @@ class ImageFolderDataModule(_FolderDataModule):
 
     def _build_eval_dataset(self, split: str) -> Dataset:
         self._scan()
-        if not self.has_labels:
-            raise DatasetError(f"data.data_dir={self.data_dir!r} holds images without class sub-folders: fine for "
-                             "pretraining, but evaluation (kNN monitor, linear probe) needs labels. Arrange the "
-                             "images as data_dir/<class>/<image>, or disable the kNN monitor / linear probe.")
         if split == "train":
             if self._pretrain_dataset is not None:
                 return self._pretrain_dataset.base  # type: ignore[attr-defined]
@@ -329,7 +345,7 @@ class ImageFolderDataModule(_FolderDataModule):
             return self._dataset(self._train_samples, self.classes)
         if not self._val_samples:
             raise DatasetError(f"ImageFolderDataModule: no validation images: set data.val_dir to a folder with the "
-                             f"same class sub-folders as {self.data_dir!r}, or data.val_fraction > 0.")
+                             f"same class sub-folders as {self.data_dir!r}, or data.val_fraction > 0")
         return self._dataset(self._val_samples, self.classes)
 
     def setup(self, stage: str | None = None) -> None:

@@ -20,6 +20,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -43,6 +44,11 @@ def eval_mode(module: torch.nn.Module | None) -> Iterator[None]:
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+def has_labels(datamodule: Any) -> bool:
+    """Whether a datamodule's evaluation sets carry labels (``datamodule.has_labels``; ``True`` when it has none)."""
+    return bool(getattr(datamodule, "has_labels", True)) if datamodule is not None else True
 
 
 #: InstDisc / official MoCo CIFAR-10 demo values.
@@ -315,6 +321,7 @@ class KNNMonitor(Callback):
         self.bank_chunk_size = bank_chunk_size
         self.prefix = prefix
         self.last: dict[str, float] = {}
+        self._told = False
 
     def _should_run(self, trainer: L.Trainer) -> bool:
         epoch = trainer.current_epoch + 1
@@ -356,6 +363,12 @@ class KNNMonitor(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Run the kNN evaluation when due and log ``{prefix}_top1`` and ``{prefix}_top5``."""
         if trainer.sanity_checking or not self._should_run(trainer):
+            return
+        if not has_labels(trainer.datamodule):
+            if not self._told:
+                self._told = True
+                rank_zero_info(f"kNN monitor: the images have no labels (no class folders): {self.prefix}_top1 is "
+                               "not computed")
             return
         self.last = self.compute(trainer, pl_module)
         for name, value in self.last.items():
