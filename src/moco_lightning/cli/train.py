@@ -35,6 +35,7 @@ from moco_lightning.checkpointing import (
     ResumeError,
     ResumeState,
     check_checkpoint_matches,
+    continue_loggers,
     find_resume_checkpoint,
     read_training_checkpoint,
 )
@@ -136,6 +137,7 @@ def resolve_checkpoint(cfg: DictConfig, model: torch.nn.Module, trainer: L.Train
     else:
         path, checkpoint = Path(str(value)), read_training_checkpoint(str(value))
     check_checkpoint_matches(checkpoint, model, path)
+    continue_loggers(trainer.loggers, checkpoint)  # the run's CSV rows, TensorBoard and wandb runs go on
     log.info("resuming from %s (epoch %s, step %s)", path, checkpoint.get("epoch"), checkpoint.get("global_step"))
     return str(path)
 
