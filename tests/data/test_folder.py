@@ -11,6 +11,7 @@ from torchvision.transforms import v2
 from moco_lightning.data import (
     CorruptImageWarning,
     ImageFolderDataModule,
+    ImageFolderDataset,
     ImageNetDataModule,
     SkippedImagesReport,
     scan_image_folder,
@@ -167,9 +168,13 @@ def test_skipped_images_report_warns_at_epoch_end(tmp_path):
 def test_a_folder_of_only_corrupt_images_raises_instead_of_looping(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "bad.png").write_bytes(b"nope")
+    (tmp_path / "c" / "empty.jpg").write_bytes(b"")
     dm = ImageFolderDataModule(data_dir=str(tmp_path), batch_size=1, num_workers=0, val_fraction=0.0)
-    with pytest.warns(CorruptImageWarning), pytest.raises(RuntimeError, match="None of the 1 images"):
-        next(iter(dm.train_dataloader()))
+    with pytest.raises(ValueError, match=r"none of its 2 image files can be decoded \(first: bad.png"):
+        dm.setup("fit")  # refused before training, from the main process
+    dataset = ImageFolderDataset([(str(tmp_path / "c" / "bad.png"), -1)])
+    with pytest.warns(CorruptImageWarning), pytest.raises(ValueError, match="none of the 1 images"):
+        dataset[0]  # a folder whose files all break later still ends, with a clear error
 
 
 def test_imagenet_layout_train_and_val(tmp_path):

@@ -40,7 +40,7 @@ from moco_lightning.checkpointing import (
     read_training_checkpoint,
 )
 from moco_lightning.cli import CONFIG_PATH
-from moco_lightning.cli.config_checks import ConfigError, check_command_line, check_config
+from moco_lightning.cli.config_checks import ConfigError, check_command_line, check_config, check_override_keys
 from moco_lightning.data import DatasetError, DatasetNotAvailableError
 from moco_lightning.eval.knn import has_labels
 from moco_lightning.nonfinite import NonFiniteLossError
@@ -173,8 +173,38 @@ def _clean_exit(cfg: DictConfig, trainer: L.Trainer | None = None) -> Iterator[N
     except tuple(error for error, _ in CLEAN_ERRORS) as err:
         status = next(code for error, code in CLEAN_ERRORS if isinstance(err, error))
         log.debug("the run ended with an error", exc_info=True)
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        if trainer is None or trainer.global_step == 0:
+            _remove_unused_run_dir(cfg)
+        print(f"error: {_one_line(err)}", file=sys.stderr, flush=True)
         sys.exit(status)
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of an error; for one re-raised from a loader worker (with the worker's traceback), its last line."""
+    text = str(err).strip()
+    if "Traceback (most recent call last)" in text:
+        last = text.splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].isidentifier() else last
+    return text
+
+
+def _remove_unused_run_dir(cfg: DictConfig) -> None:
+    """Remove the run folder Hydra made for a run that stopped before it started (only Hydra's files in it)."""
+    try:
+        folder = Path(str(cfg.paths.output_dir))
+    except Exception:  # noqa: BLE001 - no run folder outside a Hydra run
+        return
+    if not folder.is_dir() or not HydraConfig.initialized():
+        return
+    entries = list(folder.iterdir())
+    if not all(entry.name == ".hydra" or (entry.is_file() and entry.suffix == ".log") for entry in entries):
+        return  # a run folder with checkpoints, logs or anything else of a user: keep it
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    parent = folder.parent  # Hydra's outputs/<date>/<time>: the date folder too when it is now empty
+    if parent.name[:2].isdigit() and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
 
 
 def _config_text(cfg: DictConfig) -> str:
@@ -191,7 +221,8 @@ def train(cfg: DictConfig) -> float | None:
         check_config(cfg, choices)
 
     L.seed_everything(cfg.seed, workers=True)
-    datamodule, model, trainer = build(cfg)
+    with _clean_exit(cfg):
+        datamodule, model, trainer = build(cfg)
     for callback in trainer.callbacks:
         if isinstance(callback, ResumeState) and callback.config is None:
             callback.config = _config_text(cfg)
@@ -299,6 +330,7 @@ def main() -> None:
     """Console entry point: check the group options named on the command line, then run Hydra."""
     try:
         check_command_line(sys.argv[1:], CONFIG_PATH)
+        check_override_keys(sys.argv[1:], CONFIG_PATH, "train")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

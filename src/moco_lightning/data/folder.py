@@ -43,6 +43,7 @@ __all__ = [
     "ImageFolderDataset",
     "ImageNetDataModule",
     "SkippedImagesReport",
+    "check_decodable",
     "scan_image_folder",
 ]
 
@@ -131,6 +132,24 @@ def scan_image_folder(root: str | os.PathLike[str], setting: str = "data.data_di
                      f"({', '.join(IMAGE_EXTENSIONS)}). {_LAYOUT_HELP}.")
 
 
+def check_decodable(samples: Sequence[tuple[str, int]], setting: str, root: str) -> None:
+    """Decode the files in order until one is readable; raise :class:`DatasetError` when none is.
+
+    Cheap on a usable folder (one decode); a folder of corrupt files is refused before training instead of
+    failing in a loader worker.
+    """
+    first_error: str | None = None
+    for path, _ in samples:
+        try:
+            _load_rgb(path)
+            return
+        except Exception as err:  # noqa: BLE001 - any decoder error means "unreadable file"
+            if first_error is None:
+                first_error = f"{os.path.basename(path)}: {type(err).__name__}: {err}".splitlines()[0]
+    raise DatasetError(f"{setting}={root!r}: none of its {len(samples)} image files can be decoded (first: "
+                       f"{first_error}); check that they are images (not empty, truncated or renamed files)")
+
+
 def _load_rgb(path: str) -> Image.Image:
     with open(path, "rb") as handle:
         image = Image.open(handle)
@@ -185,8 +204,8 @@ class ImageFolderDataset(Dataset):
                 if step == 0:
                     with self._epoch_skips.get_lock():
                         self._epoch_skips.value += 1
-        raise RuntimeError(f"None of the {n} images of this dataset can be decoded (first: {self.samples[0][0]}); "
-                           "check the files / data.data_dir")
+        raise DatasetError(f"none of the {n} images of this dataset can be decoded (first: {self.samples[0][0]}); "
+                           "check the files of data.data_dir")
 
     @property
     def bad_files(self) -> list[str]:
@@ -304,6 +323,7 @@ class ImageFolderDataModule(_FolderDataModule):
         if self._train_samples is not None:
             return
         samples, classes = scan_image_folder(self.data_dir, "data.data_dir", self.labels)
+        check_decodable(samples, "data.data_dir", self.data_dir)
         self.classes, self.num_classes = classes, len(classes)
         if self.val_dir is not None:
             val_samples, val_classes = scan_image_folder(self.val_dir, "data.val_dir", self.labels)
