@@ -16,6 +16,7 @@ from moco_lightning.data import (
     SkippedImagesReport,
     scan_image_folder,
 )
+from moco_lightning.data.folder import merge_skip_counts
 
 AS_FLOAT = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
 
@@ -153,16 +154,38 @@ def test_skips_in_worker_processes_are_counted(tmp_path):
     assert count == 2 and len(bad) == 2
 
 
-def test_skipped_images_report_warns_at_epoch_end(tmp_path):
+def test_skipped_images_report_warns_at_epoch_end_per_pass(tmp_path):
     root = write_image_folder(tmp_path / "imgs", classes=2, per_class=3)
     add_corrupt_files(root)
     dm = ImageFolderDataModule(data_dir=str(root), batch_size=8, num_workers=0, image_size=8, val_fraction=0.0)
     with pytest.warns(CorruptImageWarning):
         list(dm.train_dataloader())
-    trainer = SimpleNamespace(datamodule=dm, current_epoch=3)
-    with pytest.warns(CorruptImageWarning, match="epoch 3: skipped 2 unreadable images"):
+    list(dm.eval_train_dataloader())  # the evaluation pass over the same files: skipped again, not warned again
+    assert {name: count for name, (count, _) in dm.pop_skipped_by_pass().items()} == {"pretraining": 2,
+                                                                                      "evaluation": 2}
+    list(dm.train_dataloader())
+    trainer = SimpleNamespace(datamodule=dm, current_epoch=3, world_size=1)
+    with pytest.warns(CorruptImageWarning, match="epoch 3: skipped 2 unreadable images in the pretraining pass"):
         SkippedImagesReport().on_train_epoch_end(trainer, None)
     assert dm.pop_skipped_images()[0] == 0
+
+
+def test_skip_counts_of_all_processes_are_summed(monkeypatch):
+    reports = [{"pretraining": (1, ["/a.jpg"])}, {"pretraining": (1, ["/b.jpg"]), "evaluation": (2, ["/b.jpg"])},
+               {"pretraining": (1, ["/c.jpg"])}]
+    assert merge_skip_counts(reports) == {"pretraining": (3, ["/a.jpg", "/b.jpg", "/c.jpg"]),
+                                          "evaluation": (2, ["/b.jpg"])}
+    # the callback reports what the gather of the 3 processes (all_gather_object under DDP) brings together
+    import moco_lightning.data.folder as folder_module
+
+    monkeypatch.setattr(folder_module, "_all_gather", lambda report, trainer: reports)
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(pop_skipped_by_pass=dict), current_epoch=0, world_size=3)
+    with pytest.warns(CorruptImageWarning) as record:
+        SkippedImagesReport().on_train_epoch_end(trainer, None)
+    messages = sorted(str(w.message) for w in record)
+    assert len(messages) == 2
+    assert "skipped 2 unreadable images in the evaluation pass (1 distinct files" in messages[0]
+    assert "skipped 3 unreadable images in the pretraining pass (3 distinct files" in messages[1]
 
 
 def test_a_folder_of_only_corrupt_images_raises_instead_of_looping(tmp_path):

@@ -21,6 +21,7 @@ one summary warning; without the callback, ``teardown`` reports the total.
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import os
 import warnings
@@ -34,6 +35,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from moco_lightning.data.base import DatasetError, MoCoDataModule
+from moco_lightning.data.decode import decode_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -44,6 +46,7 @@ __all__ = [
     "ImageNetDataModule",
     "SkippedImagesReport",
     "check_decodable",
+    "merge_skip_counts",
     "scan_image_folder",
 ]
 
@@ -151,9 +154,7 @@ def check_decodable(samples: Sequence[tuple[str, int]], setting: str, root: str)
 
 
 def _load_rgb(path: str) -> Image.Image:
-    with open(path, "rb") as handle:
-        image = Image.open(handle)
-        return image.convert("RGB")  # forces the full decode, so truncated files fail here
+    return decode_image(path)  # the full decode (truncated files fail here), upright, 8-bit RGB
 
 
 class ImageFolderDataset(Dataset):
@@ -207,6 +208,12 @@ class ImageFolderDataset(Dataset):
         raise DatasetError(f"none of the {n} images of this dataset can be decoded (first: {self.samples[0][0]}); "
                            "check the files of data.data_dir")
 
+    def counting_view(self) -> ImageFolderDataset:
+        """The same files and unreadable-file flags, with a skip counter of its own (another pass over the data)."""
+        view = copy.copy(self)
+        view._epoch_skips = multiprocessing.Value("q", 0)
+        return view
+
     @property
     def bad_files(self) -> list[str]:
         """Files found unreadable so far (in any process)."""
@@ -222,23 +229,47 @@ class ImageFolderDataset(Dataset):
 
 
 class SkippedImagesReport(Callback):
-    """At the end of each training epoch, warn once with the number of unreadable images skipped in it.
+    """At the end of each training epoch, warn with the number of unreadable images skipped in it, per pass.
 
-    Works with any datamodule that has ``pop_skipped_images() -> (count, bad_files)`` (the folder datamodules);
-    does nothing for the others. The count is also logged as ``data/skipped_images`` when non-zero.
+    One line for the pretraining pass and one for the evaluation passes (kNN monitor, diagnostics, map), when they
+    skipped any, with the counts summed over all processes (a collective under DDP) and the distinct files found so
+    far. Works with any datamodule that has ``pop_skipped_by_pass() -> {pass: (count, bad_files)}`` (the folder
+    datamodules); does nothing for the others. Put it after the evaluation callbacks (the default callbacks do), so
+    that an epoch's evaluation skips are reported with the epoch.
     """
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Report and reset the skip counter of ``trainer.datamodule``."""
+        """Report and reset the skip counters of ``trainer.datamodule``."""
         datamodule = getattr(trainer, "datamodule", None)
-        pop = getattr(datamodule, "pop_skipped_images", None)
+        pop = getattr(datamodule, "pop_skipped_by_pass", None)
         if pop is None:
             return
-        count, bad_files = pop()
-        if count:
-            shown = ", ".join(bad_files[:5]) + (" ..." if len(bad_files) > 5 else "")
-            rank_zero_warn(f"epoch {trainer.current_epoch}: skipped {count} unreadable images "
-                           f"({len(bad_files)} distinct files so far: {shown})", category=CorruptImageWarning)
+        by_pass = merge_skip_counts(_all_gather(pop(), trainer))
+        for name, (count, bad_files) in by_pass.items():
+            if count:
+                shown = ", ".join(bad_files[:5]) + (" ..." if len(bad_files) > 5 else "")
+                rank_zero_warn(f"epoch {trainer.current_epoch}: skipped {count} unreadable images in the {name} "
+                               f"pass ({len(bad_files)} distinct files so far: {shown})", category=CorruptImageWarning)
+
+
+def merge_skip_counts(reports: Sequence[dict[str, tuple[int, list[str]]]]) -> dict[str, tuple[int, list[str]]]:
+    """Sum the counts and join the files of the ``{pass: (count, files)}`` reports of several processes."""
+    merged: dict[str, tuple[int, list[str]]] = {}
+    for report in reports:
+        for name, (count, files) in report.items():
+            total, known = merged.get(name, (0, []))
+            merged[name] = (total + int(count), sorted({*known, *files}))
+    return merged
+
+
+def _all_gather(report: dict[str, tuple[int, list[str]]], trainer: Trainer) -> list[dict[str, tuple[int, list[str]]]]:
+    import torch.distributed as dist
+
+    if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, report)
+        return gathered
+    return [report]
 
 
 class _FolderDataModule(MoCoDataModule):
@@ -249,23 +280,41 @@ class _FolderDataModule(MoCoDataModule):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._folder_datasets: list[ImageFolderDataset] = []
+        self._folder_datasets: list[tuple[str, ImageFolderDataset]] = []
         self.classes: list[str] = []
 
-    def _dataset(self, samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> ImageFolderDataset:
+    def _dataset(self, samples: Sequence[tuple[str, int]], classes: Sequence[str],
+                 role: str = "evaluation") -> ImageFolderDataset:
         dataset = ImageFolderDataset(samples, classes)
-        self._folder_datasets.append(dataset)
+        self._folder_datasets.append((role, dataset))
         return dataset
 
+    def _evaluation_view(self, dataset: ImageFolderDataset) -> ImageFolderDataset:
+        view = dataset.counting_view()  # the pretraining files, counted apart
+        self._folder_datasets.append(("evaluation", view))
+        return view
+
+    def pop_skipped_by_pass(self) -> dict[str, tuple[int, list[str]]]:
+        """Skips of this process per pass: ``{"pretraining" | "evaluation": (count, files)}``; resets the counts.
+
+        ``count``: images replaced since the last call; ``files``: the files found unreadable so far.
+        """
+        report: dict[str, tuple[int, list[str]]] = {}
+        for role in ("pretraining", "evaluation"):
+            datasets = [ds for r, ds in self._folder_datasets if r == role]
+            if datasets:
+                report[role] = (sum(ds.pop_epoch_skips() for ds in datasets),
+                                sorted({path for ds in datasets for path in ds.bad_files}))
+        return report
+
     def pop_skipped_images(self) -> tuple[int, list[str]]:
-        """``(images replaced since the last call, all files found unreadable so far)``; resets the count."""
-        count = sum(ds.pop_epoch_skips() for ds in self._folder_datasets)
-        bad = sorted({path for ds in self._folder_datasets for path in ds.bad_files})
-        return count, bad
+        """``(images replaced since the last call, all files found unreadable so far)`` over all passes; resets."""
+        merged = merge_skip_counts([self.pop_skipped_by_pass()]).values()
+        return sum(count for count, _ in merged), sorted({path for _, files in merged for path in files})
 
     def teardown(self, stage: str) -> None:
         """Warn with the list of unreadable files met during the run, if any."""
-        bad = sorted({path for ds in self._folder_datasets for path in ds.bad_files})
+        bad = sorted({path for _, ds in self._folder_datasets for path in ds.bad_files})
         if bad:
             rank_zero_warn(f"{type(self).__name__}: {len(bad)} unreadable image files were skipped during "
                            f"this run: {bad[:20]}", category=CorruptImageWarning)
@@ -354,13 +403,13 @@ class ImageFolderDataModule(_FolderDataModule):
     def _build_pretrain_dataset(self) -> Dataset:
         self._scan()
         assert self._train_samples is not None
-        return self._dataset(self._train_samples, self.classes)
+        return self._dataset(self._train_samples, self.classes, role="pretraining")
 
     def _build_eval_dataset(self, split: str) -> Dataset:
         self._scan()
         if split == "train":
             if self._pretrain_dataset is not None:
-                return self._pretrain_dataset.base  # type: ignore[attr-defined]
+                return self._evaluation_view(self._pretrain_dataset.base)  # type: ignore[attr-defined]
             assert self._train_samples is not None
             return self._dataset(self._train_samples, self.classes)
         if not self._val_samples:
@@ -421,10 +470,10 @@ class ImageNetDataModule(_FolderDataModule):
 
     def _build_pretrain_dataset(self) -> Dataset:
         samples, classes = self._scan_split("train")
-        return self._dataset(samples, classes)
+        return self._dataset(samples, classes, role="pretraining")
 
     def _build_eval_dataset(self, split: str) -> Dataset:
         if split == "train" and self._pretrain_dataset is not None:
-            return self._pretrain_dataset.base  # type: ignore[attr-defined]
+            return self._evaluation_view(self._pretrain_dataset.base)  # type: ignore[attr-defined]
         samples, classes = self._scan_split(split)
         return self._dataset(samples, classes)
