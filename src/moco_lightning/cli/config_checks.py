@@ -353,7 +353,7 @@ def _check_data_values(data: DictConfig) -> None:
         if value is not None and isinstance(value, int) and value < 1:
             raise ConfigError(f"data.{key}={value} must be a positive number of images per device")
     workers = data.get("num_workers")
-    if isinstance(workers, int) and workers < 0:
+    if (isinstance(workers, int) and workers < 0) or (isinstance(workers, str) and workers != "auto"):
         raise ConfigError(f"data.num_workers={workers} must be >= 0 (0 = load in the training process) or auto "
                           "(one per CPU core the process may use)")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -230,6 +231,7 @@ def train(cfg: DictConfig) -> float | None:
         labelled = has_labels(datamodule)  # scans an image folder: its errors are one line too
         if not labelled:
             _drop_label_metrics(trainer)
+        _check_queue_fits(cfg, datamodule)
         ckpt_path = resolve_checkpoint(cfg, model, trainer)
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
@@ -272,6 +274,27 @@ def _drop_label_metrics(trainer: L.Trainer) -> None:
         trainer.callbacks = [cb for cb in trainer.callbacks if not any(cb is d for d in dropped)]
         log.info("checkpoints: the images have no labels: no best-by-%s checkpoint (last.ckpt is kept)",
                  ", ".join(sorted({str(cb.monitor) for cb in dropped})))
+
+
+def _check_queue_fits(cfg: DictConfig, datamodule: Any) -> None:
+    """One line with the queue size to use when ``model.queue_size`` is not below the image folder's size.
+
+    A queue as large as the dataset holds keys of the queries' own images, so positives reappear as negatives. The
+    module warns too (from inside Lightning, later); this says it first, with a size: about a tenth of the images,
+    a multiple of the keys enqueued per step.
+    """
+    images = getattr(datamodule, "num_pretraining_images", None)
+    queue = cfg.model.get("queue_size")
+    if not isinstance(images, int) or queue is None or int(queue) < images:
+        return
+    from moco_lightning.cli.config_checks import global_batch_size
+
+    keys = (global_batch_size(cfg) or int(cfg.data.batch_size)) * (2 if cfg.model.get("symmetric") else 1)
+    size = max(keys, images // 10 // keys * keys)
+    log.warning("model.queue_size=%d does not fit the %d pretraining images (the queue would hold the queries' own "
+                "images as negatives); use model.queue_size=%d (about a tenth of the images, a multiple of the %d "
+                "keys per step)", int(queue), images, size, keys)
+    warnings.filterwarnings("ignore", message=r"queue_size=\d+ is not smaller than the training set")
 
 
 def _report_before_training(datamodule: Any, model: torch.nn.Module, resumed: bool) -> KNNReport | None:

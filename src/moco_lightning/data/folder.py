@@ -368,6 +368,13 @@ class ImageFolderDataModule(_FolderDataModule):
         self._scan()
         return self.num_classes > 0
 
+    @property
+    def num_pretraining_images(self) -> int:
+        """Images of the pretraining set (the folder less the held-out validation images); scans on first use."""
+        self._scan()
+        assert self._train_samples is not None
+        return len(self._train_samples)
+
     def _scan(self) -> None:
         if self._train_samples is not None:
             return
