@@ -139,6 +139,8 @@ def resolve_checkpoint(cfg: DictConfig, model: torch.nn.Module, trainer: L.Train
         path, checkpoint = Path(str(value)), read_training_checkpoint(str(value))
     check_checkpoint_matches(checkpoint, model, path)
     continue_loggers(trainer.loggers, checkpoint)  # the run's CSV rows, TensorBoard and wandb runs go on
+    # resuming in the run's own folder: its checkpoints are expected there (Lightning warns about them)
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     log.info("resuming from %s (epoch %s, step %s)", path, checkpoint.get("epoch"), checkpoint.get("global_step"))
     return str(path)
 
