@@ -3,6 +3,7 @@ run finishes; when they can draw, the map's legend names the classes."""
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from moco_lightning.data import ImageFolderDataModule
 from moco_lightning.eval import embedding_map as embedding_map_module
 from moco_lightning.eval.diagnostics_monitor import DiagnosticsMonitor
 from moco_lightning.eval.embedding_map import EmbeddingMap
+from moco_lightning.eval.knn import KNNMonitor
 
 
 def _folder(root: Path, per_class: int = 10) -> Path:
@@ -28,7 +30,7 @@ def _folder(root: Path, per_class: int = 10) -> Path:
     return root
 
 
-def _fit(tmp_path: Path, val_fraction: float) -> tuple[L.Trainer, EmbeddingMap, list[str]]:
+def _fit(tmp_path: Path, val_fraction: float, knn: bool = False) -> tuple[L.Trainer, EmbeddingMap, list[str]]:
     torch.set_num_threads(1)
     L.seed_everything(0)
     dm = ImageFolderDataModule(data_dir=str(_folder(tmp_path / "images")), val_fraction=val_fraction, batch_size=8,
@@ -37,7 +39,8 @@ def _fit(tmp_path: Path, val_fraction: float) -> tuple[L.Trainer, EmbeddingMap, 
                  bn_splits=2)
     emap = EmbeddingMap(dirpath=str(tmp_path / "maps"), every_n_runs=0, method="pca", max_points=50)
     trainer = L.Trainer(max_epochs=1, limit_train_batches=1, accelerator="cpu", devices=1, logger=False,
-                        callbacks=[DiagnosticsMonitor(every_n_epochs=1, max_samples=50), emap],
+                        callbacks=[*([KNNMonitor(k=5)] if knn else []),
+                                   DiagnosticsMonitor(every_n_epochs=1, max_samples=50), emap],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -55,9 +58,11 @@ def test_a_map_of_two_validation_images_is_skipped_with_one_line(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_no_validation_images_skips_the_diagnostics_and_the_map(tmp_path):
-    trainer, emap, messages = _fit(tmp_path, val_fraction=0.0)
-    assert trainer.state.finished
+def test_no_validation_images_skips_the_knn_monitor_the_diagnostics_and_the_map(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        trainer, emap, messages = _fit(tmp_path, val_fraction=0.0, knn=True)
+    assert trainer.state.finished and "val/knn_top1" not in trainer.callback_metrics
+    assert caplog.text.count("kNN monitor: skipped (ImageFolderDataModule: no validation images") == 1
     assert len([m for m in messages if "val/alignment and val/uniformity skipped" in m]) == 1
     assert len([m for m in messages if "embedding map final.png skipped" in m]) == 1
 

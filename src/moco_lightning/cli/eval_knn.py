@@ -46,7 +46,8 @@ def warn_if_data_differs_from_pretraining(cfg: DictConfig) -> list[str]:
         if key in trained and key in cfg.data and trained[key] != cfg.data[key]:
             messages.append(
                 f"data.{key}={cfg.data[key]!r} but the checkpoint was pretrained with data.{key}={trained[key]!r} "
-                f"({train_cfg}); pass the pretraining data options, e.g. data.{key}={trained[key]}"
+                f"({train_cfg}); leave out data=... to evaluate on the pretraining data"
+                + (f", or pass data.{key}={trained[key]}" if key != "_target_" else "")
             )
     for message in messages:
         log.warning(message)

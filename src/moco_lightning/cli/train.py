@@ -199,6 +199,9 @@ def _remove_unused_run_dir(cfg: DictConfig) -> None:
         return
     if not folder.is_dir() or not HydraConfig.initialized():
         return
+    here = Path.cwd().resolve()
+    if folder.resolve() == here or folder.resolve() in here.parents:
+        return  # hydra.run.dir=. : never the folder the user works in
     entries = list(folder.iterdir())
     if not all(entry.name == ".hydra" or (entry.is_file() and entry.suffix == ".log") for entry in entries):
         return  # a run folder with checkpoints, logs or anything else of a user: keep it
@@ -311,9 +314,9 @@ def _report_before_training(datamodule: Any, model: torch.nn.Module, resumed: bo
         datamodule.setup("fit")
         report.rows["raw pixels"] = KNNReport.measure(lambda x: x.flatten(1), datamodule)
         report.rows["encoder at init"] = KNNReport.measure(model.embed, datamodule, model)
-    except (DatasetError, DatasetNotAvailableError):
-        raise  # the data itself is unusable: training would fail too
-    except Exception as err:  # noqa: BLE001 - the report is an extra: it never stops a training run
+    except DatasetNotAvailableError:
+        raise  # the dataset is not there: training would fail too
+    except Exception as err:  # noqa: BLE001 - the report is an extra (no validation images...): never stops a run
         log.warning("knn_report skipped (%s); training goes on", f"{type(err).__name__}: {err}".splitlines()[0])
         return None
     log.info("kNN top-1 before training%s: raw pixels %.4f, encoder at init %.4f",

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
 from moco_lightning import distributed
+from moco_lightning.data.base import DatasetError
 
 #: What the kNN monitor embeds: the query backbone's features (``embed``) or the normalised query-encoder output
 #: (``project``, the 128-d embedding of the official CIFAR-10 demo's monitor).
@@ -370,7 +371,13 @@ class KNNMonitor(Callback):
                 rank_zero_info(f"kNN monitor: the images have no labels (no class folders): {self.prefix}_top1 is "
                                "not computed")
             return
-        self.last = self.compute(trainer, pl_module)
+        try:
+            self.last = self.compute(trainer, pl_module)
+        except DatasetError as err:  # the data cannot be evaluated (no validation images...)
+            if not self._told:
+                self._told = True
+                rank_zero_info(f"kNN monitor: skipped ({err}); {self.prefix}_top1 is not computed")
+            return
         for name, value in self.last.items():
             # identical on every process (features are gathered); sync_dist only silences Lightning's DDP warning
             pl_module.log(f"{self.prefix}_{name}", value, on_epoch=True, prog_bar=name == "top1", sync_dist=True)
