@@ -30,6 +30,8 @@ from typing import Any
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter as _FabricExperimentWriter
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 
 __all__ = ["ResumableCSVLogger", "continue_loggers", "logging_step", "logger_state"]
 
@@ -113,14 +115,16 @@ class ResumableCSVLogger(CSVLogger):
     """
 
     @property
+    @rank_zero_experiment
     def experiment(self) -> _ResumableWriter:  # type: ignore[override]
-        """The writer: keeps an existing ``metrics.csv`` instead of deleting it."""
+        """The writer (on the main process; a no-op elsewhere): keeps an existing ``metrics.csv``."""
         if self._experiment is not None:
             return self._experiment
         self._fs.makedirs(self.root_dir, exist_ok=True)
         self._experiment = _ResumableWriter(log_dir=self.log_dir)
         return self._experiment
 
+    @rank_zero_only
     def continue_from(self, step: int) -> None:
         """Drop the rows of steps ``>= step`` now (the training CLI calls it with the checkpoint's logging step)."""
         self.experiment.cut(step)

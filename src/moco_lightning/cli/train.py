@@ -6,9 +6,14 @@ loggers and the Trainer from their ``_target_`` entries, finds and checks the ch
 ``knn_report=true``, ends with a table of kNN top-1 of the trained encoder next to the same encoder at
 initialisation and raw pixels, followed by the path of the embedding map (``callbacks.embedding_map``).
 
+Images without labels (a folder without class folders) train as well: the kNN monitor, the kNN report and the
+best-by-kNN checkpoint step aside, each with one info line. A resumed run continues its logs
+(:func:`moco_lightning.checkpointing.continue_loggers`).
+
 What a user can cause or meet (a wrong setting, unusable data, a checkpoint that does not fit, a full disk, a NaN
-loss) ends as one line ``error: ...`` on stderr (status 2 for bad input, 1 for a fault during the run); a SIGTERM /
-SIGUSR1 ends, after the checkpoint is saved, with a line saying how to resume and status ``128 + signal``.
+loss) ends as one line ``error: ...`` on stderr (status 2 for bad input, 1 for a fault during the run); a run that
+stops before its first step leaves no run folder behind. A SIGTERM / SIGUSR1 ends, after the checkpoint is saved,
+with a line saying how to resume and status ``128 + signal``.
 """
 
 from __future__ import annotations
