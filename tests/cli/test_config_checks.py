@@ -7,7 +7,13 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from moco_lightning.cli import CONFIG_PATH
-from moco_lightning.cli.config_checks import ConfigError, check_command_line, check_config, check_override_keys
+from moco_lightning.cli.config_checks import (
+    ConfigError,
+    check_accelerator,
+    check_command_line,
+    check_config,
+    check_override_keys,
+)
 
 
 def _error(cfg) -> str:
@@ -174,7 +180,10 @@ def test_gpu_accelerator_without_a_gpu_says_so(compose_train, monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    message = _error(compose_train(["trainer.accelerator=gpu"]))
+    check_config(compose_train(["trainer.accelerator=gpu"]))  # a GPU config may be checked anywhere
+    with pytest.raises(ConfigError) as info:
+        check_accelerator(compose_train(["trainer.accelerator=gpu"]).trainer)  # but not run without a GPU
+    message = str(info.value)
     assert "trainer.accelerator=gpu but no CUDA GPU is visible" in message and "trainer.accelerator=cpu" in message
 
 

@@ -37,3 +37,16 @@ def test_one_line_status_2_and_no_output_folder(tmp_path, case, expected):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").iterdir())
+
+
+def test_gpu_accelerator_without_a_gpu_is_one_line_before_anything_is_built(compose_train, capsys, monkeypatch):
+    import torch
+
+    from moco_lightning.cli.train import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as info:
+        train(compose_train([*TINY, "trainer.accelerator=gpu"]))
+    assert info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "trainer.accelerator=gpu but no CUDA GPU is visible" in errors[0]

@@ -37,7 +37,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from moco_lightning.backbones import BACKBONES, VITS
 from moco_lightning.cli import CONFIG_PATH, count_devices
 
-__all__ = ["ConfigError", "check_command_line", "check_config", "check_override_keys", "count_processes",
+__all__ = ["ConfigError", "check_accelerator", "check_command_line", "check_config", "check_override_keys",
+           "count_processes",
            "global_batch_size", "group_options"]
 
 #: Config groups and what their options are called in messages.
@@ -156,7 +157,6 @@ def check_config(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> N
                 _check_keys(node, f"{section}.{name}")
     _check_model(cfg.model)
     _check_data_values(cfg.data)
-    _check_accelerator(cfg.trainer)
     _check_queue(cfg)
     _check_bn(cfg)
     _check_data_path(cfg.data)
@@ -358,8 +358,12 @@ def _check_data_values(data: DictConfig) -> None:
                           "(one per CPU core the process may use)")
 
 
-def _check_accelerator(trainer: DictConfig) -> None:
-    """``trainer.accelerator=gpu`` where no GPU is visible: say so before Lightning's MisconfigurationException."""
+def check_accelerator(trainer: DictConfig) -> None:
+    """``trainer.accelerator=gpu`` where no GPU is visible: say so before Lightning's MisconfigurationException.
+
+    Not part of :func:`check_config`, which also checks GPU configs composed on a machine without one (a login
+    node, the tests); the training CLI calls it for the run it is about to start.
+    """
     accelerator = str(trainer.get("accelerator", "auto")).lower()
     if accelerator in ("gpu", "cuda"):
         import torch

@@ -46,7 +46,13 @@ from moco_lightning.checkpointing import (
     read_training_checkpoint,
 )
 from moco_lightning.cli import CONFIG_PATH
-from moco_lightning.cli.config_checks import ConfigError, check_command_line, check_config, check_override_keys
+from moco_lightning.cli.config_checks import (
+    ConfigError,
+    check_accelerator,
+    check_command_line,
+    check_config,
+    check_override_keys,
+)
 from moco_lightning.data import DatasetError, DatasetNotAvailableError
 from moco_lightning.eval.knn import has_labels
 from moco_lightning.nonfinite import NonFiniteLossError
@@ -230,6 +236,7 @@ def train(cfg: DictConfig) -> float | None:
     with _clean_exit(cfg):
         choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else None
         check_config(cfg, choices)
+        check_accelerator(cfg.trainer)
 
     L.seed_everything(cfg.seed, workers=True)
     with _clean_exit(cfg):
