@@ -66,3 +66,11 @@ def test_wandb_resumes_the_run_id_saved_in_the_checkpoint(tmp_path):
     continue_loggers([resumed], {"global_step": 10, CHECKPOINT_KEY: saved})
     assert resumed._wandb_init["id"] == "run123" and resumed._wandb_init["resume"] == "allow"
     assert resumed.version == "run123"
+
+
+def test_relaunching_a_finished_run_keeps_its_whole_log(tmp_path):
+    _log(ResumableCSVLogger(tmp_path, name="csv", version=""), range(0, 6))  # the run finished at step 6
+    relaunched = ResumableCSVLogger(tmp_path, name="csv", version="")
+    continue_loggers([relaunched], {"global_step": 6})  # resumes from last.ckpt: nothing left to train
+    relaunched.finalize("success")
+    assert [step for step, _ in _rows(tmp_path / "csv" / "metrics.csv")] == [0, 1, 2, 3, 4, 5]
