@@ -71,11 +71,29 @@ def test_without_data_options_the_pretraining_data_is_used(folder_checkpoint):
     assert "ImageFolderDataModule" in line and "the checkpoint's pretraining data" in line
 
 
-def test_a_dataset_chosen_on_the_command_line_is_kept(folder_checkpoint):
+def test_another_dataset_is_evaluated_at_the_pretraining_image_size(folder_checkpoint):
     ckpt, _ = folder_checkpoint
     cfg = _compose([f"checkpoint={ckpt}", "data=digits"])
     line = adopt_pretraining_data(cfg, group_given=True, keys_given=[])
-    assert cfg.data._target_.endswith("DigitsDataModule") and "from the command line" in line
+    assert cfg.data._target_.endswith("DigitsDataModule") and cfg.data.image_size == 8
+    assert "another dataset, from the command line, at the pretraining image size" in line
+    cfg = _compose([f"checkpoint={ckpt}", "data=digits", "data.image_size=16"])
+    adopt_pretraining_data(cfg, group_given=True, keys_given=["image_size"])
+    assert cfg.data.image_size == 16
+
+
+def test_another_folder_keeps_the_rest_of_the_pretraining_data(folder_checkpoint, tmp_path):
+    ckpt, _ = folder_checkpoint
+    cfg = _compose([f"checkpoint={ckpt}", "data=imagefolder", f"data.data_dir={tmp_path}"])
+    adopt_pretraining_data(cfg, group_given=True, keys_given=["data_dir"])
+    assert cfg.data.data_dir == str(tmp_path) and cfg.data.image_size == 8 and cfg.data.val_fraction == 0.5
+
+
+def test_a_config_composed_in_python_is_taken_as_it_is(folder_checkpoint):
+    ckpt, _ = folder_checkpoint
+    cfg = _compose([f"checkpoint={ckpt}"])
+    assert "(as configured)" in adopt_pretraining_data(cfg)  # no Hydra run: nothing to read the command line from
+    assert cfg.data._target_.endswith("DigitsDataModule")
 
 
 def test_a_checkpoint_without_a_config_keeps_the_default_and_says_so(tmp_path):

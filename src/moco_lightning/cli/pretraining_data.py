@@ -3,10 +3,12 @@
 A ``moco-train`` checkpoint stores the run's composed config (:class:`~moco_lightning.checkpointing.ResumeState`,
 also in ``<run>/.hydra/config.yaml``). ``moco-eval-knn`` and ``moco-eval-linear`` call :func:`adopt_pretraining_data`:
 
-* no ``data=<option>`` on the command line: ``data`` becomes the pretraining run's (dataset, folder, image size,
-  normalisation...), and the ``data.<key>=...`` of the command line are applied on top;
-* ``data=<option>`` on the command line: that dataset is used, with a warning for each of dataset and image size
-  that differs from pretraining;
+* no ``data=<option>`` on the command line (or the pretraining dataset's own option): ``data`` becomes the
+  pretraining run's (dataset, folder, image size, normalisation, held-out split), and the ``data.<key>=...`` of
+  the command line are applied on top (``data=imagefolder data.data_dir=<other folder>``: another folder, the
+  rest as in pretraining);
+* another dataset on the command line (``data=cifar10``): that dataset, at the pretraining image size unless
+  ``data.image_size`` is given;
 * no stored config (an official facebookresearch/moco checkpoint): the config's default dataset.
 
 Either way one line says which data the evaluation uses.
@@ -49,15 +51,15 @@ def pretraining_config(checkpoint: str | Path) -> DictConfig | None:
     return None
 
 
-def command_line_data_keys() -> tuple[bool, list[str]]:
+def command_line_data_keys() -> tuple[bool, list[str]] | None:
     """``(data=<option> given, [keys of the data.<key>=... given])`` from the Hydra run's command line.
 
-    Outside a Hydra run (a config composed in Python) the config's ``data`` counts as chosen: ``(True, [])``.
+    ``None`` outside a Hydra run (a config composed in Python): its ``data`` is taken as it is.
     """
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
-        return True, []
+        return None
     group, keys = False, []
     for override in HydraConfig.get().overrides.task:
         key = str(override).split("=", 1)[0].lstrip("+~")
@@ -70,34 +72,48 @@ def command_line_data_keys() -> tuple[bool, list[str]]:
 
 def adopt_pretraining_data(cfg: DictConfig, group_given: bool | None = None,
                            keys_given: list[str] | None = None) -> str:
-    """Set ``cfg.data`` to the pretraining data unless the command line chose a dataset; return the line saying which.
+    """Set ``cfg.data`` from the pretraining data and the command line; return the line saying which data it is.
+
+    * no ``data=<option>``, or the pretraining dataset's own option: the pretraining ``data`` with the command
+      line's ``data.<key>`` on top;
+    * another dataset: the command line's, at the pretraining image size unless ``data.image_size`` is given;
+    * a config composed in Python (no Hydra run, no arguments here) or a checkpoint without a stored config: the
+      config's ``data`` as it is (warning about a dataset or image size unlike pretraining).
 
     Args:
         cfg: the evaluation config (``checkpoint`` and ``data``); changed in place.
-        group_given: whether ``data=<option>`` was on the command line; ``None`` = read Hydra's overrides.
-        keys_given: the ``data.<key>`` set on the command line (kept); ``None`` = read Hydra's overrides.
+        group_given: whether ``data=<option>`` was on the command line; ``None`` (with ``keys_given``) = read
+            Hydra's overrides.
+        keys_given: the ``data.<key>`` set on the command line (kept).
 
     """
-    if group_given is None or keys_given is None:
-        group_given, keys_given = command_line_data_keys()
+    given = (group_given, keys_given or []) if group_given is not None else command_line_data_keys()
     trained = pretraining_config(cfg.checkpoint)
     data = trained.get("data") if trained is not None else None
     if not isinstance(data, DictConfig) or "_target_" not in data:
         line = (f"data: {_describe(cfg.data)} (the checkpoint stores no pretraining config; choose the data with "
                 "data=<option> data.<key>=...)")
-    elif group_given:
+    elif given is None:
         _warn_differences(cfg.data, data)
-        line = f"data: {_describe(cfg.data)} (from the command line)"
+        line = f"data: {_describe(cfg.data)} (as configured)"
+    elif given[0] and cfg.data.get("_target_") != data._target_:
+        keys = given[1]
+        note = ""
+        if "image_size" not in keys and "image_size" in cfg.data.keys() and data.get("image_size") is not None:
+            cfg.data.image_size = data.image_size
+            note = ", at the pretraining image size"
+        line = f"data: {_describe(cfg.data)} (another dataset, from the command line{note})"
     else:
+        keys = given[1]
         new = OmegaConf.create(OmegaConf.to_container(data, resolve=False))
-        for key in keys_given:
+        for key in keys:
             if key in cfg.data.keys():
                 new[key] = cfg.data[key]
         with open_dict(cfg):
             cfg.data = new
         OmegaConf.set_struct(cfg.data, True)
-        given = f"; data.{', data.'.join(keys_given)} from the command line" if keys_given else ""
-        line = (f"data: {_describe(cfg.data)} (the checkpoint's pretraining data{given}; evaluate on other data "
+        mine = f"; data.{', data.'.join(keys)} from the command line" if keys else ""
+        line = (f"data: {_describe(cfg.data)} (the checkpoint's pretraining data{mine}; evaluate on other data "
                 "with data=<option> data.<key>=...)")
     log.info(line)
     return line
