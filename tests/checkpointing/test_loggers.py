@@ -74,3 +74,18 @@ def test_relaunching_a_finished_run_keeps_its_whole_log(tmp_path):
     continue_loggers([relaunched], {"global_step": 6})  # resumes from last.ckpt: nothing left to train
     relaunched.finalize("success")
     assert [step for step, _ in _rows(tmp_path / "csv" / "metrics.csv")] == [0, 1, 2, 3, 4, 5]
+
+
+def test_every_checkpoint_saves_the_wandb_run_id_and_flushes_the_loggers(tmp_path):
+    from types import SimpleNamespace
+
+    from moco_lightning.checkpointing import ResumeState
+
+    csv_logger = ResumableCSVLogger(tmp_path, name="csv", version="")
+    csv_logger.log_metrics({"loss": 1.0}, step=0)  # buffered (flush_logs_every_n_steps=100 by default)
+    wandb_logger = WandbLogger(project="p", save_dir=str(tmp_path), offline=True, id="abc42")
+    trainer = SimpleNamespace(loggers=[csv_logger, wandb_logger], world_size=1)
+    checkpoint: dict = {}
+    ResumeState().on_save_checkpoint(trainer, None, checkpoint)
+    assert checkpoint[CHECKPOINT_KEY]["wandb_id"] == "abc42"
+    assert _rows(tmp_path / "csv" / "metrics.csv") == [(0, "loss")]  # on disk before the checkpoint is
