@@ -74,10 +74,19 @@ def project_2d(features: np.ndarray, method: str = "auto", seed: int = 0) -> tup
 
 def embedding_map_figure(coords: np.ndarray, labels: Sequence[int] | np.ndarray, title: str = "",
                          class_names: Sequence[str] | None = None) -> Figure:
-    """A scatter plot of 2-D points coloured by label, one legend entry per class."""
+    """A scatter plot of 2-D points coloured by label, one legend entry per class (named by ``class_names``).
+
+    Labels that are all negative (unlabelled images) give one colour and no legend.
+    """
     coords, labels = np.asarray(coords), np.asarray(labels)
     fig = Figure(figsize=(5.2, 4.6), layout="constrained")
     ax = fig.subplots()
+    if labels.size and (labels < 0).all():  # unlabelled images: one colour, no legend
+        ax.scatter(coords[:, 0], coords[:, 1], s=9, color="tab:blue", linewidths=0)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(title, fontsize=10)
+        return fig
     classes = np.unique(labels)
     cmap = _colormap("tab10" if len(classes) <= 10 else "tab20")
     for i, c in enumerate(classes):

@@ -7,7 +7,13 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from moco_lightning.cli import CONFIG_PATH
-from moco_lightning.cli.config_checks import ConfigError, check_command_line, check_config
+from moco_lightning.cli.config_checks import (
+    ConfigError,
+    check_accelerator,
+    check_command_line,
+    check_config,
+    check_override_keys,
+)
 
 
 def _error(cfg) -> str:
@@ -163,3 +169,43 @@ def test_resuming_with_a_global_batch_that_does_not_divide_the_queue_is_refused(
                          "trainer.devices=2", "trainer.accelerator=cpu"])
     message = _error(cfg)
     assert "global batch 32" in message and "a resumed run keeps the queue of its checkpoint" in message
+
+
+@pytest.mark.parametrize("size", [0, -8])
+def test_image_size_must_be_a_positive_number_of_pixels(compose_train, size):
+    message = _error(compose_train([f"data.image_size={size}"]))
+    assert message.startswith(f"data.image_size={size} must be a positive number of pixels")
+
+
+def test_gpu_accelerator_without_a_gpu_says_so(compose_train, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check_config(compose_train(["trainer.accelerator=gpu"]))  # a GPU config may be checked anywhere
+    with pytest.raises(ConfigError) as info:
+        check_accelerator(compose_train(["trainer.accelerator=gpu"]).trainer)  # but not run without a GPU
+    message = str(info.value)
+    assert "trainer.accelerator=gpu but no CUDA GPU is visible" in message and "trainer.accelerator=cpu" in message
+
+
+def test_a_data_dir_that_is_a_file(compose_train, tmp_path):
+    (tmp_path / "photo.jpg").write_bytes(b"jpeg")
+    message = _error(compose_train(["data=imagefolder", f"data.data_dir={tmp_path / 'photo.jpg'}"]))
+    assert "is a file, not a folder" in message and "data.data_dir" in message
+
+
+@pytest.mark.parametrize(("arguments", "expected"), [
+    (["data=imagefolder", "data.img_size=64"], "data.img_size is not a setting of this config; did you mean "
+                                               "data.image_size?"),
+    (["model.tempurature=0.1"], "did you mean model.temperature?"),
+    (["trainer.max_epoch=3", "-m"], "did you mean trainer.max_epochs?"),
+])
+def test_a_misspelt_key_on_the_command_line_names_the_closest_one(arguments, expected):
+    with pytest.raises(ConfigError, match=expected.replace(".", r"\.").replace("?", r"\?")):
+        check_override_keys(arguments, CONFIG_PATH)
+
+
+def test_existing_added_and_hydra_keys_pass_the_key_check():
+    check_override_keys(["data=imagefolder,digits", "data.image_size=64", "+data.extra=1", "~callbacks.knn",
+                         "hydra.run.dir=x", "callbacks=[default,online_linear]", "callbacks.online_linear.lr=0.2",
+                         "model.momentum=0.99,0.999", "experiment=digits", "ckpt_path=auto"], CONFIG_PATH)

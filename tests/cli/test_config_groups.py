@@ -59,7 +59,7 @@ def _group_overrides(group: str, option: str, tmp_path: Path) -> list[str]:
     overrides = [f"{group}={option}"]
     if group == "backbone" and option in VITS:  # ViTs are MoCo v3 backbones
         overrides.append("model=mocov3")
-    if (group, option) == ("data", "imagefolder"):
+    if (group, option) in (("data", "imagefolder"), ("experiment", "my_images")):
         overrides.append(f"data.data_dir={tmp_path}")
     return overrides
 

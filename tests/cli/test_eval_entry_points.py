@@ -148,7 +148,7 @@ def test_eval_linear_runs_the_protocol_from_the_config(checkpoint, tmp_path):
     result, trainer = evaluate_linear(cfg)
     assert trainer.current_epoch == 1  # the sanity check after the first epoch passed
     assert result["epochs"] == 1 and 0.0 <= result["linear_top1"] <= result["linear_top5"] <= 1.0
-    assert result["linear_best_top1"] == result["linear_top1"] and result["best_epoch"] == 0  # one epoch
+    assert result["linear_best_top1"] == result["linear_top1"] and result["best_epoch"] == 1  # epochs count from 1
     assert result["global_batch"] == 256 and cfg.data.eval_batch_size == 256  # one process: all of it
     assert (tmp_path / "csv" / "metrics.csv").is_file()  # the configured logger wrote the curves
 

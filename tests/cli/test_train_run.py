@@ -54,6 +54,7 @@ def test_resume_from_last_checkpoint_restores_step_and_queue(first_run, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     after = _load(tmp_path / "checkpoints" / "last.ckpt")
     assert after["global_step"] == 4 and after["epoch"] == 1
+    assert "trained encoder" in result.stdout  # a resumed run that finishes prints its kNN table too
     assert int(after["state_dict"]["key_queue.ptr"]) == (32 + 2 * 16) % 48  # continued from the saved pointer
 
 

@@ -11,10 +11,12 @@ from torchvision.transforms import v2
 from moco_lightning.data import (
     CorruptImageWarning,
     ImageFolderDataModule,
+    ImageFolderDataset,
     ImageNetDataModule,
     SkippedImagesReport,
     scan_image_folder,
 )
+from moco_lightning.data.folder import merge_skip_counts
 
 AS_FLOAT = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
 
@@ -82,16 +84,32 @@ def test_val_dir_and_eval_view_resize_then_centre_crop(tmp_path):
     assert dm.eval_transform.transforms[0].size == [round(16 / 0.875)]
 
 
-def test_flat_folder_pretrains_without_labels_but_cannot_evaluate(tmp_path):
-    for j in range(5):
+def test_flat_folder_pretrains_and_evaluates_without_labels(tmp_path):
+    for j in range(6):
         Image.fromarray(label_image(j, 12)).save(tmp_path / f"{j}.jpg")
-    dm = ImageFolderDataModule(data_dir=str(tmp_path), batch_size=4, num_workers=0, image_size=8)
+    dm = ImageFolderDataModule(data_dir=str(tmp_path), batch_size=4, num_workers=0, image_size=8, val_fraction=0.2)
     dm.setup("fit")
-    assert dm.num_classes == 0 and not dm.has_labels and dm.num_train_samples == 5
+    assert dm.num_classes == 0 and not dm.has_labels and dm.num_train_samples == 5  # one image held out
     (x_q, _), y = first_views(dm)
     assert x_q.shape == (4, 3, 8, 8) and y.tolist() == [-1] * 4
-    with pytest.raises(ValueError, match="class sub-folders"):
-        dm.eval_val_dataloader()
+    x, y = next(iter(dm.eval_val_dataloader()))  # the label-free diagnostics read these
+    assert x.shape == (1, 3, 8, 8) and y.tolist() == [-1]
+    with pytest.raises(ValueError, match="linear probe needs labelled images.*<class name>"):
+        dm.require_labels("the linear probe")
+
+
+def test_one_sub_folder_or_labels_none_is_unlabelled(tmp_path):
+    write_image_folder(tmp_path / "one", classes=1, per_class=3)
+    samples, classes = scan_image_folder(tmp_path / "one")
+    assert classes == [] and len(samples) == 3 and {label for _, label in samples} == {-1}
+    root = write_image_folder(tmp_path / "two", classes=2, per_class=2)
+    Image.fromarray(label_image(0, 12)).save(root / "loose.png")
+    with pytest.warns(UserWarning, match="ignoring 1 images"):
+        assert scan_image_folder(root)[1] == ["class0", "class1"]
+    samples, classes = scan_image_folder(root, labels="none")  # every image below the folder, nested ones too
+    assert classes == [] and len(samples) == 5
+    with pytest.raises(ValueError, match="data.labels"):
+        ImageFolderDataModule(data_dir=str(root), labels="folders")
 
 
 def test_missing_folder_is_a_clear_error_at_setup(tmp_path):
@@ -151,24 +169,50 @@ def test_skips_in_worker_processes_are_counted(tmp_path):
     assert count == 2 and len(bad) == 2
 
 
-def test_skipped_images_report_warns_at_epoch_end(tmp_path):
+def test_skipped_images_report_warns_at_epoch_end_per_pass(tmp_path):
     root = write_image_folder(tmp_path / "imgs", classes=2, per_class=3)
     add_corrupt_files(root)
     dm = ImageFolderDataModule(data_dir=str(root), batch_size=8, num_workers=0, image_size=8, val_fraction=0.0)
     with pytest.warns(CorruptImageWarning):
         list(dm.train_dataloader())
-    trainer = SimpleNamespace(datamodule=dm, current_epoch=3)
-    with pytest.warns(CorruptImageWarning, match="epoch 3: skipped 2 unreadable images"):
+    list(dm.eval_train_dataloader())  # the evaluation pass over the same files: skipped again, not warned again
+    assert {name: count for name, (count, _) in dm.pop_skipped_by_pass().items()} == {"pretraining": 2,
+                                                                                      "evaluation": 2}
+    list(dm.train_dataloader())
+    trainer = SimpleNamespace(datamodule=dm, current_epoch=3, world_size=1)
+    with pytest.warns(CorruptImageWarning, match="epoch 3: skipped 2 unreadable images in the pretraining pass"):
         SkippedImagesReport().on_train_epoch_end(trainer, None)
     assert dm.pop_skipped_images()[0] == 0
+
+
+def test_skip_counts_of_all_processes_are_summed(monkeypatch):
+    reports = [{"pretraining": (1, ["/a.jpg"])}, {"pretraining": (1, ["/b.jpg"]), "evaluation": (2, ["/b.jpg"])},
+               {"pretraining": (1, ["/c.jpg"])}]
+    assert merge_skip_counts(reports) == {"pretraining": (3, ["/a.jpg", "/b.jpg", "/c.jpg"]),
+                                          "evaluation": (2, ["/b.jpg"])}
+    # the callback reports what the gather of the 3 processes (all_gather_object under DDP) brings together
+    import moco_lightning.data.folder as folder_module
+
+    monkeypatch.setattr(folder_module, "_all_gather", lambda report, trainer: reports)
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(pop_skipped_by_pass=dict), current_epoch=0, world_size=3)
+    with pytest.warns(CorruptImageWarning) as record:
+        SkippedImagesReport().on_train_epoch_end(trainer, None)
+    messages = sorted(str(w.message) for w in record)
+    assert len(messages) == 2
+    assert "skipped 2 unreadable images in the evaluation pass (1 distinct files" in messages[0]
+    assert "skipped 3 unreadable images in the pretraining pass (3 distinct files" in messages[1]
 
 
 def test_a_folder_of_only_corrupt_images_raises_instead_of_looping(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "bad.png").write_bytes(b"nope")
+    (tmp_path / "c" / "empty.jpg").write_bytes(b"")
     dm = ImageFolderDataModule(data_dir=str(tmp_path), batch_size=1, num_workers=0, val_fraction=0.0)
-    with pytest.warns(CorruptImageWarning), pytest.raises(RuntimeError, match="None of the 1 images"):
-        next(iter(dm.train_dataloader()))
+    with pytest.raises(ValueError, match=r"none of its 2 image files can be decoded \(first: bad.png"):
+        dm.setup("fit")  # refused before training, from the main process
+    dataset = ImageFolderDataset([(str(tmp_path / "c" / "bad.png"), -1)])
+    with pytest.warns(CorruptImageWarning), pytest.raises(ValueError, match="none of the 1 images"):
+        dataset[0]  # a folder whose files all break later still ends, with a clear error
 
 
 def test_imagenet_layout_train_and_val(tmp_path):

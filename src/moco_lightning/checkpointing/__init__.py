@@ -7,11 +7,14 @@
   position on resume.
 * :mod:`~moco_lightning.checkpointing.preemption`: :class:`PreemptionCheckpoint` turns SIGTERM / SIGUSR1 into
   "finish the step, save, stop".
+* :mod:`~moco_lightning.checkpointing.loggers`: :class:`ResumableCSVLogger` and :func:`continue_loggers`: a
+  resumed run continues its CSV file (every logged step once), its TensorBoard run and its wandb run.
 * :mod:`~moco_lightning.checkpointing.resume`: ``ckpt_path=auto`` (:func:`find_resume_checkpoint`) and the checks
   of a checkpoint file and of its shapes against the model.
 """
 
 from moco_lightning.checkpointing.atomic_io import AtomicCheckpointIO, DiskFullError
+from moco_lightning.checkpointing.loggers import ResumableCSVLogger, continue_loggers
 from moco_lightning.checkpointing.preemption import PreemptionCheckpoint
 from moco_lightning.checkpointing.resume import (
     ResumeError,
@@ -26,9 +29,11 @@ __all__ = [
     "AtomicCheckpointIO",
     "DiskFullError",
     "PreemptionCheckpoint",
+    "ResumableCSVLogger",
     "ResumeError",
     "ResumeState",
     "check_checkpoint_matches",
+    "continue_loggers",
     "find_resume_checkpoint",
     "package_version",
     "read_training_checkpoint",

@@ -7,7 +7,9 @@ position, but not the random number generators. :class:`ResumeState` adds, under
 * ``rng``: the states of the torch (CPU and CUDA), numpy and Python generators of every process, gathered at
   save time, so the augmentations drawn after a resume are the ones the uninterrupted run would have drawn;
 * ``config``: the composed Hydra config of the run (YAML text) and ``version``: the package version;
-* ``world_size`` and ``global_batch``: the number of processes and the images per optimizer step.
+* ``world_size`` and ``global_batch``: the number of processes and the images per optimizer step;
+* ``wandb_id``: the wandb run id when a wandb logger is active, so that a resume continues the same run
+  (:mod:`moco_lightning.checkpointing.loggers`).
 
 All of it loads with ``torch.load(weights_only=True)``. The generators are restored at ``on_train_start``,
 after Lightning has rebuilt everything and right before the first batch is drawn.
@@ -32,6 +34,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from moco_lightning.lightning_internals import restore_loader_position
+from moco_lightning.checkpointing.loggers import logger_state
 
 __all__ = ["CHECKPOINT_KEY", "ResumeState", "package_version"]
 
@@ -87,7 +90,13 @@ class ResumeState(Callback):
         self._loaded: dict[str, Any] | None = None
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Add the ``"moco_lightning"`` entry; gathers the generator states of all processes (a collective)."""
+        """Add the ``"moco_lightning"`` entry; gathers the generator states of all processes (a collective).
+
+        Also writes the loggers' buffered rows to disk, so that a run killed after this checkpoint keeps every row
+        the checkpoint covers (the CSV logger otherwise writes every 100 steps).
+        """
+        for logger in trainer.loggers:
+            logger.save()
         states = [capture_rng_state()]
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * trainer.world_size
@@ -99,6 +108,7 @@ class ResumeState(Callback):
             "world_size": trainer.world_size,
             "global_batch": _global_batch(trainer),
             "rng": states,
+            **logger_state(trainer.loggers),  # the wandb run id, to continue the same run on resume
         }
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:

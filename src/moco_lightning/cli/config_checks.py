@@ -37,8 +37,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from moco_lightning.backbones import BACKBONES, VITS
 from moco_lightning.cli import CONFIG_PATH, count_devices
 
-__all__ = ["ConfigError", "check_command_line", "check_config", "count_processes", "global_batch_size",
-           "group_options"]
+__all__ = ["ConfigError", "check_accelerator", "check_command_line", "check_config", "check_override_keys",
+           "count_processes",
+           "global_batch_size", "group_options"]
 
 #: Config groups and what their options are called in messages.
 _GROUP_NOUNS = {"data": "dataset", "backbone": "backbone", "model": "model", "trainer": "trainer",
@@ -89,6 +90,47 @@ def check_command_line(arguments: Sequence[str], config_dir: str | os.PathLike[s
                 )
 
 
+def check_override_keys(arguments: Sequence[str], config_dir: str | os.PathLike[str],
+                        config_name: str = "train") -> None:
+    """Reject a command-line key that is not in the composed config, e.g. ``data.img_size=64``, with a suggestion.
+
+    Hydra refuses it too ("not in struct"), in several lines and without a hint; this names the closest key. The
+    config is composed with the group options of the command line (the first of a sweep); keys added with ``+``,
+    removed with ``~``, Hydra's own (``hydra.*``) and keys under a node that does not exist are left to Hydra, and
+    so is everything when the config does not compose.
+    """
+    from hydra import compose, initialize_config_dir
+
+    keys, groups = [], []
+    for argument in arguments:
+        if argument.startswith("-") or "=" not in argument:
+            continue
+        key, value = argument.split("=", 1)
+        if key.startswith(("+", "~")) or key.startswith("hydra.") or key == "hydra" or "/" in key:
+            continue
+        if "." in key:
+            keys.append(key)
+        elif (Path(config_dir) / key).is_dir() and not _SWEEP_FUNCTION.match(value):
+            text = value.strip()  # a list of options as is; a sweep over options: its first
+            groups.append(f"{key}={text}" if text.startswith("[") else f"{key}={text.split(',')[0].strip()}")
+    if not keys:
+        return
+    try:
+        with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+            cfg = compose(config_name, overrides=groups)
+    except Exception:  # noqa: BLE001 - whatever does not compose, Hydra reports itself
+        return
+    for key in keys:
+        parent_key, _, name = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key, default=None, throw_on_missing=False)
+        if not isinstance(parent, DictConfig) or name in parent.keys():  # (`in` is False for a ??? value)
+            continue
+        close = difflib.get_close_matches(name, [str(k) for k in parent.keys()], n=1)
+        hint = f"did you mean {parent_key}.{close[0]}?" if close else (
+            f"its settings are {', '.join(str(k) for k in parent.keys())}")
+        raise ConfigError(f"{key} is not a setting of this config; {hint} (to add a new key on purpose: +{key}=...)")
+
+
 # ---------------------------------------------------------------------------------------------- composed config
 def check_config(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> None:
     """Check a composed training config; raise :class:`ConfigError` on the first problem.
@@ -114,6 +156,7 @@ def check_config(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> N
             if isinstance(node, DictConfig) and "_target_" in node:
                 _check_keys(node, f"{section}.{name}")
     _check_model(cfg.model)
+    _check_data_values(cfg.data)
     _check_queue(cfg)
     _check_bn(cfg)
     _check_data_path(cfg.data)
@@ -299,6 +342,38 @@ def _check_model(model: DictConfig) -> None:
         raise ConfigError(f"model.momentum={momentum} must be in [0, 1] (v1/v2 use 0.999, v3 0.99)")
 
 
+def _check_data_values(data: DictConfig) -> None:
+    """Sizes the datamodule would refuse later, inside Hydra's "Error in call to target"."""
+    size = data.get("image_size")
+    if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
+        raise ConfigError(f"data.image_size={size!r} must be a positive number of pixels (224 for ImageNet-sized "
+                          "photos, 32 to 96 for small images) or null (the dataset's default)")
+    for key in ("batch_size", "eval_batch_size"):
+        value = data.get(key)
+        if value is not None and isinstance(value, int) and value < 1:
+            raise ConfigError(f"data.{key}={value} must be a positive number of images per device")
+    workers = data.get("num_workers")
+    if (isinstance(workers, int) and workers < 0) or (isinstance(workers, str) and workers != "auto"):
+        raise ConfigError(f"data.num_workers={workers} must be >= 0 (0 = load in the training process) or auto "
+                          "(one per CPU core the process may use)")
+
+
+def check_accelerator(trainer: DictConfig) -> None:
+    """``trainer.accelerator=gpu`` where no GPU is visible: say so before Lightning's MisconfigurationException.
+
+    Not part of :func:`check_config`, which also checks GPU configs composed on a machine without one (a login
+    node, the tests); the training CLI calls it for the run it is about to start.
+    """
+    accelerator = str(trainer.get("accelerator", "auto")).lower()
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={trainer.accelerator} but no CUDA GPU is visible here "
+                              "(torch.cuda.is_available() is false); use trainer.accelerator=cpu or auto, or run "
+                              "where a GPU is (check CUDA_VISIBLE_DEVICES and nvidia-smi)")
+
+
 def _resolve_device_count(trainer: DictConfig) -> tuple[int | None, str]:
     """Processes per node asked for by ``trainer.devices``, resolving auto / -1 with the accelerator's count."""
     try:
@@ -426,6 +501,10 @@ def _check_data_path(data: DictConfig) -> None:
     subfolders: Iterable[str] = ("train", "val") if target.__name__ == "ImageNetDataModule" else ("",)
     for sub in subfolders:
         folder = os.path.join(data_dir, sub) if sub else data_dir
+        if os.path.isfile(folder):
+            raise ConfigError(f"data.data_dir={data.data_dir!r}: {folder} is a file, not a folder; set data.data_dir "
+                              "to the folder that holds the images (<folder>/<class>/<image>, or the images "
+                              "directly)")
         if not os.path.isdir(folder):
             layout = ("the folder that contains train/<class>/ and val/<class>/" if sub
                       else "a folder of images, as <folder>/<class>/<image>")

@@ -3,7 +3,8 @@
 Loads the query backbone of a pretraining checkpoint (:func:`moco_lightning.eval.load_backbone`; with
 ``features=embedding`` the whole query encoder, :func:`moco_lightning.eval.load_query_encoder`), embeds the
 datamodule's labelled train set (memory bank) and val set (queries), prints kNN top-1 / top-5 (k=200, t=0.1 by
-default) and writes them to ``<output_dir>/results.json``.
+default) and writes them to ``<output_dir>/results.json``. Without ``data=...`` on the command line the data is the
+checkpoint's pretraining data (:mod:`moco_lightning.cli.pretraining_data`); one line says which.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from moco_lightning.cli import CONFIG_PATH, write_results
+from moco_lightning.cli.pretraining_data import adopt_pretraining_data
+from moco_lightning.data import DatasetError, DatasetNotAvailableError
 from moco_lightning.eval.checkpoint import CheckpointError, load_backbone, load_query_encoder, read_backbone_checkpoint
 from moco_lightning.eval.knn import FEATURES, knn_accuracy
 
@@ -43,7 +46,8 @@ def warn_if_data_differs_from_pretraining(cfg: DictConfig) -> list[str]:
         if key in trained and key in cfg.data and trained[key] != cfg.data[key]:
             messages.append(
                 f"data.{key}={cfg.data[key]!r} but the checkpoint was pretrained with data.{key}={trained[key]!r} "
-                f"({train_cfg}); pass the pretraining data options, e.g. data.{key}={trained[key]}"
+                f"({train_cfg}); leave out data=... to evaluate on the pretraining data"
+                + (f", or pass data.{key}={trained[key]}" if key != "_target_" else "")
             )
     for message in messages:
         log.warning(message)
@@ -63,12 +67,14 @@ def evaluate_knn(cfg: DictConfig) -> dict[str, Any]:
         raise CheckpointError(f"features={cfg.features} is not one of {', '.join(FEATURES)}")
     load = load_backbone if cfg.features == "backbone" else load_query_encoder
     backbone, dim, ckpt = load(read_backbone_checkpoint(cfg.checkpoint, allow_pickle=cfg.allow_pickle))
-    warn_if_data_differs_from_pretraining(cfg)
+    adopt_pretraining_data(cfg)
     device = _device(cfg.device)
     backbone.to(device).eval()
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    if hasattr(datamodule, "require_labels"):
+        datamodule.require_labels("kNN evaluation")
     result = knn_accuracy(
         backbone,
         datamodule.eval_train_dataloader(),
@@ -98,7 +104,7 @@ def evaluate_knn(cfg: DictConfig) -> dict[str, Any]:
 def _hydra_main(cfg: DictConfig) -> float:
     try:
         result = evaluate_knn(cfg)
-    except (CheckpointError, FileNotFoundError) as err:
+    except (CheckpointError, FileNotFoundError, DatasetError, DatasetNotAvailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(

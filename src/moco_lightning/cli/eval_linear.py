@@ -8,8 +8,10 @@ Loads the query backbone of a pretraining checkpoint, freezes it in eval mode, t
 (:class:`moco_lightning.eval.linear.LinearProbe`) with the Trainer of ``conf/trainer`` and the loggers of
 ``conf/logger``, checks after the first epoch that the backbone still equals the checkpoint, and prints and saves
 (``<output_dir>/results.json``) validation top-1 / top-5 of the last epoch and the best epoch's top-1 (the number
-the official script reports). ``batch_size`` is the protocol's global batch: the per-device batch is
-``batch_size / processes``, so the lr of the protocol holds on any number of devices.
+the official script reports; epochs counted from 1 in both). Without ``data=...`` on the command line the data is
+the checkpoint's pretraining data (:mod:`moco_lightning.cli.pretraining_data`). ``batch_size`` is the protocol's
+global batch: the per-device batch is ``batch_size / processes``, so the lr of the protocol holds on any number of
+devices.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from moco_lightning.cli import CONFIG_PATH, write_results
 from moco_lightning.cli.config_checks import ConfigError, count_processes
-from moco_lightning.cli.eval_knn import warn_if_data_differs_from_pretraining
 from moco_lightning.cli.eval_linear_features import PIXELS, evaluate_features, summary
+from moco_lightning.cli.pretraining_data import adopt_pretraining_data
+from moco_lightning.data import DatasetError
 from moco_lightning.eval.checkpoint import CheckpointError, read_backbone_checkpoint
 from moco_lightning.eval.linear import linear_eval
 
@@ -48,7 +51,7 @@ def evaluate_linear(cfg: DictConfig) -> tuple[dict[str, Any], L.Trainer]:
     L.seed_everything(cfg.seed)
     # fail on a bad file before building anything
     ckpt = read_backbone_checkpoint(cfg.checkpoint, allow_pickle=cfg.allow_pickle)
-    warn_if_data_differs_from_pretraining(cfg)
+    adopt_pretraining_data(cfg)  # the checkpoint's pretraining data unless data=... is on the command line
     cfg.data.eval_batch_size = per_device_batch(cfg)
     datamodule = instantiate(cfg.data)
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
@@ -77,7 +80,7 @@ def evaluate_linear(cfg: DictConfig) -> tuple[dict[str, Any], L.Trainer]:
         "linear_top1": result["top1"],
         "linear_top5": result["top5"],
         "linear_best_top1": result["best_top1"],
-        "best_epoch": result["best_epoch"],
+        "best_epoch": result["best_epoch"] + 1,  # counted from 1, as printed
     }, trainer
 
 
@@ -89,14 +92,14 @@ def _hydra_main(cfg: DictConfig) -> float:
         if str(cfg.checkpoint) == PIXELS:
             raise ConfigError("checkpoint=pixels (no encoder) works only with linear_protocol=features")
         result, trainer = evaluate_linear(cfg)
-    except (CheckpointError, ConfigError, FileNotFoundError) as err:
+    except (CheckpointError, ConfigError, FileNotFoundError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     if trainer.is_global_zero:
         print(
             f"linear evaluation on {result['dataset']} ({result['epochs']} epochs, batch {result['global_batch']}): "
             f"last epoch top-1 {100 * result['linear_top1']:.2f} %, top-5 {100 * result['linear_top5']:.2f} %; "
-            f"best top-1 {100 * result['linear_best_top1']:.2f} % (epoch {result['best_epoch'] + 1})",
+            f"best top-1 {100 * result['linear_best_top1']:.2f} % (epoch {result['best_epoch']})",
             flush=True,
         )
         write_results(result, OmegaConf.select(cfg, "paths.output_dir"))

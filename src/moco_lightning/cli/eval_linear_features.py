@@ -17,8 +17,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from moco_lightning.cli.config_checks import ConfigError
-from moco_lightning.cli.eval_knn import warn_if_data_differs_from_pretraining
-from moco_lightning.eval.checkpoint import load_backbone
+from moco_lightning.cli.pretraining_data import adopt_pretraining_data
+from moco_lightning.eval.checkpoint import load_backbone, read_backbone_checkpoint
 from moco_lightning.eval.linear_features import feature_probe
 
 __all__ = ["PIXELS", "check_features_config", "evaluate_features", "summary"]
@@ -54,16 +54,17 @@ def _device(name: str) -> torch.device:
 def evaluate_features(cfg: DictConfig) -> dict[str, Any]:
     """Run the features protocol a config describes; returns the result dict that is also saved as JSON."""
     check_features_config(cfg)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed)
     pixels = str(cfg.checkpoint) == PIXELS
     device = _device(cfg.device)
     if pixels:
         backbone, dim, path, name = None, None, PIXELS, None
     else:
-        backbone, dim, ckpt = load_backbone(cfg.checkpoint)  # fails on a bad file before any data is read
+        # fails on a bad file before any data is read
+        backbone, dim, ckpt = load_backbone(read_backbone_checkpoint(cfg.checkpoint, allow_pickle=cfg.allow_pickle))
         backbone.to(device).eval()
         path, name = ckpt.path, ckpt.backbone
-        warn_if_data_differs_from_pretraining(cfg)
+        adopt_pretraining_data(cfg)  # the checkpoint's pretraining data unless data=... is on the command line
     cfg.data.eval_batch_size = int(cfg.batch_size)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()

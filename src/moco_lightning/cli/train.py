@@ -6,9 +6,14 @@ loggers and the Trainer from their ``_target_`` entries, finds and checks the ch
 ``knn_report=true``, ends with a table of kNN top-1 of the trained encoder next to the same encoder at
 initialisation and raw pixels, followed by the path of the embedding map (``callbacks.embedding_map``).
 
+Images without labels (a folder without class folders) train as well: the kNN monitor, the kNN report and the
+best-by-kNN checkpoint step aside, each with one info line. A resumed run continues its logs
+(:func:`moco_lightning.checkpointing.continue_loggers`).
+
 What a user can cause or meet (a wrong setting, unusable data, a checkpoint that does not fit, a full disk, a NaN
-loss) ends as one line ``error: ...`` on stderr (status 2 for bad input, 1 for a fault during the run); a SIGTERM /
-SIGUSR1 ends, after the checkpoint is saved, with a line saying how to resume and status ``128 + signal``.
+loss) ends as one line ``error: ...`` on stderr (status 2 for bad input, 1 for a fault during the run); a run that
+stops before its first step leaves no run folder behind. A SIGTERM / SIGUSR1 ends, after the checkpoint is saved,
+with a line saying how to resume and status ``128 + signal``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,12 +41,20 @@ from moco_lightning.checkpointing import (
     ResumeError,
     ResumeState,
     check_checkpoint_matches,
+    continue_loggers,
     find_resume_checkpoint,
     read_training_checkpoint,
 )
 from moco_lightning.cli import CONFIG_PATH
-from moco_lightning.cli.config_checks import ConfigError, check_command_line, check_config
+from moco_lightning.cli.config_checks import (
+    ConfigError,
+    check_accelerator,
+    check_command_line,
+    check_config,
+    check_override_keys,
+)
 from moco_lightning.data import DatasetError, DatasetNotAvailableError
+from moco_lightning.eval.knn import has_labels
 from moco_lightning.nonfinite import NonFiniteLossError
 
 __all__ = ["KNNReport", "build", "main", "resolve_checkpoint", "train"]
@@ -135,6 +149,9 @@ def resolve_checkpoint(cfg: DictConfig, model: torch.nn.Module, trainer: L.Train
     else:
         path, checkpoint = Path(str(value)), read_training_checkpoint(str(value))
     check_checkpoint_matches(checkpoint, model, path)
+    continue_loggers(trainer.loggers, checkpoint)  # the run's CSV rows, TensorBoard and wandb runs go on
+    # resuming in the run's own folder: its checkpoints are expected there (Lightning warns about them)
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     log.info("resuming from %s (epoch %s, step %s)", path, checkpoint.get("epoch"), checkpoint.get("global_step"))
     return str(path)
 
@@ -170,8 +187,41 @@ def _clean_exit(cfg: DictConfig, trainer: L.Trainer | None = None) -> Iterator[N
     except tuple(error for error, _ in CLEAN_ERRORS) as err:
         status = next(code for error, code in CLEAN_ERRORS if isinstance(err, error))
         log.debug("the run ended with an error", exc_info=True)
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        if trainer is None or trainer.global_step == 0:
+            _remove_unused_run_dir(cfg)
+        print(f"error: {_one_line(err)}", file=sys.stderr, flush=True)
         sys.exit(status)
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of an error; for one re-raised from a loader worker (with the worker's traceback), its last line."""
+    text = str(err).strip()
+    if "Traceback (most recent call last)" in text:
+        last = text.splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].isidentifier() else last
+    return text
+
+
+def _remove_unused_run_dir(cfg: DictConfig) -> None:
+    """Remove the run folder Hydra made for a run that stopped before it started (only Hydra's files in it)."""
+    try:
+        folder = Path(str(cfg.paths.output_dir))
+    except Exception:  # noqa: BLE001 - no run folder outside a Hydra run
+        return
+    if not folder.is_dir() or not HydraConfig.initialized():
+        return
+    here = Path.cwd().resolve()
+    if folder.resolve() == here or folder.resolve() in here.parents:
+        return  # hydra.run.dir=. : never the folder the user works in
+    entries = list(folder.iterdir())
+    if not all(entry.name == ".hydra" or (entry.is_file() and entry.suffix == ".log") for entry in entries):
+        return  # a run folder with checkpoints, logs or anything else of a user: keep it
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    parent = folder.parent  # Hydra's outputs/<date>/<time>: the date folder too when it is now empty
+    if parent.name[:2].isdigit() and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
 
 
 def _config_text(cfg: DictConfig) -> str:
@@ -186,33 +236,33 @@ def train(cfg: DictConfig) -> float | None:
     with _clean_exit(cfg):
         choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else None
         check_config(cfg, choices)
+        check_accelerator(cfg.trainer)
 
     L.seed_everything(cfg.seed)
-    datamodule, model, trainer = build(cfg)
+    with _clean_exit(cfg):
+        datamodule, model, trainer = build(cfg)
     for callback in trainer.callbacks:
         if isinstance(callback, ResumeState) and callback.config is None:
             callback.config = _config_text(cfg)
     with _clean_exit(cfg, trainer):
+        labelled = has_labels(datamodule)  # scans an image folder: its errors are one line too
+        if not labelled:
+            _drop_label_metrics(trainer)
+        _check_queue_fits(cfg, datamodule)
         ckpt_path = resolve_checkpoint(cfg, model, trainer)
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
 
         report = None
-        if cfg.get("knn_report") and ckpt_path is None:
-            report = KNNReport(type(datamodule).__name__.removesuffix("DataModule"))
-            datamodule.prepare_data()
-            datamodule.setup("fit")
-            report.rows["raw pixels"] = KNNReport.measure(lambda x: x.flatten(1), datamodule)
-            report.rows["encoder at init"] = KNNReport.measure(model.embed, datamodule, model)
-            log.info("kNN top-1 before training: raw pixels %.4f, encoder at init %.4f",
-                     report.rows["raw pixels"], report.rows["encoder at init"])
+        if cfg.get("knn_report") and not labelled:
+            log.info("knn_report: the images have no labels (no class folders): no kNN table at the end")
+        elif cfg.get("knn_report"):
+            report = _report_before_training(datamodule, model, resumed=ckpt_path is not None)
 
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     if report is not None:
-        report.rows["trained encoder"] = KNNReport.measure(model.embed, datamodule, model)
-        if trainer.is_global_zero:
-            print(report.table(), flush=True)
+        _report_after_training(report, datamodule, model, trainer)
     _print_embedding_map(trainer)
     checkpoint = trainer.checkpoint_callback
     if trainer.is_global_zero and checkpoint is not None and checkpoint.dirpath:
@@ -225,12 +275,89 @@ def train(cfg: DictConfig) -> float | None:
     return None
 
 
+def _drop_label_metrics(trainer: L.Trainer) -> None:
+    """Without labels: drop the checkpoint callbacks that keep the best model by a kNN metric (it cannot exist).
+
+    ``last.ckpt`` and the step checkpoints (no monitor) stay.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from moco_lightning.eval.knn import KNNMonitor
+
+    prefixes = tuple({cb.prefix for cb in trainer.callbacks if isinstance(cb, KNNMonitor)} | {"val/knn"})
+    dropped = [cb for cb in trainer.callbacks
+               if isinstance(cb, ModelCheckpoint) and cb.monitor and str(cb.monitor).startswith(prefixes)]
+    if dropped:
+        trainer.callbacks = [cb for cb in trainer.callbacks if not any(cb is d for d in dropped)]
+        log.info("checkpoints: the images have no labels: no best-by-%s checkpoint (last.ckpt is kept)",
+                 ", ".join(sorted({str(cb.monitor) for cb in dropped})))
+
+
+def _check_queue_fits(cfg: DictConfig, datamodule: Any) -> None:
+    """One line with the queue size to use when ``model.queue_size`` is not below the image folder's size.
+
+    A queue as large as the dataset holds keys of the queries' own images, so positives reappear as negatives. The
+    module warns too (from inside Lightning, later); this says it first, with a size: about a tenth of the images,
+    a multiple of the keys enqueued per step.
+    """
+    images = getattr(datamodule, "num_pretraining_images", None)
+    queue = cfg.model.get("queue_size")
+    if not isinstance(images, int) or queue is None or int(queue) < images:
+        return
+    from moco_lightning.cli.config_checks import global_batch_size
+
+    keys = (global_batch_size(cfg) or int(cfg.data.batch_size)) * (2 if cfg.model.get("symmetric") else 1)
+    size = max(keys, images // 10 // keys * keys)
+    log.warning("model.queue_size=%d does not fit the %d pretraining images (the queue would hold the queries' own "
+                "images as negatives); use model.queue_size=%d (about a tenth of the images, a multiple of the %d "
+                "keys per step)", int(queue), images, size, keys)
+    warnings.filterwarnings("ignore", message=r"queue_size=\d+ is not smaller than the training set")
+
+
+def _report_before_training(datamodule: Any, model: torch.nn.Module, resumed: bool) -> KNNReport | None:
+    """The reference rows of the kNN table (raw pixels, the encoder at init), or ``None`` with one line why not.
+
+    On a resumed run the module has not loaded the checkpoint yet: it holds the weights the run's seed gives at
+    initialisation, the same as at the first launch.
+    """
+    report = KNNReport(type(datamodule).__name__.removesuffix("DataModule"))
+    try:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        report.rows["raw pixels"] = KNNReport.measure(lambda x: x.flatten(1), datamodule)
+        report.rows["encoder at init"] = KNNReport.measure(model.embed, datamodule, model)
+    except DatasetNotAvailableError:
+        raise  # the dataset is not there: training would fail too
+    except Exception as err:  # noqa: BLE001 - the report is an extra (no validation images...): never stops a run
+        log.warning("knn_report skipped (%s); training goes on", f"{type(err).__name__}: {err}".splitlines()[0])
+        return None
+    log.info("kNN top-1 before training%s: raw pixels %.4f, encoder at init %.4f",
+             " (the encoder at init of this seed; the run resumes from its checkpoint)" if resumed else "",
+             report.rows["raw pixels"], report.rows["encoder at init"])
+    return report
+
+
+def _report_after_training(report: KNNReport, datamodule: Any, model: torch.nn.Module, trainer: L.Trainer) -> None:
+    """Measure the trained encoder and print the kNN table (main process); one line instead when it fails."""
+    try:
+        report.rows["trained encoder"] = KNNReport.measure(model.embed, datamodule, model)
+    except Exception as err:  # noqa: BLE001 - the report is an extra: it never fails a finished run
+        log.warning("knn_report skipped (%s)", f"{type(err).__name__}: {err}".splitlines()[0])
+        return
+    if trainer.is_global_zero:
+        print(report.table(), flush=True)
+
+
 def _print_embedding_map(trainer: L.Trainer) -> None:
     """Say where the embedding map of the trained encoder is (callbacks.embedding_map), next to the kNN table."""
     from moco_lightning.eval.embedding_map import EmbeddingMap
 
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
-        if isinstance(callback, EmbeddingMap) and callback.last_path is not None and trainer.is_global_zero:
+        if not isinstance(callback, EmbeddingMap) or not trainer.is_global_zero:
+            continue
+        if callback.skipped is not None:
+            print(f"embedding map: not drawn ({callback.skipped})", flush=True)
+        elif callback.last_path is not None:
             print(f"embedding map: {callback.last_path}", flush=True)
 
 
@@ -243,6 +370,7 @@ def main() -> None:
     """Console entry point: check the group options named on the command line, then run Hydra."""
     try:
         check_command_line(sys.argv[1:], CONFIG_PATH)
+        check_override_keys(sys.argv[1:], CONFIG_PATH, "train")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

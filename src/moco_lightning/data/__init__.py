@@ -13,7 +13,7 @@ training device from the loader's ``(images, y)`` by ``on_after_batch_transfer``
 | :class:`CIFAR10DataModule`, :class:`CIFAR100DataModule` | torchvision CIFAR (download) | 32 |
 | :class:`STL10DataModule` | torchvision STL-10, unlabeled + train / test (download) | 96 |
 | :class:`ImageNetDataModule` | ``data_dir/train``, ``data_dir/val`` class folders | 224 |
-| :class:`ImageFolderDataModule` | any folder: class sub-folders, or flat (pretraining only) | 224 |
+| :class:`ImageFolderDataModule` | any folder: class sub-folders, or none (unlabelled) | 224 |
 
 Add :class:`SkippedImagesReport` to the trainer callbacks to get a per-epoch count of unreadable images skipped
 by the folder datamodules.

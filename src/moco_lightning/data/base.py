@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import warnings
 from collections.abc import Callable, Sequence
@@ -26,7 +27,8 @@ from moco_lightning.transforms import (
     linear_train_transform,
 )
 
-__all__ = ["DatasetError", "MoCoDataModule", "TensorImageDataset", "TransformedDataset", "seed_worker"]
+__all__ = ["DatasetError", "MoCoDataModule", "TensorImageDataset", "TransformedDataset", "auto_workers",
+           "seed_worker"]
 
 
 class DatasetError(ValueError):
@@ -41,6 +43,18 @@ def batch_seed(seed: int, rank: int, index: int) -> int:
     """
     digest = hashlib.blake2b(f"moco-lightning/{seed}/{rank}/{index}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little")
+
+
+def auto_workers(processes_on_this_machine: int = 1) -> int:
+    """``data.num_workers=auto``: the CPU cores this process may use, shared by the training processes of the machine.
+
+    One core is the training process's own; with a single core there is no worker.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(0, cores // max(1, processes_on_this_machine) - 1) if cores > 1 else 0
 
 
 def seed_worker(worker_id: int) -> None:
@@ -146,7 +160,8 @@ class MoCoDataModule(LightningDataModule):
 
     Args:
         batch_size: pretraining batch size per device (per process).
-        num_workers: loader worker processes per device.
+        num_workers: loader worker processes per device, or ``"auto"``: the CPU cores this process may use
+            (``os.sched_getaffinity``) divided by the training processes of this machine (:func:`auto_workers`).
         pin_memory: pin host memory for faster GPU transfer; ``None`` = only when CUDA is available.
         persistent_workers: keep workers alive between epochs; ``None`` = when ``num_workers > 0``.
         seed: seed of the loader generators (shuffle order, worker seeds).
@@ -172,7 +187,7 @@ class MoCoDataModule(LightningDataModule):
     #: device; otherwise the loader takes the random resized crops.
     fixed_image_size: ClassVar[bool] = True
 
-    def __init__(self, batch_size: int = 256, num_workers: int = 4, pin_memory: bool | None = None,
+    def __init__(self, batch_size: int = 256, num_workers: int | str = 4, pin_memory: bool | None = None,
                  persistent_workers: bool | None = None, seed: int = 0,
                  augmentation: str | Callable[[Any], torch.Tensor] | None = None, image_size: int | None = None,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
@@ -185,8 +200,8 @@ class MoCoDataModule(LightningDataModule):
         if eval_batch_size is not None and (not isinstance(eval_batch_size, int) or eval_batch_size < 1):
             raise ValueError(f"{name}: data.eval_batch_size must be a positive integer or null, "
                              f"got {eval_batch_size!r}")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"{name}: data.num_workers must be an integer >= 0, got {num_workers!r}")
+        if num_workers != "auto" and (not isinstance(num_workers, int) or num_workers < 0):
+            raise ValueError(f"{name}: data.num_workers must be an integer >= 0 or auto, got {num_workers!r}")
         if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
             raise ValueError(f"{name}: data.image_size must be a positive integer or null (dataset default), "
                              f"got {image_size!r}")
@@ -201,9 +216,9 @@ class MoCoDataModule(LightningDataModule):
                 raise ValueError(f"{name}: data.{key} must have 3 values (RGB), got {value!r}")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size
-        self.num_workers = num_workers
+        self.num_workers_setting: int | str = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
-        self.persistent_workers = (num_workers > 0) if persistent_workers is None else bool(persistent_workers)
+        self.persistent_workers_setting = persistent_workers
         self.prefetch_factor = prefetch_factor
         self.seed = int(seed)
         self.augmentation = augmentation if augmentation is not None else self.default_augmentation
@@ -219,6 +234,42 @@ class MoCoDataModule(LightningDataModule):
         self._eval_datasets: dict[tuple[str, bool], Dataset] = {}
         self._batch_augment: BatchTwoViewAugmentation | None = None
         self._augment_generator: torch.Generator | None = None
+
+    @property
+    def num_workers(self) -> int:
+        """Loader workers per process: ``num_workers``, with ``"auto"`` resolved for the trainer's processes."""
+        if self.num_workers_setting == "auto":
+            trainer = getattr(self, "trainer", None)
+            return auto_workers(int(getattr(trainer, "num_devices", 1) or 1) if trainer is not None else 1)
+        return int(self.num_workers_setting)
+
+    @num_workers.setter
+    def num_workers(self, value: int | str) -> None:
+        self.num_workers_setting = value
+
+    @property
+    def persistent_workers(self) -> bool:
+        """Keep the workers between epochs: the setting, or (``None``) whether there are workers."""
+        if self.persistent_workers_setting is None:
+            return self.num_workers > 0
+        return bool(self.persistent_workers_setting)
+
+    @persistent_workers.setter
+    def persistent_workers(self, value: bool | None) -> None:
+        self.persistent_workers_setting = value
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the evaluation sets carry class labels (kNN, linear probe, coloured maps); ``True`` here."""
+        return True
+
+    def require_labels(self, what: str) -> None:
+        """Raise :class:`DatasetError` naming ``what`` when the data has no labels (an unlabelled image folder)."""
+        if not self.has_labels:
+            folder = getattr(self, "data_dir", "the data")
+            raise DatasetError(f"{what} needs labelled images, but data.data_dir={folder!r} has no class folders; "
+                               "arrange the images as <folder>/<class name>/<image> (two classes or more), or give "
+                               "a labelled folder with data.data_dir=...")
 
     # ------------------------------------------------------------------ subclass hooks
     def _build_pretrain_dataset(self) -> Dataset:

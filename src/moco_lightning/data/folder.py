@@ -1,8 +1,11 @@
 """Image-folder datasets (any folder, ImageNet) that skip unreadable images instead of crashing mid-epoch.
 
 Layouts:
-    * labelled: ``root/<class>/<...>/<image>`` (class = first-level sub-folder, sorted names -> 0..C-1);
-    * unlabelled (pretraining only): images directly in ``root`` (label -1).
+    * labelled: ``root/<class>/<...>/<image>`` with at least two class folders (class = first-level sub-folder,
+      sorted names -> 0..C-1);
+    * unlabelled: images directly in ``root``, or in one sub-folder, or anywhere below ``root`` with
+      ``labels="none"`` (label -1). Pretraining and the label-free diagnostics run; what needs labels (the kNN
+      monitor and report, a linear probe) steps aside.
 
 Bad input is found before training where it is cheap (missing / empty folder, no file with a known image
 extension: a clear error at ``setup()``), and during training where it is not (a corrupt or truncated file: it is
@@ -18,6 +21,7 @@ one summary warning; without the callback, ``teardown`` reports the total.
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import os
 import warnings
@@ -32,22 +36,29 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
 from moco_lightning.data.base import DatasetError, MoCoDataModule
+from moco_lightning.data.decode import decode_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "LABEL_MODES",
     "CorruptImageWarning",
     "ImageFolderDataModule",
     "ImageFolderDataset",
     "ImageNetDataModule",
     "SkippedImagesReport",
+    "check_decodable",
+    "merge_skip_counts",
     "scan_image_folder",
 ]
+
+#: How labels are read from the folder layout (``data.labels``).
+LABEL_MODES: tuple[str, ...] = ("auto", "none")
 
 #: extensions (lower case) recognised as images: torchvision's ``IMG_EXTENSIONS``.
 IMAGE_EXTENSIONS: tuple[str, ...] = IMG_EXTENSIONS
 
-_LAYOUT_HELP = ("Arrange the images as <folder>/<class name>/<image>.jpg (labelled) or put them directly in "
-                "<folder> (unlabelled, pretraining only)")
+_LAYOUT_HELP = ("Arrange the images as <folder>/<class name>/<image>.jpg (labelled, two classes or more) or put "
+                "them directly in <folder> (unlabelled)")
 
 
 class CorruptImageWarning(UserWarning):
@@ -61,16 +72,18 @@ def _visible_image(root: str) -> Callable[[str], bool]:
                          and not any(part.startswith(".") for part in path[start:].split(os.sep)))
 
 
-def scan_image_folder(root: str | os.PathLike[str], setting: str = "data.data_dir"
+def scan_image_folder(root: str | os.PathLike[str], setting: str = "data.data_dir", labels: str = "auto"
                       ) -> tuple[list[tuple[str, int]], list[str]]:
     """List the images of a folder: ``(samples [(path, label)], class names)``.
 
-    Labelled when ``root`` has sub-folders with images (labels index the sorted class names); unlabelled (labels
-    -1, no classes) when the images lie directly in ``root``.
+    Labelled when ``root`` has two or more sub-folders with images (labels index the sorted class names);
+    unlabelled (labels -1, no classes) otherwise: images directly in ``root`` or in a single sub-folder (one
+    class is no label), and every image below ``root`` with ``labels="none"``.
 
     Args:
         root: the folder.
         setting: the config key that holds ``root``, named in error messages.
+        labels: ``"auto"`` (class folders when there are two or more) or ``"none"`` (ignore the folder names).
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
@@ -84,6 +97,8 @@ def scan_image_folder(root: str | os.PathLike[str], setting: str = "data.data_di
                                 f"{_LAYOUT_HELP}.")
     if not os.path.isdir(root):
         raise NotADirectoryError(f"{setting}={root!r} is a file, not a folder. {_LAYOUT_HELP}.")
+    if labels not in LABEL_MODES:
+        raise ValueError(f"data.labels={labels!r}: choose one of {', '.join(LABEL_MODES)}")
     entries = sorted((e for e in os.scandir(root) if not e.name.startswith(".")), key=lambda e: e.name)
     if not entries:
         raise DatasetError(f"{setting}={root!r} is an empty folder. {_LAYOUT_HELP}.")
@@ -96,7 +111,7 @@ def scan_image_folder(root: str | os.PathLike[str], setting: str = "data.data_di
     index = {folders.index(name): i for i, name in enumerate(classes)}
     samples = [(path, index[label]) for path, label in found]
     empty_dirs = [name for name in folders if name not in classes]
-    if classes:
+    if len(classes) >= 2 and labels == "auto":
         if empty_dirs:
             warnings.warn(f"{setting}={root!r}: ignoring sub-folders without images: {empty_dirs[:10]}",
                           stacklevel=2)
@@ -104,8 +119,8 @@ def scan_image_folder(root: str | os.PathLike[str], setting: str = "data.data_di
             warnings.warn(f"{setting}={root!r}: ignoring {len(top_images)} images lying next to the class "
                           "sub-folders (they have no class)", stacklevel=2)
         return samples, classes
-    if top_images:
-        return [(path, -1) for path in top_images], []
+    if samples or top_images:  # one class folder, images in root, or labels="none": every image, unlabelled
+        return [(path, -1) for path in sorted([*top_images, *(path for path, _ in samples)])], []
     n_files = sum(len(files) for _, _, files in os.walk(root, followlinks=True))
     if n_files == 0:
         raise DatasetError(f"{setting}={root!r} contains no files (only empty sub-folders). {_LAYOUT_HELP}.")
@@ -113,10 +128,26 @@ def scan_image_folder(root: str | os.PathLike[str], setting: str = "data.data_di
                      f"({', '.join(IMAGE_EXTENSIONS)}). {_LAYOUT_HELP}.")
 
 
+def check_decodable(samples: Sequence[tuple[str, int]], setting: str, root: str) -> None:
+    """Decode the files in order until one is readable; raise :class:`DatasetError` when none is.
+
+    Cheap on a usable folder (one decode); a folder of corrupt files is refused before training instead of
+    failing in a loader worker.
+    """
+    first_error: str | None = None
+    for path, _ in samples:
+        try:
+            _load_rgb(path)
+            return
+        except Exception as err:  # noqa: BLE001 - any decoder error means "unreadable file"
+            if first_error is None:
+                first_error = f"{os.path.basename(path)}: {type(err).__name__}: {err}".splitlines()[0]
+    raise DatasetError(f"{setting}={root!r}: none of its {len(samples)} image files can be decoded (first: "
+                       f"{first_error}); check that they are images (not empty, truncated or renamed files)")
+
+
 def _load_rgb(path: str) -> Image.Image:
-    with open(path, "rb") as handle:
-        image = Image.open(handle)
-        return image.convert("RGB")  # forces the full decode, so truncated files fail here
+    return decode_image(path)  # the full decode (truncated files fail here), upright, 8-bit RGB
 
 
 class ImageFolderDataset(Dataset):
@@ -167,8 +198,14 @@ class ImageFolderDataset(Dataset):
                 if step == 0:
                     with self._epoch_skips.get_lock():
                         self._epoch_skips.value += 1
-        raise RuntimeError(f"None of the {n} images of this dataset can be decoded (first: {self.samples[0][0]}); "
-                           "check the files / data.data_dir")
+        raise DatasetError(f"none of the {n} images of this dataset can be decoded (first: {self.samples[0][0]}); "
+                           "check the files of data.data_dir")
+
+    def counting_view(self) -> ImageFolderDataset:
+        """The same files and unreadable-file flags, with a skip counter of its own (another pass over the data)."""
+        view = copy.copy(self)
+        view._epoch_skips = multiprocessing.Value("q", 0)
+        return view
 
     @property
     def bad_files(self) -> list[str]:
@@ -185,23 +222,47 @@ class ImageFolderDataset(Dataset):
 
 
 class SkippedImagesReport(Callback):
-    """At the end of each training epoch, warn once with the number of unreadable images skipped in it.
+    """At the end of each training epoch, warn with the number of unreadable images skipped in it, per pass.
 
-    Works with any datamodule that has ``pop_skipped_images() -> (count, bad_files)`` (the folder datamodules);
-    does nothing for the others. The count is also logged as ``data/skipped_images`` when non-zero.
+    One line for the pretraining pass and one for the evaluation passes (kNN monitor, diagnostics, map), when they
+    skipped any, with the counts summed over all processes (a collective under DDP) and the distinct files found so
+    far. Works with any datamodule that has ``pop_skipped_by_pass() -> {pass: (count, bad_files)}`` (the folder
+    datamodules); does nothing for the others. Put it after the evaluation callbacks (the default callbacks do), so
+    that an epoch's evaluation skips are reported with the epoch.
     """
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Report and reset the skip counter of ``trainer.datamodule``."""
+        """Report and reset the skip counters of ``trainer.datamodule``."""
         datamodule = getattr(trainer, "datamodule", None)
-        pop = getattr(datamodule, "pop_skipped_images", None)
+        pop = getattr(datamodule, "pop_skipped_by_pass", None)
         if pop is None:
             return
-        count, bad_files = pop()
-        if count:
-            shown = ", ".join(bad_files[:5]) + (" ..." if len(bad_files) > 5 else "")
-            rank_zero_warn(f"epoch {trainer.current_epoch}: skipped {count} unreadable images "
-                           f"({len(bad_files)} distinct files so far: {shown})", category=CorruptImageWarning)
+        by_pass = merge_skip_counts(_all_gather(pop(), trainer))
+        for name, (count, bad_files) in by_pass.items():
+            if count:
+                shown = ", ".join(bad_files[:5]) + (" ..." if len(bad_files) > 5 else "")
+                rank_zero_warn(f"epoch {trainer.current_epoch}: skipped {count} unreadable images in the {name} "
+                               f"pass ({len(bad_files)} distinct files so far: {shown})", category=CorruptImageWarning)
+
+
+def merge_skip_counts(reports: Sequence[dict[str, tuple[int, list[str]]]]) -> dict[str, tuple[int, list[str]]]:
+    """Sum the counts and join the files of the ``{pass: (count, files)}`` reports of several processes."""
+    merged: dict[str, tuple[int, list[str]]] = {}
+    for report in reports:
+        for name, (count, files) in report.items():
+            total, known = merged.get(name, (0, []))
+            merged[name] = (total + int(count), sorted({*known, *files}))
+    return merged
+
+
+def _all_gather(report: dict[str, tuple[int, list[str]]], trainer: Trainer) -> list[dict[str, tuple[int, list[str]]]]:
+    import torch.distributed as dist
+
+    if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, report)
+        return gathered
+    return [report]
 
 
 class _FolderDataModule(MoCoDataModule):
@@ -212,37 +273,56 @@ class _FolderDataModule(MoCoDataModule):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._folder_datasets: list[ImageFolderDataset] = []
+        self._folder_datasets: list[tuple[str, ImageFolderDataset]] = []
         self.classes: list[str] = []
 
-    def _dataset(self, samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> ImageFolderDataset:
+    def _dataset(self, samples: Sequence[tuple[str, int]], classes: Sequence[str],
+                 role: str = "evaluation") -> ImageFolderDataset:
         dataset = ImageFolderDataset(samples, classes)
-        self._folder_datasets.append(dataset)
+        self._folder_datasets.append((role, dataset))
         return dataset
 
+    def _evaluation_view(self, dataset: ImageFolderDataset) -> ImageFolderDataset:
+        view = dataset.counting_view()  # the pretraining files, counted apart
+        self._folder_datasets.append(("evaluation", view))
+        return view
+
+    def pop_skipped_by_pass(self) -> dict[str, tuple[int, list[str]]]:
+        """Skips of this process per pass: ``{"pretraining" | "evaluation": (count, files)}``; resets the counts.
+
+        ``count``: images replaced since the last call; ``files``: the files found unreadable so far.
+        """
+        report: dict[str, tuple[int, list[str]]] = {}
+        for role in ("pretraining", "evaluation"):
+            datasets = [ds for r, ds in self._folder_datasets if r == role]
+            if datasets:
+                report[role] = (sum(ds.pop_epoch_skips() for ds in datasets),
+                                sorted({path for ds in datasets for path in ds.bad_files}))
+        return report
+
     def pop_skipped_images(self) -> tuple[int, list[str]]:
-        """``(images replaced since the last call, all files found unreadable so far)``; resets the count."""
-        count = sum(ds.pop_epoch_skips() for ds in self._folder_datasets)
-        bad = sorted({path for ds in self._folder_datasets for path in ds.bad_files})
-        return count, bad
+        """``(images replaced since the last call, all files found unreadable so far)`` over all passes; resets."""
+        merged = merge_skip_counts([self.pop_skipped_by_pass()]).values()
+        return sum(count for count, _ in merged), sorted({path for _, files in merged for path in files})
 
     def teardown(self, stage: str) -> None:
         """Warn with the list of unreadable files met during the run, if any."""
-        bad = sorted({path for ds in self._folder_datasets for path in ds.bad_files})
+        bad = sorted({path for _, ds in self._folder_datasets for path in ds.bad_files})
         if bad:
             rank_zero_warn(f"{type(self).__name__}: {len(bad)} unreadable image files were skipped during "
                            f"this run: {bad[:20]}", category=CorruptImageWarning)
 
 
 class ImageFolderDataModule(_FolderDataModule):
-    """Any folder of images: class sub-folders (labelled) or a flat folder (unlabelled, pretraining only).
+    """Any folder of images: class sub-folders (labelled) or a folder without them (unlabelled).
 
     * ``val_dir`` given: pretraining and evaluation "train" use ``data_dir``, evaluation "val" uses ``val_dir``
-      (same class names required).
-    * otherwise, for a labelled ``data_dir``: a fixed stratified ``val_fraction`` of it (``split_seed``, not the
-      run seed) is held out for evaluation "val"; pretraining and evaluation "train" use the rest.
-    * a flat ``data_dir``: everything is used for pretraining; ``num_classes`` is 0 and the evaluation loaders
-      raise (no labels): do not enable the kNN monitor / linear probe.
+      (same class names required; unlabelled when ``data_dir`` is).
+    * otherwise a fixed ``val_fraction`` of ``data_dir`` (``split_seed``, not the run seed; stratified when
+      labelled) is held out for evaluation "val"; pretraining and evaluation "train" use the rest.
+    * unlabelled (:func:`scan_image_folder`): ``num_classes`` is 0, :attr:`has_labels` is false and the labels are
+      -1. The evaluation loaders still give the images, for what needs no labels (alignment, uniformity, an
+      uncoloured embedding map); the kNN monitor, the kNN report and the linear probe step aside or refuse.
 
     Crop size 224 and ImageNet statistics by default; evaluation view = resize to size/0.875 + centre crop.
 
@@ -251,6 +331,8 @@ class ImageFolderDataModule(_FolderDataModule):
         val_dir: optional folder of validation images with the same class sub-folders.
         val_fraction: fraction held out for validation when ``val_dir`` is not given (0 = no validation set).
         split_seed: random_state of that split (fixed, independent of ``seed``).
+        labels: ``"auto"`` (class sub-folders, when there are two or more, are the labels) or ``"none"`` (every
+            image below ``data_dir``, unlabelled, whatever the folders are called).
         **kwargs: the :class:`~moco_lightning.data.MoCoDataModule` keywords.
 
     """
@@ -258,35 +340,48 @@ class ImageFolderDataModule(_FolderDataModule):
     dataset_name = "folder"
 
     def __init__(self, data_dir: str, val_dir: str | None = None, val_fraction: float = 0.1, split_seed: int = 0,
-                 **kwargs: Any) -> None:
+                 labels: str = "auto", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"ImageFolderDataModule: data.val_fraction must be in [0, 1), got {val_fraction!r}")
+        if labels not in LABEL_MODES:
+            raise ValueError(f"ImageFolderDataModule: data.labels must be one of {', '.join(LABEL_MODES)}, "
+                             f"got {labels!r}")
         self.data_dir = os.path.expanduser(str(data_dir))
         self.val_dir = os.path.expanduser(str(val_dir)) if val_dir is not None else None
         self.val_fraction = float(val_fraction)
         self.split_seed = int(split_seed)
+        self.labels = labels
         self._train_samples: list[tuple[str, int]] | None = None
         self._val_samples: list[tuple[str, int]] = []
 
     @property
     def has_labels(self) -> bool:
-        """Whether the folder is labelled (class sub-folders); known after ``setup()``."""
+        """Whether the folder is labelled (two or more class sub-folders); scans the folder on first use."""
+        self._scan()
         return self.num_classes > 0
+
+    @property
+    def num_pretraining_images(self) -> int:
+        """Images of the pretraining set (the folder less the held-out validation images); scans on first use."""
+        self._scan()
+        assert self._train_samples is not None
+        return len(self._train_samples)
 
     def _scan(self) -> None:
         if self._train_samples is not None:
             return
-        samples, classes = scan_image_folder(self.data_dir, "data.data_dir")
+        samples, classes = scan_image_folder(self.data_dir, "data.data_dir", self.labels)
+        check_decodable(samples, "data.data_dir", self.data_dir)
         self.classes, self.num_classes = classes, len(classes)
         if self.val_dir is not None:
-            val_samples, val_classes = scan_image_folder(self.val_dir, "data.val_dir")
+            val_samples, val_classes = scan_image_folder(self.val_dir, "data.val_dir", self.labels)
             if val_classes != classes:
                 raise DatasetError(f"data.val_dir={self.val_dir!r} has classes {val_classes[:5]}... but "
                                  f"data.data_dir={self.data_dir!r} has {classes[:5]}...: both need the same class "
                                  "sub-folders")
             self._train_samples, self._val_samples = samples, val_samples
-        elif classes and self.val_fraction > 0:
+        elif self.val_fraction > 0 and len(samples) >= 2:
             self._train_samples, self._val_samples = self._split(samples)
         else:
             self._train_samples = samples
@@ -296,9 +391,10 @@ class ImageFolderDataModule(_FolderDataModule):
 
         labels = np.array([label for _, label in samples])
         n_val = max(1, round(self.val_fraction * len(samples)))
-        counts = np.bincount(labels)
+        counts = np.bincount(np.maximum(labels, 0))
         # Stratify when every class can give one image to each side; otherwise fall back to a plain split.
-        stratifiable = counts.min() >= 2 and n_val >= len(counts) and len(samples) - n_val >= len(counts)
+        stratifiable = (self.num_classes > 0 and counts.min() >= 2 and n_val >= len(counts)
+                        and len(samples) - n_val >= len(counts))
         stratify = labels if stratifiable else None
         train_idx, val_idx = train_test_split(np.arange(len(samples)), test_size=n_val, stratify=stratify,
                                               random_state=self.split_seed)
@@ -307,22 +403,18 @@ class ImageFolderDataModule(_FolderDataModule):
     def _build_pretrain_dataset(self) -> Dataset:
         self._scan()
         assert self._train_samples is not None
-        return self._dataset(self._train_samples, self.classes)
+        return self._dataset(self._train_samples, self.classes, role="pretraining")
 
     def _build_eval_dataset(self, split: str) -> Dataset:
         self._scan()
-        if not self.has_labels:
-            raise DatasetError(f"data.data_dir={self.data_dir!r} holds images without class sub-folders: fine for "
-                             "pretraining, but evaluation (kNN monitor, linear probe) needs labels. Arrange the "
-                             "images as data_dir/<class>/<image>, or disable the kNN monitor / linear probe.")
         if split == "train":
             if self._pretrain_dataset is not None:
-                return self._pretrain_dataset.base  # type: ignore[attr-defined]
+                return self._evaluation_view(self._pretrain_dataset.base)  # type: ignore[attr-defined]
             assert self._train_samples is not None
             return self._dataset(self._train_samples, self.classes)
         if not self._val_samples:
             raise DatasetError(f"ImageFolderDataModule: no validation images: set data.val_dir to a folder with the "
-                             f"same class sub-folders as {self.data_dir!r}, or data.val_fraction > 0.")
+                             f"same class sub-folders as {self.data_dir!r}, or data.val_fraction > 0")
         return self._dataset(self._val_samples, self.classes)
 
     def setup(self, stage: str | None = None) -> None:
@@ -378,10 +470,10 @@ class ImageNetDataModule(_FolderDataModule):
 
     def _build_pretrain_dataset(self) -> Dataset:
         samples, classes = self._scan_split("train")
-        return self._dataset(samples, classes)
+        return self._dataset(samples, classes, role="pretraining")
 
     def _build_eval_dataset(self, split: str) -> Dataset:
         if split == "train" and self._pretrain_dataset is not None:
-            return self._pretrain_dataset.base  # type: ignore[attr-defined]
+            return self._evaluation_view(self._pretrain_dataset.base)  # type: ignore[attr-defined]
         samples, classes = self._scan_split(split)
         return self._dataset(samples, classes)

@@ -1,6 +1,8 @@
 """A callback that logs the state of MoCo's dictionary while it trains, and alignment / uniformity at the kNN runs.
 
-The math is in :mod:`moco_lightning.diagnostics`; this callback decides when to run it and what to log:
+The math is in :mod:`moco_lightning.diagnostics`; this callback decides when to run it and what to log. None of it
+needs labels, and none of it stops a training run: a measure that cannot be taken (no validation images) is
+skipped with one warning line.
 
 * at Lightning's logging steps (every ``trainer.log_every_n_steps`` optimizer steps), from the module and the
   batch's logits: ``dictionary/key_drift`` (``||θk − θq|| / ||θq||``), ``dictionary/key_age_max`` and
@@ -188,7 +190,15 @@ class DiagnosticsMonitor(Callback):
         """Log ``val/alignment`` and ``val/uniformity`` at the epochs of the kNN monitor."""
         if not self.enabled or not is_monitor_epoch(trainer, self.every_n_epochs):
             return
-        for name, value in self.representation_metrics(trainer, pl_module).items():
+        try:
+            metrics = self.representation_metrics(trainer, pl_module)
+        except Exception as err:  # noqa: BLE001 - a diagnostic never stops a training run
+            reason = f"{type(err).__name__}: {err}".splitlines()[0]
+            self._warn_once(f"representation:{reason}", f"DiagnosticsMonitor: val/alignment and val/uniformity "
+                                                        f"skipped at epoch {trainer.current_epoch} ({reason}); "
+                                                        "training goes on")
+            return
+        for name, value in metrics.items():
             # identical on every process (same images, same seed); sync_dist only silences Lightning's DDP warning
             pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True)
 

@@ -1,9 +1,13 @@
-"""A callback that draws the validation embeddings as a 2-D map coloured by label, during and after training.
+"""A callback that draws the validation embeddings as a 2-D map coloured by class, during and after training.
 
 The picture to look at when a kNN number moves: are the classes separate clusters, or one cloud? It is saved as
 a PNG in the run folder at the end of training (``final.png``) and every ``every_n_runs``-th time the kNN monitor
 runs (``epoch<NNN>.png``), and sent as an image to the TensorBoard and Weights & Biases loggers when they are
-active. The projection is t-SNE (scikit-learn), or UMAP when ``umap-learn`` is installed.
+active. The projection is t-SNE (scikit-learn), or UMAP when ``umap-learn`` is installed. The legend names the
+datamodule's classes (``datamodule.classes``) when it has them; images without labels are drawn in one colour.
+
+The map is an extra: when it cannot be drawn (fewer than 3 validation images, no validation set, a projection that
+fails) the callback says why in one line and training goes on.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from moco_lightning.eval.cadence import is_monitor_epoch
 from moco_lightning.eval.diagnostics_monitor import projector
-from moco_lightning.eval.knn import eval_mode
+from moco_lightning.eval.knn import eval_mode, has_labels
 from moco_lightning.plots import PROJECTIONS, embedding_map_figure, project_2d, save_figure
 
 __all__ = ["FEATURES", "EmbeddingMap"]
@@ -45,6 +50,7 @@ class EmbeddingMap(Callback):
 
     Attributes:
         last_path: the PNG written last (``None`` before the first).
+        skipped: why the last map was not drawn (``None`` when it was).
 
     """
 
@@ -71,7 +77,9 @@ class EmbeddingMap(Callback):
         self.seed = seed
         self.log_image = log_image
         self.last_path: Path | None = None
+        self.skipped: str | None = None
         self._runs = 0
+        self._told_unlabelled = False
 
     def folder(self, trainer: L.Trainer) -> Path:
         """Where the PNGs go."""
@@ -101,14 +109,38 @@ class EmbeddingMap(Callback):
 
     def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, epochs: int) -> Path:
         """Embed, project and save ``<folder>/<name>.png`` (after ``epochs`` epochs); log it to image loggers."""
+        dm = trainer.datamodule
+        labelled = has_labels(dm)
+        if not labelled and not self._told_unlabelled:
+            self._told_unlabelled = True
+            rank_zero_info("embedding map: the images have no labels (no class folders): drawn in one colour")
         features, labels = self.embeddings(trainer, pl_module)
+        if len(features) < 3:
+            raise ValueError(f"{len(features)} validation image(s); a map needs at least 3")
+        if not labelled:
+            labels = np.full(len(labels), -1)
         coords, method = project_2d(features, self.method, self.seed)
         title = (f"{method} of {len(labels)} validation images\n{self.features} features after {epochs} "
                  f"epoch{'s' if epochs != 1 else ''} ({trainer.global_step} steps)")
-        path = save_figure(embedding_map_figure(coords, labels, title), self.folder(trainer) / f"{name}.png")
+        classes = list(getattr(dm, "classes", None) or []) or None
+        if classes is not None and len(labels) and int(labels.max()) >= len(classes):
+            classes = None
+        figure = embedding_map_figure(coords, labels, title, class_names=classes)
+        path = save_figure(figure, self.folder(trainer) / f"{name}.png")
         self.last_path = path
         if self.log_image:
             log_png(trainer, "val/embedding_map", path)
+        return path
+
+    def try_draw(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, epochs: int) -> Path | None:
+        """:meth:`draw`, or one warning line saying why the map was skipped (training goes on); ``None`` then."""
+        try:
+            path = self.draw(trainer, pl_module, name, epochs)
+        except Exception as err:  # noqa: BLE001 - an optional picture never stops a training run
+            self.skipped = f"{type(err).__name__}: {err}".splitlines()[0]
+            rank_zero_warn(f"embedding map {name}.png skipped ({self.skipped}); training goes on")
+            return None
+        self.skipped = None
         return path
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -118,12 +150,12 @@ class EmbeddingMap(Callback):
         self._runs += 1
         last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
         if self.every_n_runs and self._runs % self.every_n_runs == 0 and not last and trainer.is_global_zero:
-            self.draw(trainer, pl_module, f"epoch{trainer.current_epoch + 1:03d}", trainer.current_epoch + 1)
+            self.try_draw(trainer, pl_module, f"epoch{trainer.current_epoch + 1:03d}", trainer.current_epoch + 1)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Draw the map of the trained encoder (``final.png``), on the main process only."""
         if trainer.is_global_zero:
-            self.draw(trainer, pl_module, "final", trainer.current_epoch)  # the loop has counted the last epoch
+            self.try_draw(trainer, pl_module, "final", trainer.current_epoch)  # the loop has counted the last epoch
 
     def state_dict(self) -> dict[str, Any]:
         """The number of kNN-monitor runs seen, so that a resumed run keeps the cadence."""

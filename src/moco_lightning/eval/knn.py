@@ -20,11 +20,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
 from moco_lightning import distributed
 from moco_lightning.eval.cadence import is_monitor_epoch
+from moco_lightning.data.base import DatasetError
 
 #: What the kNN monitor embeds: the query backbone's features (``embed``) or the normalised query-encoder output
 #: (``project``, the 128-d embedding of the official CIFAR-10 demo's monitor).
@@ -44,6 +46,11 @@ def eval_mode(module: torch.nn.Module | None) -> Iterator[None]:
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+def has_labels(datamodule: Any) -> bool:
+    """Whether a datamodule's evaluation sets carry labels (``datamodule.has_labels``; ``True`` when it has none)."""
+    return bool(getattr(datamodule, "has_labels", True)) if datamodule is not None else True
 
 
 #: InstDisc / official MoCo CIFAR-10 demo values.
@@ -318,6 +325,7 @@ class KNNMonitor(Callback):
         self.bank_chunk_size = bank_chunk_size
         self.prefix = prefix
         self.last: dict[str, float] = {}
+        self._told = False
 
     def compute(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Embed the datamodule's eval loaders with ``pl_module.embed`` in eval mode; return kNN accuracy."""
@@ -355,7 +363,19 @@ class KNNMonitor(Callback):
         """Run the kNN evaluation when due and log ``{prefix}_top1`` and ``{prefix}_top5``."""
         if not is_monitor_epoch(trainer, self.every_n_epochs):
             return
-        self.last = self.compute(trainer, pl_module)
+        if not has_labels(trainer.datamodule):
+            if not self._told:
+                self._told = True
+                rank_zero_info(f"kNN monitor: the images have no labels (no class folders): {self.prefix}_top1 is "
+                               "not computed")
+            return
+        try:
+            self.last = self.compute(trainer, pl_module)
+        except DatasetError as err:  # the data cannot be evaluated (no validation images...)
+            if not self._told:
+                self._told = True
+                rank_zero_info(f"kNN monitor: skipped ({err}); {self.prefix}_top1 is not computed")
+            return
         for name, value in self.last.items():
             # identical on every process (features are gathered); sync_dist only silences Lightning's DDP warning
             pl_module.log(f"{self.prefix}_{name}", value, on_epoch=True, prog_bar=name == "top1", sync_dist=True)

@@ -249,6 +249,8 @@ def linear_eval(
 
     datamodule.prepare_data()
     datamodule.setup("fit")
+    if hasattr(datamodule, "require_labels"):
+        datamodule.require_labels("the linear probe")
     num_classes = num_classes or getattr(datamodule, "num_classes", None)
     if num_classes is None:
         raise ValueError("number of classes unknown: pass num_classes=... or give the datamodule num_classes")
