@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from moco_lightning.lightning_internals import restore_loader_position
 from moco_lightning.checkpointing.loggers import logger_state
+from moco_lightning.lightning_internals import restore_loader_position
 
 __all__ = ["CHECKPOINT_KEY", "ResumeState", "package_version"]
 

@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
 from moco_lightning import distributed
-from moco_lightning.eval.cadence import is_monitor_epoch
 from moco_lightning.data.base import DatasetError
+from moco_lightning.eval.cadence import is_monitor_epoch
 
 #: What the kNN monitor embeds: the query backbone's features (``embed``) or the normalised query-encoder output
 #: (``project``, the 128-d embedding of the official CIFAR-10 demo's monitor).
