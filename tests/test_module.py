@@ -200,10 +200,10 @@ def test_queue_as_large_as_dataset_warns(tmp_path):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(temperature=0.0), "temperature must be > 0"),
-        (dict(momentum=1.2), r"momentum must be in \[0, 1\]"),
-        (dict(momentum_schedule="linear"), "momentum_schedule must be one of"),
-        (dict(dim=0), "dim must be"),
+        (dict(temperature=0.0), "temperature=0.0 must be > 0"),
+        (dict(momentum=1.2), r"momentum=1.2 must be in \[0, 1\]"),
+        (dict(momentum_schedule="linear"), "momentum_schedule=linear must be one of constant, cosine"),
+        (dict(dim=0), "dim=0 must be a positive"),
     ],
 )
 def test_bad_hyperparameters_are_clear_errors(kwargs, match):

@@ -87,8 +87,8 @@ def test_unknown_backbone_names_the_choices(compose_train):
 
 @pytest.mark.parametrize(("argument", "names"), [
     ("backbone=resnet101", ["backbone=resnet101", "resnet50"]),
-    ("data=mnist", ["data=mnist", "unknown dataset", "digits", "cifar10", "imagenet"]),
-    ("data=digits,mnist", ["data=mnist"]),
+    ("data=svhn", ["data=svhn", "unknown dataset", "digits", "cifar10", "imagenet", "mnist"]),
+    ("data=digits,svhn", ["data=svhn"]),
     ("callbacks=[default,knnn]", ["callbacks=knnn", "online_linear"]),
 ])
 def test_unknown_group_option_on_the_command_line(argument, names):

@@ -34,7 +34,9 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from moco_lightning.backbones import BACKBONES, VITS
+from moco_lightning.backbones import VITS
+from moco_lightning.bn import check_no_lightning_sync_batchnorm
+from moco_lightning.checkpointing import ResumeError, check_checkpoint_path
 from moco_lightning.cli import CONFIG_PATH, count_devices
 
 __all__ = ["ConfigError", "check_accelerator", "check_command_line", "check_config", "check_override_keys",
@@ -155,8 +157,8 @@ def check_config(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> N
         for name, node in (cfg.get(section) or {}).items():
             if isinstance(node, DictConfig) and "_target_" in node:
                 _check_keys(node, f"{section}.{name}")
-    _check_model(cfg.model)
-    _check_data_values(cfg.data)
+    for section in ("model", "data"):
+        _check_arguments(cfg[section], section)
     _check_queue(cfg)
     _check_bn(cfg)
     _check_data_path(cfg.data)
@@ -164,16 +166,24 @@ def check_config(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> N
 
 
 def _check_ckpt_path(ckpt_path: Any) -> None:
+    """``ckpt_path`` names a file (read and checked later, with the model, by the training CLI)."""
     if ckpt_path is None or str(ckpt_path) == "auto":
         return
-    path = os.path.expanduser(str(ckpt_path))
-    if os.path.isdir(path):
-        raise ConfigError(f"ckpt_path={ckpt_path!r} is a folder, not a checkpoint file; pass a file such as "
-                          f"{os.path.join(str(ckpt_path), 'last.ckpt')}, or ckpt_path=auto to resume from the newest "
-                          "valid checkpoint of the run folder (hydra.run.dir=<run folder>)")
-    if not os.path.isfile(path):
-        raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist; pass the path of a checkpoint to resume from, "
-                          "e.g. outputs/<date>/<time>/checkpoints/last.ckpt, or ckpt_path=auto")
+    try:
+        check_checkpoint_path(str(ckpt_path))
+    except ResumeError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _check_arguments(node: DictConfig, key: str) -> None:
+    """Run the range checks of the ``_target_`` (its ``check_args``, as its constructor does) on the config values."""
+    check = getattr(_import_target(node._target_, key), "check_args", None)
+    if check is None:
+        return
+    try:
+        check(**{name: node[name] for name in inspect.signature(check).parameters if name in node})
+    except ValueError as err:  # the message starts with <argument>=<value>
+        raise ConfigError(f"{key}.{err}") from None
 
 
 def _import_target(path: str, key: str) -> Any:
@@ -328,36 +338,6 @@ def _check_backbone_fits_model(model: DictConfig) -> None:
                           "(MoCo v1/v2 take ResNets); use model=mocov3 with a ViT, or a ResNet backbone")
 
 
-def _check_model(model: DictConfig) -> None:
-    backbone = model.get("backbone")
-    if isinstance(backbone, str) and backbone not in BACKBONES:
-        raise ConfigError(f"model.backbone={backbone!r} is not a known backbone; choose one of "
-                          f"{', '.join(sorted(BACKBONES))} (backbone=<name>)")
-    temperature = model.get("temperature")
-    if temperature is not None and not float(temperature) > 0:
-        raise ConfigError(f"model.temperature={temperature} must be > 0 (MoCo v1 uses 0.07, v2 0.2, v3 1.0 for "
-                          "ResNet and 0.2 for ViT)")
-    momentum = model.get("momentum")
-    if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
-        raise ConfigError(f"model.momentum={momentum} must be in [0, 1] (v1/v2 use 0.999, v3 0.99)")
-
-
-def _check_data_values(data: DictConfig) -> None:
-    """Sizes the datamodule would refuse later, inside Hydra's "Error in call to target"."""
-    size = data.get("image_size")
-    if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
-        raise ConfigError(f"data.image_size={size!r} must be a positive number of pixels (224 for ImageNet-sized "
-                          "photos, 32 to 96 for small images) or null (the dataset's default)")
-    for key in ("batch_size", "eval_batch_size"):
-        value = data.get(key)
-        if value is not None and isinstance(value, int) and value < 1:
-            raise ConfigError(f"data.{key}={value} must be a positive number of images per device")
-    workers = data.get("num_workers")
-    if (isinstance(workers, int) and workers < 0) or (isinstance(workers, str) and workers != "auto"):
-        raise ConfigError(f"data.num_workers={workers} must be >= 0 (0 = load in the training process) or auto "
-                          "(one per CPU core the process may use)")
-
-
 def check_accelerator(trainer: DictConfig) -> None:
     """``trainer.accelerator=gpu`` where no GPU is visible: say so before Lightning's MisconfigurationException.
 
@@ -420,8 +400,6 @@ def _check_queue(cfg: DictConfig) -> None:
     if "queue_size" not in cfg.model:  # MoCo v3 has no queue
         return
     queue_size = int(cfg.model.queue_size)
-    if queue_size < 1:
-        raise ConfigError(f"model.queue_size={queue_size} must be a positive number of negative keys")
     batch = global_batch_size(cfg)
     if batch is None:
         return
@@ -443,28 +421,19 @@ def _check_queue(cfg: DictConfig) -> None:
 
 
 def _check_bn(cfg: DictConfig) -> None:
-    """``model.bn`` is a known mode; split BN divides the per-device batch; Lightning's SyncBN stays off."""
-    from moco_lightning.bn import BN_MODES
-    from moco_lightning.v3 import V3_BN_MODES
-
+    """Lightning's SyncBN stays off; split BN divides the per-device batch (the BN modes: :func:`_check_arguments`)."""
     if "bn" not in cfg.model:
         return
-    mode = str(cfg.model.bn)
-    v3 = str(cfg.model.get("_target_", "")).endswith("MoCoV3")
-    modes = V3_BN_MODES if v3 else BN_MODES
-    if mode not in modes:
-        raise ConfigError(f"model.bn={mode} is not a BN mode of {'MoCo v3' if v3 else 'MoCo'}; choose one of "
-                          f"{', '.join(modes)}")
-    if cfg.trainer.get("sync_batchnorm", False):
-        raise ConfigError("trainer.sync_batchnorm=true converts every BatchNorm and undoes MoCo's own BN handling; "
-                          "set trainer.sync_batchnorm=false and model.bn=sync (or model.bn=auto)")
-    if v3:  # no split BN in MoCo v3
+    try:
+        check_no_lightning_sync_batchnorm(bool(cfg.trainer.get("sync_batchnorm", False)))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if "bn_splits" not in cfg.model:  # no split BN (MoCo v3)
         return
+    mode = str(cfg.model.bn)
     batch = global_batch_size(cfg)
     processes = None if batch is None else batch // int(cfg.data.batch_size)
-    splits = int(cfg.model.get("bn_splits", 1) or 1)
-    if splits < 1:
-        raise ConfigError(f"model.bn_splits={splits} must be a positive number of BN groups (the demo uses 8)")
+    splits = int(cfg.model.bn_splits)
     split = mode == "split" or (mode == "auto" and processes == 1)
     if split and int(cfg.data.batch_size) % splits != 0:
         reason = "model.bn=split" if mode == "split" else "model.bn=auto on one process means split BN"
