@@ -21,6 +21,7 @@ folder). The checkpoint's contents are checked next, by the training CLI
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -32,7 +33,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 from moco_lightning.backbones import VITS
 from moco_lightning.bn import check_no_lightning_sync_batchnorm
@@ -48,6 +50,9 @@ _GROUP_NOUNS = {"data": "dataset", "backbone": "backbone", "model": "model", "tr
                 "logger": "logger", "callbacks": "callbacks", "experiment": "experiment",
                 "hparams_search": "search", "recipe": "recipe", "model_family": "model family",
                 "linear_protocol": "linear protocol"}
+#: Type hints OmegaConf checks by itself (:func:`_check_keys`), and the sequence hints it checks as lists.
+_PRIMITIVES = (bool, int, float, str)
+_SEQUENCES = (list, tuple, collections.abc.Sequence, collections.abc.MutableSequence)
 #: Sweep syntax of the basic sweeper that names no option literally (range(...), glob(...), ...).
 _SWEEP_FUNCTION = re.compile(r"^\s*(range|glob|choice|interval|tag|sort|shuffle)\(")
 
@@ -194,108 +199,81 @@ def _import_target(path: str, key: str) -> Any:
         raise ConfigError(f"{key}._target_={path!r} cannot be imported ({err}); check the class path") from None
 
 
-def _accepted_keywords(target: Any) -> set[str] | None:
-    """Keyword names ``target(...)`` accepts; ``None`` when it takes arbitrary ``**kwargs`` (nothing to check).
+def _arguments(target: Any) -> dict[str, Any] | None:
+    """The keyword arguments ``target(...)`` accepts and their type hints; ``None`` for arbitrary ``**kwargs``.
 
     ``**kwargs`` of this project's classes are followed up the class hierarchy (``DigitsDataModule(**kwargs)``
-    passes them to ``MoCoDataModule``); ``**kwargs`` of third-party classes end the check.
+    passes them to ``MoCoDataModule``); ``**kwargs`` of third-party classes end the check. Unresolvable hints are
+    ``Any``.
     """
-    classes = target.__mro__ if inspect.isclass(target) else (target,)
-    names: set[str] = set()
-    for cls in classes:
-        init = cls.__init__ if inspect.isclass(cls) else cls
+    arguments: dict[str, Any] = {}
+    for cls in target.__mro__ if inspect.isclass(target) else (target,):
         if inspect.isclass(cls) and "__init__" not in vars(cls):
             continue
+        init = cls.__init__ if inspect.isclass(cls) else cls
         try:
             parameters = inspect.signature(init).parameters.values()
         except (TypeError, ValueError):
             return None
-        names.update(p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+        try:
+            hints = typing.get_type_hints(init)
+        except Exception:  # noqa: BLE001 - annotations that do not resolve: no types to check for this class
+            hints = {}
+        for p in parameters:
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self":
+                arguments.setdefault(p.name, hints.get(p.name, Any))
         if not any(p.kind is p.VAR_KEYWORD for p in parameters):
-            return names - {"self"}
+            return arguments
         if not getattr(cls, "__module__", "").startswith("moco_lightning"):
             return None
     return None
 
 
 def _check_keys(node: DictConfig, key: str) -> None:
-    """Every key of ``node`` must be an argument of its ``_target_``, with a value of the annotated type."""
+    """Every key of ``node`` is an argument of its ``_target_``, with a value of the annotated type.
+
+    OmegaConf checks both: the node is merged into a structured config made from the target's signature (the types
+    OmegaConf knows: bool, int, float, str, their optional and list forms; any other hint accepts anything), and its
+    error is reworded here.
+    """
     target_path = node.get("_target_")
     if target_path is None:
         raise ConfigError(f"{key} has no _target_; name the class to build, e.g. {key}._target_=package.Class")
-    target = _import_target(target_path, key)
-    accepted = _accepted_keywords(target)
-    hints = _parameter_hints(target)
-    for name in node.keys():
-        name = str(name)
-        if name.startswith("_") and name.endswith("_"):
-            continue  # Hydra's _target_, _partial_, _recursive_, _convert_
-        if accepted is not None and name not in accepted:
-            close = difflib.get_close_matches(name, sorted(accepted), n=1)
-            hint = f"did you mean {key}.{close[0]}?" if close else f"valid keys: {', '.join(sorted(accepted))}"
-            raise ConfigError(f"{key}.{name} is not a setting of {target_path}; {hint}")
-        if name in hints and not OmegaConf.is_missing(node, name):
-            value = node[name]
-            if _matches(value, hints[name]) is False:
-                raise ConfigError(f"{key}.{name}={_show(value)} must be {_describe_type(hints[name])} "
-                                  f"({target_path} takes {name}: {_type_name(hints[name])}); fix the value")
+    arguments = _arguments(_import_target(target_path, key))
+    if arguments is None:
+        return
+    values = {name: value for name, value in OmegaConf.to_container(node, resolve=False).items()
+              if not (name.startswith("_") and name.endswith("_"))}  # not Hydra's _target_, _partial_...
+    fields = [(name, Any if isinstance(values.get(name), dict) else _omegaconf_type(hint),
+               dataclasses.field(default=MISSING)) for name, hint in arguments.items()]
+    schema = OmegaConf.structured(dataclasses.make_dataclass(f"{key}_schema", fields))
+    try:
+        OmegaConf.merge(schema, values)
+    except ConfigKeyError as err:
+        close = difflib.get_close_matches(str(err.key), sorted(arguments), n=1)
+        hint = f"did you mean {key}.{close[0]}?" if close else f"valid keys: {', '.join(sorted(arguments))}"
+        raise ConfigError(f"{key}.{err.key} is not a setting of {target_path}; {hint}") from None
+    except ValidationError as err:
+        name = re.split(r"[.\[]", str(err.full_key))[0]
+        hint = arguments[name]
+        raise ConfigError(f"{key}.{name}={values[name]!r} must be {_describe_type(hint)} ({target_path} takes "
+                          f"{name}: {_type_name(hint)}); fix the value") from None
 
 
-# ---------------------------------------------------------------------------------------------- value types
-def _parameter_hints(target: Any) -> dict[str, Any]:
-    """Resolved type hints of the keyword arguments of ``target`` (and of the project classes its kwargs reach)."""
-    classes = target.__mro__ if inspect.isclass(target) else (target,)
-    hints: dict[str, Any] = {}
-    for cls in classes:
-        if inspect.isclass(cls) and "__init__" not in vars(cls):
-            continue
-        init = cls.__init__ if inspect.isclass(cls) else cls
-        try:
-            found = typing.get_type_hints(init)
-            parameters = inspect.signature(init).parameters.values()
-        except Exception:  # noqa: BLE001 - unresolvable annotations: nothing to check for this class
-            break
-        for name, hint in found.items():
-            hints.setdefault(name, hint)
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters) or not getattr(cls, "__module__", "").startswith(
-                "moco_lightning"):
-            break
-    hints.pop("return", None)
-    return hints
-
-
-def _matches(value: Any, hint: Any) -> bool | None:
-    """Whether a config value fits a type hint; ``None`` when the hint is not one this check understands."""
-    if hint is Any or isinstance(value, DictConfig) and "_target_" in value:
-        return None  # anything, or an object Hydra builds
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union or origin is types.UnionType:
-        verdicts = [_matches(value, arg) for arg in args]
-        return True if any(v is not False for v in verdicts) else False
-    if hint is type(None):
-        return value is None
-    if origin is typing.Literal:
-        return value in args
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    sequence_types = (list, tuple, collections.abc.Sequence, collections.abc.MutableSequence)
-    if hint in sequence_types or origin in sequence_types:
-        if not isinstance(value, list | tuple | ListConfig):
-            return False
-        items = [a for a in args if a is not Ellipsis]
-        if len(items) == 1:
-            return all(_matches(item, items[0]) is not False for item in value)
-        return True
-    mapping_types = (dict, collections.abc.Mapping, collections.abc.MutableMapping)
-    if hint in mapping_types or origin in mapping_types:
-        return isinstance(value, dict | DictConfig)
-    return None  # a class this check does not know (Path, Callable, nn.Module, torch.dtype...): no verdict
+def _omegaconf_type(hint: Any) -> Any:
+    """``hint`` where OmegaConf can check it (bool, int, float, str, optional, lists of them), else ``Any``."""
+    args = typing.get_args(hint)
+    if hint in _PRIMITIVES:
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # OmegaConf 2.3 knows Optional, not Union
+        items = {a for a in args if a is not type(None)}
+        item = items.pop() if len(items) == 1 else float if items == {int, float} else None
+        if item not in _PRIMITIVES:
+            return Any
+        return typing.Optional[item] if type(None) in args else item  # noqa: UP045 - what OmegaConf 2.3 reads
+    if typing.get_origin(hint) in _SEQUENCES and len(args) in (1, 2) and args[0] in _PRIMITIVES:
+        return typing.List[args[0]]  # type: ignore[valid-type]  # noqa: UP006 - what OmegaConf 2.3 reads
+    return Any
 
 
 def _describe_type(hint: Any) -> str:
@@ -307,13 +285,11 @@ def _describe_type(hint: Any) -> str:
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
     if hint in names:
         return names[hint]
-    if hint in (list, tuple) or origin in (list, tuple, collections.abc.Sequence, collections.abc.MutableSequence):
+    if hint in _SEQUENCES or origin in _SEQUENCES:
         items = [a for a in args if a is not Ellipsis]
         if len(items) == 1 and items[0] in names:
             return f"a list of {_describe_type(items[0]).removeprefix('an ').removeprefix('a ')}s"
         return "a list"
-    if hint is dict or origin in (dict, collections.abc.Mapping):
-        return "a mapping"
     return _type_name(hint)
 
 
@@ -321,19 +297,13 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
-def _show(value: Any) -> str:
-    if isinstance(value, DictConfig | ListConfig):
-        return str(OmegaConf.to_container(value))
-    return repr(value)
-
-
 def _check_backbone_fits_model(model: DictConfig) -> None:
     """A ViT backbone needs a model that builds one (MoCo v3); say so before the ViT keys look like typos."""
     backbone = model.get("backbone")
     if not (isinstance(backbone, str) and backbone in VITS) or model.get("_target_") is None:
         return
-    accepted = _accepted_keywords(_import_target(model._target_, "model"))
-    if accepted is not None and "patch_size" not in accepted:
+    arguments = _arguments(_import_target(model._target_, "model"))
+    if arguments is not None and "patch_size" not in arguments:
         raise ConfigError(f"backbone={backbone} is a Vision Transformer, which {model._target_} does not build "
                           "(MoCo v1/v2 take ResNets); use model=mocov3 with a ViT, or a ResNet backbone")
 
