@@ -1,21 +1,19 @@
-"""Check a composed training config before anything is built or computed.
+"""Check a training config before anything is built: what Hydra cannot say, and Hydra's errors in one line.
 
 ``python train.py`` calls :func:`check_command_line` on its arguments (before Hydra composes anything) and
 :func:`check_config` on the composed config (before any object is instantiated). Every problem raises a
 :class:`ConfigError` whose message is one line that names the setting and what to do; the entry point prints it
 as ``error: <message>`` and exits with status 2.
 
-Checked: the group options named on the command line exist (``backbone=resnet101``, ``data=mnist``); the keys of
-``model``, ``data``, ``trainer``, ``callbacks.*`` and ``logger.*`` are arguments of their ``_target_`` (a typo in
-a YAML file is an error, as Hydra already makes it one on the command line) and their values have the types the
-arguments are annotated with (``model.queue_size=abc`` is refused: an integer is expected); ``trainer.devices`` is
-a count, a list of ids or ``auto``; ``model.backbone`` is a known backbone, and a ViT is only asked of a model that
-builds one (MoCo v3); ``model.temperature > 0``; ``model.momentum`` in [0, 1]; ``model.queue_size`` (MoCo v1/v2) a
-positive multiple of the global batch (``data.batch_size`` x devices x nodes; twice that with ``model.symmetric``);
-``model.bn`` a BN mode and ``data.batch_size`` a multiple of ``model.bn_splits`` where split BN runs; the dataset
-files or folders exist where no download will fetch them; ``ckpt_path`` is ``auto`` or an existing file (not a
-folder). The checkpoint's contents are checked next, by the training CLI
-(:func:`moco_lightning.checkpointing.read_training_checkpoint`).
+Reworded from Hydra and OmegaConf: an unknown group option or command-line key (with the closest one), and a
+key or value type that the ``_target_`` does not take (OmegaConf checks them against its signature). Run as the
+constructors run them: their own range checks (``check_args`` of the model and the datamodule, e.g.
+``model.temperature > 0``). Checked here, as nothing else can before the run: a ViT only with a model that builds
+one; ``trainer.devices``; ``model.queue_size`` a multiple of the global batch (``data.batch_size`` x devices x
+nodes; twice that with ``model.symmetric``); ``data.batch_size`` a multiple of ``model.bn_splits`` where split BN
+runs; ``trainer.sync_batchnorm`` off; the dataset on disk where no download will fetch it; ``ckpt_path`` an
+existing file (:func:`moco_lightning.checkpointing.check_checkpoint_path`; its contents are checked next, by the
+training CLI).
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,22 +37,14 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from moco_lightning.backbones import VITS
 from moco_lightning.bn import check_no_lightning_sync_batchnorm
 from moco_lightning.checkpointing import ResumeError, check_checkpoint_path
-from moco_lightning.cli import CONFIG_PATH, count_devices
+from moco_lightning.cli import count_devices
 
-__all__ = ["ConfigError", "check_accelerator", "check_command_line", "check_config", "check_override_keys",
-           "count_processes",
+__all__ = ["ConfigError", "check_accelerator", "check_command_line", "check_config", "count_processes",
            "global_batch_size", "group_options"]
 
-#: Config groups and what their options are called in messages.
-_GROUP_NOUNS = {"data": "dataset", "backbone": "backbone", "model": "model", "trainer": "trainer",
-                "logger": "logger", "callbacks": "callbacks", "experiment": "experiment",
-                "hparams_search": "search", "recipe": "recipe", "model_family": "model family",
-                "linear_protocol": "linear protocol"}
 #: Type hints OmegaConf checks by itself (:func:`_check_keys`), and the sequence hints it checks as lists.
 _PRIMITIVES = (bool, int, float, str)
 _SEQUENCES = (list, tuple, collections.abc.Sequence, collections.abc.MutableSequence)
-#: Sweep syntax of the basic sweeper that names no option literally (range(...), glob(...), ...).
-_SWEEP_FUNCTION = re.compile(r"^\s*(range|glob|choice|interval|tag|sort|shuffle)\(")
 
 
 class ConfigError(ValueError):
@@ -68,58 +58,43 @@ def group_options(config_dir: str | os.PathLike[str], group: str) -> list[str]:
     return sorted(path.stem for path in folder.glob("*.yaml"))
 
 
-def check_command_line(arguments: Sequence[str], config_dir: str | os.PathLike[str]) -> None:
-    """Reject a command-line choice of a config group option that does not exist, e.g. ``backbone=resnet101``.
+def check_command_line(arguments: Sequence[str], config_dir: str | os.PathLike[str], config_name: str = "train"
+                       ) -> None:
+    """Reject what Hydra would refuse in several lines: an unknown group option, or a key not in the config.
 
-    Hydra would also refuse it, with a multi-line message; this says it in one line with the choices. Only
-    plain ``group=option[,option...]`` arguments are checked (with or without ``+``/``++``); keys inside a group
-    (``model.lr=...``), Hydra's own groups (``hydra/...``) and sweep functions are left to Hydra.
-    """
-    for argument in arguments:
-        if argument.startswith("-") or "=" not in argument:
-            continue
-        key, value = argument.split("=", 1)
-        key = key.lstrip("+~")
-        if "." in key or "/" in key or not (Path(config_dir) / key).is_dir():
-            continue
-        if _SWEEP_FUNCTION.match(value) or value.strip() in ("", "null"):
-            continue
-        options = group_options(config_dir, key)
-        value = value.strip()
-        if value.startswith("[") and value.endswith("]"):  # a list of options: callbacks=[default,online_linear]
-            value = value[1:-1]
-        for option in (part.strip() for part in value.split(",")):
-            if option and option != "null" and option not in options:
-                noun = _GROUP_NOUNS.get(key, "option")
-                raise ConfigError(
-                    f"{key}={option}: unknown {noun} {option!r}; choose one of {', '.join(options)} "
-                    f"(the files in conf/{key}/)"
-                )
-
-
-def check_override_keys(arguments: Sequence[str], config_dir: str | os.PathLike[str],
-                        config_name: str = "train") -> None:
-    """Reject a command-line key that is not in the composed config, e.g. ``data.img_size=64``, with a suggestion.
-
-    Hydra refuses it too ("not in struct"), in several lines and without a hint; this names the closest key. The
-    config is composed with the group options of the command line (the first of a sweep); keys added with ``+``,
-    removed with ``~``, Hydra's own (``hydra.*``) and keys under a node that does not exist are left to Hydra, and
-    so is everything when the config does not compose.
+    ``backbone=resnet101`` names the options of the group, also inside a sweep (``data=digits,svhn``, refused
+    before its first job runs); ``data.img_size=64`` names the closest key of the config composed with the group
+    options of the command line (a sweep's first). Arguments are parsed by Hydra's own parser; keys added with
+    ``+``, removed with ``~``, Hydra's own (``hydra.*``, ``hydra/...``) and what does not parse or compose are left
+    to Hydra.
     """
     from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
 
-    keys, groups = [], []
-    for argument in arguments:
-        if argument.startswith("-") or "=" not in argument:
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in arguments if "=" in a and a[0] != "-"])
+    except Exception:  # noqa: BLE001 - a syntax error: Hydra reports it
+        return
+    groups, keys = [], []
+    for override in overrides:
+        name, value = override.key_or_group, override.value()
+        if override.is_delete() or name.split(".")[0].split("/")[0] == "hydra":
             continue
-        key, value = argument.split("=", 1)
-        if key.startswith(("+", "~")) or key.startswith("hydra.") or key == "hydra" or "/" in key:
+        if not (Path(config_dir) / name).is_dir():
+            keys += [] if override.is_add() else [name]
             continue
-        if "." in key:
-            keys.append(key)
-        elif (Path(config_dir) / key).is_dir() and not _SWEEP_FUNCTION.match(value):
-            text = value.strip()  # a list of options as is; a sweep over options: its first
-            groups.append(f"{key}={text}" if text.startswith("[") else f"{key}={text.split(',')[0].strip()}")
+        options = value.list if isinstance(value, ChoiceSweep) else value if isinstance(value, list) else [value]
+        known = group_options(config_dir, name)
+        for option in options:
+            if isinstance(option, str) and option not in known:
+                noun = "dataset" if name == "data" else name.replace("_", " ")
+                raise ConfigError(f"{name}={option}: unknown {noun} {option!r}; choose one of {', '.join(known)} "
+                                  f"(the files in conf/{name}/)")
+        if not override.is_sweep_override():
+            groups.append(override.input_line)
+        elif isinstance(value, ChoiceSweep):
+            groups.append(f"{name}={value.list[0]}")
     if not keys:
         return
     try:
@@ -129,29 +104,18 @@ def check_override_keys(arguments: Sequence[str], config_dir: str | os.PathLike[
         return
     for key in keys:
         parent_key, _, name = key.rpartition(".")
-        parent = OmegaConf.select(cfg, parent_key, default=None, throw_on_missing=False)
+        parent = OmegaConf.select(cfg, parent_key, default=None, throw_on_missing=False) if parent_key else cfg
         if not isinstance(parent, DictConfig) or name in parent.keys():  # (`in` is False for a ??? value)
             continue
         close = difflib.get_close_matches(name, [str(k) for k in parent.keys()], n=1)
-        hint = f"did you mean {parent_key}.{close[0]}?" if close else (
+        hint = f"did you mean {f'{parent_key}.' if parent_key else ''}{close[0]}?" if close else (
             f"its settings are {', '.join(str(k) for k in parent.keys())}")
         raise ConfigError(f"{key} is not a setting of this config; {hint} (to add a new key on purpose: +{key}=...)")
 
 
 # ---------------------------------------------------------------------------------------------- composed config
-def check_config(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> None:
-    """Check a composed training config; raise :class:`ConfigError` on the first problem.
-
-    Args:
-        cfg: the composed config of ``conf/train.yaml``.
-        choices: the chosen option of each group (``HydraConfig.get().runtime.choices``), to check the dataset
-            option by name; optional.
-
-    """
-    if choices is not None and choices.get("data") not in (None, "null"):
-        datasets = group_options(CONFIG_PATH, "data")
-        if choices["data"] not in datasets:
-            raise ConfigError(f"data={choices['data']}: unknown dataset; choose one of {', '.join(datasets)}")
+def check_config(cfg: DictConfig) -> None:
+    """Check a composed training config (of ``conf/train.yaml``); raise :class:`ConfigError` on the first problem."""
     for section in ("model", "data", "trainer"):
         if cfg.get(section) is None:
             raise ConfigError(f"the config has no '{section}' section; choose one with {section}=<option>")
