@@ -27,7 +27,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +127,7 @@ def check_config(cfg: DictConfig) -> None:
             if isinstance(node, DictConfig) and "_target_" in node:
                 _check_keys(node, f"{section}.{name}")
     for section in ("model", "data"):
-        _check_arguments(cfg[section], section)
+        _run_check(cfg[section], section, "check_args", prefix=f"{section}.")
     _check_queue(cfg)
     _check_bn(cfg)
     _check_data_path(cfg.data)
@@ -144,15 +144,20 @@ def _check_ckpt_path(ckpt_path: Any) -> None:
         raise ConfigError(str(err)) from None
 
 
-def _check_arguments(node: DictConfig, key: str) -> None:
-    """Run the range checks of the ``_target_`` (its ``check_args``, as its constructor does) on the config values."""
-    check = getattr(_import_target(node._target_, key), "check_args", None)
+def _run_check(node: DictConfig, key: str, check_name: str, errors: tuple[type[Exception], ...] = (ValueError,),
+               prefix: str = "") -> None:
+    """Call the ``_target_``'s own check ``check_name`` with the config's values of its arguments; reword its error.
+
+    ``check_args`` (the range checks its constructor runs; the message starts with ``<argument>=``, so ``prefix``
+    ``model.`` names the setting) or ``check_files`` (the datamodule's files on disk).
+    """
+    check = getattr(_import_target(node._target_, key), check_name, None)
     if check is None:
         return
     try:
         check(**{name: node[name] for name in inspect.signature(check).parameters if name in node})
-    except ValueError as err:  # the message starts with <argument>=<value>
-        raise ConfigError(f"{key}.{err}") from None
+    except errors as err:
+        raise ConfigError(f"{prefix}{err}") from None
 
 
 def _import_target(path: str, key: str) -> Any:
@@ -355,7 +360,7 @@ def _check_queue(cfg: DictConfig) -> None:
 
 
 def _check_bn(cfg: DictConfig) -> None:
-    """Lightning's SyncBN stays off; split BN divides the per-device batch (the BN modes: :func:`_check_arguments`)."""
+    """Lightning's SyncBN stays off; split BN divides the per-device batch (the BN modes: the model's check_args)."""
     if "bn" not in cfg.model:
         return
     try:
@@ -378,42 +383,7 @@ def _check_bn(cfg: DictConfig) -> None:
 
 
 def _check_data_path(data: DictConfig) -> None:
-    """The dataset must be on disk where nothing will download it."""
-    if "data_dir" not in data.keys():  # (`in` is False for a ??? value)
-        return
-    if OmegaConf.is_missing(data, "data_dir"):
+    """The dataset is on disk where nothing will download it: the datamodule's own ``check_files``."""
+    if "data_dir" in data.keys() and OmegaConf.is_missing(data, "data_dir"):  # (`in` is False for a ??? value)
         raise ConfigError("data.data_dir is missing; set data.data_dir=/path/to/images")
-    target = _import_target(data._target_, "data")
-    check_files = getattr(target, "check_files", None)
-    if check_files is not None:  # a datamodule that knows where its files may be (the idx datasets)
-        check_files(data.data_dir, download=bool(data.get("download", False)))
-        return
-    data_dir = os.path.expanduser(str(data.data_dir))
-    if data.get("download", False):
-        return
-    required = getattr(target, "required_files", None)
-    tv_class = getattr(target, "torchvision_class", None)
-    if required and tv_class is not None:  # torchvision sets with download=false
-        folder = os.path.join(data_dir, tv_class.base_folder)
-        missing = [name for name in required if not os.path.exists(os.path.join(folder, name))]
-        if missing:
-            what = getattr(target, "what_to_place", "the dataset files")
-            raise ConfigError(f"data.data_dir={data.data_dir!r}: {folder} lacks {missing[0]}; place {what} there, "
-                              "or set data.download=true")
-        return
-    subfolders: Iterable[str] = ("train", "val") if target.__name__ == "ImageNetDataModule" else ("",)
-    for sub in subfolders:
-        folder = os.path.join(data_dir, sub) if sub else data_dir
-        if os.path.isfile(folder):
-            raise ConfigError(f"data.data_dir={data.data_dir!r}: {folder} is a file, not a folder; set data.data_dir "
-                              "to the folder that holds the images (<folder>/<class>/<image>, or the images "
-                              "directly)")
-        if not os.path.isdir(folder):
-            layout = ("the folder that contains train/<class>/ and val/<class>/" if sub
-                      else "a folder of images, as <folder>/<class>/<image>")
-            raise ConfigError(f"data.data_dir={data.data_dir!r}: {folder} does not exist; set data.data_dir to "
-                              f"{layout}")
-    val_dir = data.get("val_dir")
-    if val_dir is not None and not os.path.isdir(os.path.expanduser(str(val_dir))):
-        raise ConfigError(f"data.val_dir={val_dir!r} does not exist; set it to a folder with the same class "
-                          "sub-folders as data.data_dir, or to null")
+    _run_check(data, "data", "check_files", (OSError, ValueError, RuntimeError))
