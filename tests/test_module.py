@@ -289,7 +289,7 @@ def test_split_step_is_the_official_demo_step():
 def test_split_bn_batch_not_a_multiple_of_the_groups_fails_before_the_first_step(tmp_path):
     model = tiny_moco(bn="split", bn_splits=8)
     trainer = tiny_trainer(tmp_path)
-    with pytest.raises(ValueError, match="multiple of bn_splits=8, got 4"):
+    with pytest.raises(ValueError, match="data.batch_size=4 must be a multiple of model.bn_splits=8"):
         trainer.fit(model, loader(batch_size=4))
     assert trainer.global_step == 0
 

@@ -34,6 +34,7 @@ __all__ = [
     "SplitBatchNorm2d",
     "check_bn_mode",
     "check_no_lightning_sync_batchnorm",
+    "check_split_batch",
     "convert_batchnorm",
     "encode_shuffled",
     "resolve_bn_mode",
@@ -57,6 +58,14 @@ def check_no_lightning_sync_batchnorm(sync_batchnorm: bool) -> None:
         raise ValueError("trainer.sync_batchnorm=true converts every BatchNorm, which undoes MoCo's own BN handling; "
                          "set trainer.sync_batchnorm=false and model.bn=sync (or keep model.bn=auto: shuffle BN on "
                          "many processes)")
+
+
+def check_split_batch(batch_size: int, bn_splits: int, reason: str = "model.bn=split") -> None:
+    """Split BN normalises ``batch_size / bn_splits`` images per group: refuse a batch that does not divide."""
+    if batch_size % bn_splits != 0:
+        raise ValueError(f"data.batch_size={batch_size} must be a multiple of model.bn_splits={bn_splits} ({reason}: "
+                         "each of the groups normalises batch/bn_splits images); change data.batch_size or "
+                         "model.bn_splits")
 
 
 def resolve_bn_mode(mode: str, world_size: int) -> str:

@@ -24,6 +24,7 @@ from moco_lightning.bn import (
     DEFAULT_BN_SPLITS,
     check_bn_mode,
     check_no_lightning_sync_batchnorm,
+    check_split_batch,
     convert_batchnorm,
     encode_shuffled,
     resolve_bn_mode,
@@ -319,11 +320,8 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
                     "the pretraining DataLoader must use drop_last=True: a short last batch would write a "
                     "partial batch of keys into the queue; set drop_last=True"
                 )
-            if self.bn_mode == "split" and loader.batch_size % self.hparams.bn_splits != 0:
-                raise ValueError(
-                    f"split BN needs a per-device batch that is a multiple of bn_splits={self.hparams.bn_splits}, "
-                    f"got {loader.batch_size}; change data.batch_size or model.bn_splits"
-                )
+            if self.bn_mode == "split":
+                check_split_batch(loader.batch_size, self.hparams.bn_splits, f"model.bn={self.hparams.bn}: split BN")
             keys_per_step = loader.batch_size * world_size() * (2 if self.hparams.symmetric else 1)
             self.key_queue.check_batch(keys_per_step)
             dataset_size = len(loader.dataset) if hasattr(loader.dataset, "__len__") else None

@@ -35,7 +35,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from moco_lightning.backbones import VITS
-from moco_lightning.bn import check_no_lightning_sync_batchnorm
+from moco_lightning.bn import check_no_lightning_sync_batchnorm, check_split_batch
 from moco_lightning.checkpointing import ResumeError, check_checkpoint_path
 from moco_lightning.cli import count_devices
 
@@ -82,7 +82,7 @@ def check_command_line(arguments: Sequence[str], config_dir: str | os.PathLike[s
         if override.is_delete() or name.split(".")[0].split("/")[0] == "hydra":
             continue
         if not (Path(config_dir) / name).is_dir():
-            keys += [] if override.is_add() else [name]
+            keys += [] if override.is_add() or "/" in name else [name]
             continue
         options = value.list if isinstance(value, ChoiceSweep) else value if isinstance(value, list) else [value]
         known = group_options(config_dir, name)
@@ -240,7 +240,8 @@ def _omegaconf_type(hint: Any) -> Any:
         if item not in _PRIMITIVES:
             return Any
         return typing.Optional[item] if type(None) in args else item  # noqa: UP045 - what OmegaConf 2.3 reads
-    if typing.get_origin(hint) in _SEQUENCES and len(args) in (1, 2) and args[0] in _PRIMITIVES:
+    items = {a for a in args if a is not Ellipsis}
+    if typing.get_origin(hint) in _SEQUENCES and len(items) == 1 and args[0] in _PRIMITIVES:
         return typing.List[args[0]]  # type: ignore[valid-type]  # noqa: UP006 - what OmegaConf 2.3 reads
     return Any
 
@@ -249,8 +250,6 @@ def _describe_type(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Union or origin is types.UnionType:
         return " or ".join(dict.fromkeys(_describe_type(arg) for arg in args))
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
     if hint in names:
         return names[hint]
@@ -293,35 +292,25 @@ def check_accelerator(trainer: DictConfig) -> None:
                               "where a GPU is (check CUDA_VISIBLE_DEVICES and nvidia-smi)")
 
 
-def _resolve_device_count(trainer: DictConfig) -> tuple[int | None, str]:
-    """Processes per node asked for by ``trainer.devices``, resolving auto / -1 with the accelerator's count."""
-    try:
-        count = count_devices(trainer.get("devices", 1))
-    except ValueError:
-        raise ConfigError(f"trainer.devices={trainer.get('devices')!r} must be a number of devices (1, 8), a list of "
-                          "device ids ([0,1]), -1 or auto") from None
-    if count is not None:
-        if count < 1:
-            raise ConfigError(f"trainer.devices={trainer.get('devices')} must ask for at least one device")
-        return count, ""
-    accelerator = str(trainer.get("accelerator", "auto"))
-    if accelerator == "cpu":
-        return 1, ""
-    import torch
-
-    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return torch.cuda.device_count(), ""
-    if accelerator == "auto":
-        return 1, ""
-    return None, f"trainer.devices={trainer.get('devices')} on accelerator {accelerator}"
-
-
 def count_processes(trainer: DictConfig) -> int | None:
-    """Processes of a run: ``trainer.devices`` (auto resolved with the accelerator's count) x ``num_nodes``.
+    """Processes of a run: ``trainer.devices`` (auto / -1 resolved with the accelerator's count) x ``num_nodes``.
 
     ``None`` when the device count cannot be known before the run (``devices=auto`` on an absent accelerator).
     """
-    devices, _ = _resolve_device_count(trainer)
+    try:
+        devices = count_devices(trainer.get("devices", 1))
+    except ValueError:
+        raise ConfigError(f"trainer.devices={trainer.get('devices')!r} must be a number of devices (1, 8), a list of "
+                          "device ids ([0,1]), -1 or auto") from None
+    if devices is not None and devices < 1:
+        raise ConfigError(f"trainer.devices={trainer.get('devices')} must ask for at least one device")
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if devices is None and accelerator in ("gpu", "cuda", "auto"):
+        import torch
+
+        devices = torch.cuda.device_count() if torch.cuda.is_available() else 1 if accelerator == "auto" else None
+    elif devices is None and accelerator == "cpu":
+        devices = 1
     return None if devices is None else devices * int(trainer.get("num_nodes", 1) or 1)
 
 
@@ -363,23 +352,15 @@ def _check_bn(cfg: DictConfig) -> None:
     """Lightning's SyncBN stays off; split BN divides the per-device batch (the BN modes: the model's check_args)."""
     if "bn" not in cfg.model:
         return
+    processes = count_processes(cfg.trainer)
+    mode = str(cfg.model.bn)
     try:
         check_no_lightning_sync_batchnorm(bool(cfg.trainer.get("sync_batchnorm", False)))
+        if "bn_splits" in cfg.model and (mode == "split" or (mode == "auto" and processes == 1)):  # not MoCo v3
+            check_split_batch(int(cfg.data.batch_size), int(cfg.model.bn_splits), "model.bn=split" if mode == "split"
+                              else "model.bn=auto on one process means split BN")
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if "bn_splits" not in cfg.model:  # no split BN (MoCo v3)
-        return
-    mode = str(cfg.model.bn)
-    batch = global_batch_size(cfg)
-    processes = None if batch is None else batch // int(cfg.data.batch_size)
-    splits = int(cfg.model.bn_splits)
-    split = mode == "split" or (mode == "auto" and processes == 1)
-    if split and int(cfg.data.batch_size) % splits != 0:
-        reason = "model.bn=split" if mode == "split" else "model.bn=auto on one process means split BN"
-        raise ConfigError(
-            f"data.batch_size={cfg.data.batch_size} must be a multiple of model.bn_splits={splits} ({reason}: each "
-            "of the groups normalises batch/bn_splits images); change data.batch_size or model.bn_splits"
-        )
 
 
 def _check_data_path(data: DictConfig) -> None:
