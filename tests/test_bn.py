@@ -17,7 +17,7 @@ def test_auto_is_shuffle_on_many_processes_and_split_on_one():
     assert resolve_bn_mode("auto", 1) == "split"
     assert resolve_bn_mode("auto", 8) == "shuffle"
     assert resolve_bn_mode("sync", 1) == "sync"
-    with pytest.raises(ValueError, match="bn must be one of"):
+    with pytest.raises(ValueError, match="bn=group is not a BN mode of MoCo; choose one of auto, shuffle, split, sync"):
         resolve_bn_mode("group", 1)
 
 

@@ -200,10 +200,10 @@ def test_queue_as_large_as_dataset_warns(tmp_path):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(temperature=0.0), "temperature must be > 0"),
-        (dict(momentum=1.2), r"momentum must be in \[0, 1\]"),
-        (dict(momentum_schedule="linear"), "momentum_schedule must be one of"),
-        (dict(dim=0), "dim must be"),
+        (dict(temperature=0.0), "temperature=0.0 must be > 0"),
+        (dict(momentum=1.2), r"momentum=1.2 must be in \[0, 1\]"),
+        (dict(momentum_schedule="linear"), "momentum_schedule=linear must be one of constant, cosine"),
+        (dict(dim=0), "dim=0 must be a positive"),
     ],
 )
 def test_bad_hyperparameters_are_clear_errors(kwargs, match):
@@ -289,7 +289,7 @@ def test_split_step_is_the_official_demo_step():
 def test_split_bn_batch_not_a_multiple_of_the_groups_fails_before_the_first_step(tmp_path):
     model = tiny_moco(bn="split", bn_splits=8)
     trainer = tiny_trainer(tmp_path)
-    with pytest.raises(ValueError, match="multiple of bn_splits=8, got 4"):
+    with pytest.raises(ValueError, match="data.batch_size=4 must be a multiple of model.bn_splits=8"):
         trainer.fit(model, loader(batch_size=4))
     assert trainer.global_step == 0
 

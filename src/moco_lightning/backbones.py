@@ -64,6 +64,13 @@ def infer_feature_dim(module: nn.Module, image_size: int = 32) -> int:
     return int(out.shape[1])
 
 
+def check_backbone_name(backbone: str | nn.Module) -> None:
+    """Raise a ``ValueError`` (``backbone=<name> is not a known backbone; choose one of ...``) for an unknown name."""
+    if isinstance(backbone, str) and backbone not in BACKBONES:
+        raise ValueError(f"backbone={backbone} is not a known backbone; choose one of {', '.join(sorted(BACKBONES))}, "
+                         "or pass an nn.Module")
+
+
 def build_backbone(
     backbone: str | nn.Module,
     cifar_stem: bool = False,
@@ -96,10 +103,7 @@ def build_backbone(
 
     """
     if isinstance(backbone, str):
-        if backbone not in BACKBONES:
-            raise ValueError(
-                f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)} or pass an nn.Module"
-            )
+        check_backbone_name(backbone)
         if backbone in VITS:
             if cifar_stem:
                 raise ValueError(f"cifar_stem=True only applies to ResNets, not to {backbone}; set cifar_stem=False "

@@ -32,6 +32,9 @@ __all__ = [
     "AllReduceBatchNorm1d",
     "AllReduceBatchNorm2d",
     "SplitBatchNorm2d",
+    "check_bn_mode",
+    "check_no_lightning_sync_batchnorm",
+    "check_split_batch",
     "convert_batchnorm",
     "encode_shuffled",
     "resolve_bn_mode",
@@ -43,10 +46,31 @@ BN_MODES = ("auto", "shuffle", "split", "sync", "none")
 DEFAULT_BN_SPLITS = 8
 
 
+def check_bn_mode(mode: str, modes: tuple[str, ...] = BN_MODES, model: str = "MoCo", hint: str = "") -> None:
+    """Raise a ``ValueError`` (``bn=<mode> is not a BN mode of <model>; choose one of ...``) unless in ``modes``."""
+    if mode not in modes:
+        raise ValueError(f"bn={mode} is not a BN mode of {model}; choose one of {', '.join(modes)}{hint}")
+
+
+def check_no_lightning_sync_batchnorm(sync_batchnorm: bool) -> None:
+    """Refuse Lightning's ``sync_batchnorm=True``: it converts every BatchNorm and undoes MoCo's own BN handling."""
+    if sync_batchnorm:
+        raise ValueError("trainer.sync_batchnorm=true converts every BatchNorm, which undoes MoCo's own BN handling; "
+                         "set trainer.sync_batchnorm=false and model.bn=sync (or keep model.bn=auto: shuffle BN on "
+                         "many processes)")
+
+
+def check_split_batch(batch_size: int, bn_splits: int, reason: str = "model.bn=split") -> None:
+    """Split BN normalises ``batch_size / bn_splits`` images per group: refuse a batch that does not divide."""
+    if batch_size % bn_splits != 0:
+        raise ValueError(f"data.batch_size={batch_size} must be a multiple of model.bn_splits={bn_splits} ({reason}: "
+                         "each of the groups normalises batch/bn_splits images); change data.batch_size or "
+                         "model.bn_splits")
+
+
 def resolve_bn_mode(mode: str, world_size: int) -> str:
     """The concrete mode of ``mode`` for ``world_size`` processes (``"auto"``: shuffle on many, split on one)."""
-    if mode not in BN_MODES:
-        raise ValueError(f"bn must be one of {BN_MODES}, got bn={mode!r}")
+    check_bn_mode(mode)
     if mode == "auto":
         return "shuffle" if world_size > 1 else "split"
     return mode

@@ -19,8 +19,16 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from moco_lightning.backbones import build_backbone
-from moco_lightning.bn import BN_MODES, DEFAULT_BN_SPLITS, convert_batchnorm, encode_shuffled, resolve_bn_mode
+from moco_lightning.backbones import build_backbone, check_backbone_name
+from moco_lightning.bn import (
+    DEFAULT_BN_SPLITS,
+    check_bn_mode,
+    check_no_lightning_sync_batchnorm,
+    check_split_batch,
+    convert_batchnorm,
+    encode_shuffled,
+    resolve_bn_mode,
+)
 from moco_lightning.distributed import world_size
 from moco_lightning.ema import MOMENTUM_SCHEDULES, MomentumUpdateAfterStep, momentum_update
 from moco_lightning.heads import Encoder, ProjectionHead
@@ -31,6 +39,35 @@ from moco_lightning.scalars import device_scalar
 from moco_lightning.speed import compile_backbones, memory_format, to_layout
 
 log = logging.getLogger(__name__)
+
+
+def check_moco_args(
+    dim: int = 128, queue_size: int = 65536, momentum: float = 0.999, temperature: float = 0.07,
+    momentum_schedule: str = "constant",
+    lr_interval: str = "epoch", bn: str = "auto", bn_splits: int = DEFAULT_BN_SPLITS,
+    backbone: str | nn.Module = "resnet18",
+) -> None:
+    """Raise a ``ValueError`` when a MoCo hyper-parameter is out of range; its message starts with ``<name>=<value>``.
+
+    The one place these ranges are written: the constructor calls it, and so does the training CLI on the config
+    (prefixing ``model.``) before anything is built.
+    """
+    check_backbone_name(backbone)
+    if dim < 1:
+        raise ValueError(f"dim={dim} must be a positive embedding width (v1/v2 use 128)")
+    if queue_size < 1:
+        raise ValueError(f"queue_size={queue_size} must be a positive number of negative keys (v1/v2 use 65536)")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum={momentum} must be in [0, 1] (v1/v2 use 0.999)")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0 (v1 uses 0.07, v2 0.2)")
+    if momentum_schedule not in MOMENTUM_SCHEDULES:
+        raise ValueError(f"momentum_schedule={momentum_schedule} must be one of {', '.join(MOMENTUM_SCHEDULES)}")
+    if lr_interval not in LR_INTERVALS:
+        raise ValueError(f"lr_interval={lr_interval} must be one of {', '.join(LR_INTERVALS)}")
+    check_bn_mode(bn)
+    if not isinstance(bn_splits, int) or bn_splits < 1:
+        raise ValueError(f"bn_splits={bn_splits} must be a positive number of BN groups (the demo uses 8)")
 
 
 class MoCo(MomentumUpdateAfterStep, L.LightningModule):
@@ -81,6 +118,9 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
 
     """
 
+    #: The range checks of the arguments: the constructor runs them, and the training CLI on the config.
+    check_args = staticmethod(check_moco_args)
+
     def __init__(
         self,
         backbone: str | nn.Module = "resnet18",
@@ -111,7 +151,8 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
         super().__init__()
         lr_milestones = tuple(float(e) for e in lr_milestones)  # plain types in checkpoints (not ListConfig)
         check_moco_args(dim=dim, queue_size=queue_size, momentum=momentum, temperature=temperature,
-                        momentum_schedule=momentum_schedule, lr_interval=lr_interval, bn=bn, bn_splits=bn_splits)
+                        momentum_schedule=momentum_schedule, lr_interval=lr_interval, bn=bn, bn_splits=bn_splits,
+                        backbone=backbone)
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         self.dim, self.K, self.m, self.T = dim, queue_size, momentum, temperature
 
@@ -255,11 +296,7 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Resolve the BN mode for the processes of this run, convert the encoders and say which mode runs."""
-        if getattr(self.trainer.strategy, "_layer_sync", None) is not None:
-            raise ValueError(
-                "trainer.sync_batchnorm=true converts every BatchNorm, which undoes MoCo's own BN handling; set "
-                "trainer.sync_batchnorm=false and model.bn=sync (or keep model.bn=auto: shuffle BN on many processes)"
-            )
+        check_no_lightning_sync_batchnorm(getattr(self.trainer.strategy, "_layer_sync", None) is not None)
         mode = self.configure_bn(self.trainer.world_size)
         what = {
             "shuffle": "key batch shuffled across processes (paper Sec. 3.3)",
@@ -273,6 +310,7 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
             message += "; with one process shuffling does nothing, so BN can leak: consider model.bn=split"
         if self.trainer.is_global_zero:
             log.info(message)
+
     def on_train_start(self) -> None:
         """Check the queue against the loader before the first step: whole batches, K a multiple of them."""
         loader = self.trainer.train_dataloader
@@ -282,11 +320,8 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
                     "the pretraining DataLoader must use drop_last=True: a short last batch would write a "
                     "partial batch of keys into the queue; set drop_last=True"
                 )
-            if self.bn_mode == "split" and loader.batch_size % self.hparams.bn_splits != 0:
-                raise ValueError(
-                    f"split BN needs a per-device batch that is a multiple of bn_splits={self.hparams.bn_splits}, "
-                    f"got {loader.batch_size}; change data.batch_size or model.bn_splits"
-                )
+            if self.bn_mode == "split":
+                check_split_batch(loader.batch_size, self.hparams.bn_splits, f"model.bn={self.hparams.bn}: split BN")
             keys_per_step = loader.batch_size * world_size() * (2 if self.hparams.symmetric else 1)
             self.key_queue.check_batch(keys_per_step)
             dataset_size = len(loader.dataset) if hasattr(loader.dataset, "__len__") else None
@@ -311,26 +346,3 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
     def global_batch_size(self) -> int:
         """Images per optimizer step over all processes: per-device batch × processes × accumulation."""
         return global_batch_size(self.trainer)
-
-
-def check_moco_args(
-    dim: int, queue_size: int, momentum: float, temperature: float, momentum_schedule: str = "constant",
-    lr_interval: str = "epoch", bn: str = "auto", bn_splits: int = DEFAULT_BN_SPLITS,
-) -> None:
-    """Raise a ``ValueError`` naming the setting when a MoCo hyper-parameter is out of range."""
-    if dim < 1:
-        raise ValueError(f"dim must be a positive embedding width, got dim={dim}")
-    if queue_size < 1:
-        raise ValueError(f"queue_size must be positive, got queue_size={queue_size}")
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1] (the paper uses 0.999), got momentum={momentum}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (v1 uses 0.07, v2 0.2), got temperature={temperature}")
-    if momentum_schedule not in MOMENTUM_SCHEDULES:
-        raise ValueError(f"momentum_schedule must be one of {MOMENTUM_SCHEDULES}, got {momentum_schedule!r}")
-    if lr_interval not in LR_INTERVALS:
-        raise ValueError(f"lr_interval must be one of {LR_INTERVALS}, got {lr_interval!r}")
-    if bn not in BN_MODES:
-        raise ValueError(f"bn must be one of {BN_MODES}, got bn={bn!r}")
-    if not isinstance(bn_splits, int) or bn_splits < 1:
-        raise ValueError(f"bn_splits must be a positive number of BN groups (the demo uses 8), got {bn_splits!r}")

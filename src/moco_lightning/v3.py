@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from moco_lightning.backbones import build_backbone
-from moco_lightning.bn import convert_batchnorm
+from moco_lightning.backbones import build_backbone, check_backbone_name
+from moco_lightning.bn import check_bn_mode, convert_batchnorm
 from moco_lightning.ema import MOMENTUM_SCHEDULES, MomentumUpdateAfterStep, momentum_update
 from moco_lightning.heads import Encoder, build_mlp
 from moco_lightning.losses import moco_v3_loss
@@ -35,6 +35,36 @@ from moco_lightning.vit import MoCoViT
 #: or a key shuffle. ``"sync"``: BatchNorm over the global batch of all processes (the official code's SyncBN);
 #: ``"none"``: plain per-process BatchNorm; ``"auto"``: the official choice, ``"sync"``.
 V3_BN_MODES = ("auto", "sync", "none")
+
+
+def check_moco_v3_args(
+    dim: int = 256, mlp_dim: int = 4096, temperature: float = 1.0, momentum: float = 0.99,
+    momentum_schedule: str = "cosine",
+    optimizer: str = "lars", lr_interval: str = "step", bn: str = "sync", backbone: str | nn.Module = "resnet50",
+) -> None:
+    """Raise a ``ValueError`` when a MoCo v3 hyper-parameter is out of range; its message starts with ``<name>=``.
+
+    The one place these ranges are written: the constructor calls it, and so does the training CLI on the config
+    (prefixing ``model.``) before anything is built.
+    """
+    check_backbone_name(backbone)
+    check_bn_mode(bn, V3_BN_MODES, "MoCo v3", " (shuffle and split BN hide the positive key of a queue; MoCo v3 has "
+                  "none)" if bn in ("shuffle", "split") else "")
+    if dim < 1:
+        raise ValueError(f"dim={dim} must be a positive width (official 256)")
+    if mlp_dim < 1:
+        raise ValueError(f"mlp_dim={mlp_dim} must be a positive width (official 4096)")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0 (MoCo v3 uses 1.0 for ResNet, 0.2 for ViT)")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum={momentum} must be in [0, 1] (MoCo v3 uses 0.99)")
+    if momentum_schedule not in MOMENTUM_SCHEDULES:
+        raise ValueError(f"momentum_schedule={momentum_schedule} must be one of {', '.join(MOMENTUM_SCHEDULES)}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer} must be one of {', '.join(OPTIMIZERS)} (MoCo v3: lars for ResNet, "
+                         "adamw for ViT)")
+    if lr_interval not in LR_INTERVALS:
+        raise ValueError(f"lr_interval={lr_interval} must be one of {', '.join(LR_INTERVALS)}")
 
 
 class MoCoV3(MomentumUpdateAfterStep, L.LightningModule):
@@ -101,6 +131,9 @@ class MoCoV3(MomentumUpdateAfterStep, L.LightningModule):
 
     """
 
+    #: The range checks of the arguments: the constructor runs them, and the training CLI on the config.
+    check_args = staticmethod(check_moco_v3_args)
+
     def __init__(
         self,
         backbone: str | nn.Module = "resnet50",
@@ -137,7 +170,8 @@ class MoCoV3(MomentumUpdateAfterStep, L.LightningModule):
         lr_milestones = tuple(float(e) for e in lr_milestones)
         bn = legacy_bn_setting(bn, sync_batchnorm)
         check_moco_v3_args(dim=dim, mlp_dim=mlp_dim, temperature=temperature, momentum=momentum,
-                           momentum_schedule=momentum_schedule, optimizer=optimizer, lr_interval=lr_interval, bn=bn)
+                           momentum_schedule=momentum_schedule, optimizer=optimizer, lr_interval=lr_interval, bn=bn,
+                           backbone=backbone)
         ignore = ["sync_batchnorm", *(["backbone"] if isinstance(backbone, nn.Module) else [])]
         self.save_hyperparameters(ignore=ignore)
         self.T, self.m = temperature, momentum
@@ -259,28 +293,3 @@ def legacy_bn_setting(bn: str, sync_batchnorm: bool | None) -> str:
         raise ValueError(f"sync_batchnorm={sync_batchnorm} (the former name of bn) contradicts bn={bn!r}; "
                          f"give bn only (bn={legacy!r})")
     return legacy
-
-
-def check_moco_v3_args(
-    dim: int, mlp_dim: int, temperature: float, momentum: float, momentum_schedule: str = "cosine",
-    optimizer: str = "lars", lr_interval: str = "step", bn: str = "sync",
-) -> None:
-    """Raise a ``ValueError`` naming the setting when a MoCo v3 hyper-parameter is out of range."""
-    if bn not in V3_BN_MODES:
-        hint = " (shuffle and split BN hide the positive key of a queue; MoCo v3 has none)" if bn in (
-            "shuffle", "split") else ""
-        raise ValueError(f"bn must be one of {V3_BN_MODES} for MoCo v3{hint}, got bn={bn!r}")
-    if dim < 1 or mlp_dim < 1:
-        raise ValueError(f"dim and mlp_dim must be positive widths (official 256, 4096), got dim={dim}, "
-                         f"mlp_dim={mlp_dim}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (MoCo v3 uses 1.0 for ResNet, 0.2 for ViT), got {temperature}")
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1] (MoCo v3 uses 0.99), got momentum={momentum}")
-    if momentum_schedule not in MOMENTUM_SCHEDULES:
-        raise ValueError(f"momentum_schedule must be one of {MOMENTUM_SCHEDULES}, got {momentum_schedule!r}")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS} (MoCo v3: lars for ResNet, adamw for ViT), "
-                         f"got {optimizer!r}")
-    if lr_interval not in LR_INTERVALS:
-        raise ValueError(f"lr_interval must be one of {LR_INTERVALS}, got {lr_interval!r}")

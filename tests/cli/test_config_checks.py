@@ -12,7 +12,6 @@ from moco_lightning.cli.config_checks import (
     check_accelerator,
     check_command_line,
     check_config,
-    check_override_keys,
 )
 
 
@@ -87,7 +86,7 @@ def test_unknown_backbone_names_the_choices(compose_train):
 
 @pytest.mark.parametrize(("argument", "names"), [
     ("backbone=resnet101", ["backbone=resnet101", "resnet50"]),
-    ("data=svhn", ["data=svhn", "unknown dataset", "digits", "cifar10", "imagenet"]),
+    ("data=svhn", ["data=svhn", "unknown dataset", "digits", "cifar10", "imagenet", "mnist"]),
     ("data=digits,svhn", ["data=svhn"]),
     ("callbacks=[default,knnn]", ["callbacks=knnn", "online_linear"]),
 ])
@@ -202,10 +201,10 @@ def test_a_data_dir_that_is_a_file(compose_train, tmp_path):
 ])
 def test_a_misspelt_key_on_the_command_line_names_the_closest_one(arguments, expected):
     with pytest.raises(ConfigError, match=expected.replace(".", r"\.").replace("?", r"\?")):
-        check_override_keys(arguments, CONFIG_PATH)
+        check_command_line(arguments, CONFIG_PATH)
 
 
 def test_existing_added_and_hydra_keys_pass_the_key_check():
-    check_override_keys(["data=imagefolder,digits", "data.image_size=64", "+data.extra=1", "~callbacks.knn",
+    check_command_line(["data=imagefolder,digits", "data.image_size=64", "+data.extra=1", "~callbacks.knn",
                          "hydra.run.dir=x", "callbacks=[default,online_linear]", "callbacks.online_linear.lr=0.2",
                          "model.momentum=0.99,0.999", "experiment=digits", "ckpt_path=auto"], CONFIG_PATH)

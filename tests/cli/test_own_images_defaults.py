@@ -25,7 +25,7 @@ def test_a_datamodule_with_auto_workers_uses_the_machines_cores(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
     dm = DigitsDataModule(num_workers="auto", batch_size=16, image_size=8)
     assert dm.num_workers == 3 and dm.persistent_workers
-    with pytest.raises(ValueError, match="num_workers must be an integer >= 0 or auto"):
+    with pytest.raises(ValueError, match="num_workers=many must be an integer >= 0"):
         DigitsDataModule(num_workers="many")
 
 

@@ -105,5 +105,5 @@ def test_batch_larger_than_dataset_is_a_clear_error():
 
 
 def test_unknown_augmentation_names_the_setting():
-    with pytest.raises(ValueError, match="data.augmentation"):
+    with pytest.raises(ValueError, match="augmentation=v9 is not a known augmentation"):
         DigitsDataModule(augmentation="v9")

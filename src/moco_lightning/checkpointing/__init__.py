@@ -19,6 +19,7 @@ from moco_lightning.checkpointing.preemption import PreemptionCheckpoint
 from moco_lightning.checkpointing.resume import (
     ResumeError,
     check_checkpoint_matches,
+    check_checkpoint_path,
     find_resume_checkpoint,
     read_training_checkpoint,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "ResumeError",
     "ResumeState",
     "check_checkpoint_matches",
+    "check_checkpoint_path",
     "continue_loggers",
     "find_resume_checkpoint",
     "package_version",

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ResumeError", "check_checkpoint_matches", "find_resume_checkpoint", "read_training_checkpoint"]
+__all__ = ["ResumeError", "check_checkpoint_matches", "check_checkpoint_path", "find_resume_checkpoint",
+           "read_training_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,27 @@ _SHAPE_HPARAMS = ("backbone", "cifar_stem", "dim", "queue_size", "mlp", "hidden_
 
 class ResumeError(ValueError):
     """A checkpoint that training cannot resume from; the message names the file and what to do."""
+
+
+def check_checkpoint_path(path: str | Path, setting: str = "ckpt_path") -> Path:
+    """The checkpoint file ``path`` names (``~`` expanded), after checking that it is a file that exists.
+
+    The training CLI calls it on the config before anything is built; :func:`read_training_checkpoint` calls it
+    before it reads the file.
+
+    Raises:
+        ResumeError: the path is a folder or does not exist; the message says what to pass instead.
+
+    """
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise ResumeError(f"{setting}={str(path)!r} is a folder, not a checkpoint file; pass a file such as "
+                          f"{file / 'last.ckpt'}, or ckpt_path=auto to resume from the newest valid checkpoint of "
+                          "the run folder (hydra.run.dir=<run folder>)")
+    if not file.is_file():
+        raise ResumeError(f"{setting}={str(path)!r} does not exist; pass the path of a checkpoint to resume from, "
+                          "e.g. outputs/<date>/<time>/checkpoints/last.ckpt, or ckpt_path=auto")
+    return file
 
 
 def read_training_checkpoint(path: str | Path, setting: str = "ckpt_path") -> dict[str, Any]:
@@ -47,14 +69,7 @@ def read_training_checkpoint(path: str | Path, setting: str = "ckpt_path") -> di
             loaded with ``weights_only=True``, or is not a training checkpoint.
 
     """
-    file = Path(path).expanduser()
-    if file.is_dir():
-        raise ResumeError(f"{setting}={str(path)!r} is a folder, not a checkpoint file; pass a file such as "
-                          f"{file / 'last.ckpt'}, or ckpt_path=auto to resume from the newest valid checkpoint of "
-                          "the run folder (hydra.run.dir)")
-    if not file.is_file():
-        raise ResumeError(f"{setting}={str(path)!r} does not exist; pass the path of a checkpoint, e.g. "
-                          "outputs/<date>/<time>/checkpoints/last.ckpt, or ckpt_path=auto")
+    file = check_checkpoint_path(path, setting)
     try:
         with zipfile.ZipFile(file) as archive:
             damaged = archive.testzip()

@@ -1,26 +1,25 @@
-"""Check a composed training config before anything is built or computed.
+"""Check a training config before anything is built: what Hydra cannot say, and Hydra's errors in one line.
 
 ``python train.py`` calls :func:`check_command_line` on its arguments (before Hydra composes anything) and
 :func:`check_config` on the composed config (before any object is instantiated). Every problem raises a
 :class:`ConfigError` whose message is one line that names the setting and what to do; the entry point prints it
 as ``error: <message>`` and exits with status 2.
 
-Checked: the group options named on the command line exist (``backbone=resnet101``, ``data=mnist``); the keys of
-``model``, ``data``, ``trainer``, ``callbacks.*`` and ``logger.*`` are arguments of their ``_target_`` (a typo in
-a YAML file is an error, as Hydra already makes it one on the command line) and their values have the types the
-arguments are annotated with (``model.queue_size=abc`` is refused: an integer is expected); ``trainer.devices`` is
-a count, a list of ids or ``auto``; ``model.backbone`` is a known backbone, and a ViT is only asked of a model that
-builds one (MoCo v3); ``model.temperature > 0``; ``model.momentum`` in [0, 1]; ``model.queue_size`` (MoCo v1/v2) a
-positive multiple of the global batch (``data.batch_size`` x devices x nodes; twice that with ``model.symmetric``);
-``model.bn`` a BN mode and ``data.batch_size`` a multiple of ``model.bn_splits`` where split BN runs; the dataset
-files or folders exist where no download will fetch them; ``ckpt_path`` is ``auto`` or an existing file (not a
-folder). The checkpoint's contents are checked next, by the training CLI
-(:func:`moco_lightning.checkpointing.read_training_checkpoint`).
+Reworded from Hydra and OmegaConf: an unknown group option or command-line key (with the closest one), and a
+key or value type that the ``_target_`` does not take (OmegaConf checks them against its signature). Run as the
+constructors run them: their own range checks (``check_args`` of the model and the datamodule, e.g.
+``model.temperature > 0``). Checked here, as nothing else can before the run: a ViT only with a model that builds
+one; ``trainer.devices``; ``model.queue_size`` a multiple of the global batch (``data.batch_size`` x devices x
+nodes; twice that with ``model.symmetric``); ``data.batch_size`` a multiple of ``model.bn_splits`` where split BN
+runs; ``trainer.sync_batchnorm`` off; the dataset on disk where no download will fetch it; ``ckpt_path`` an
+existing file (:func:`moco_lightning.checkpointing.check_checkpoint_path`; its contents are checked next, by the
+training CLI).
 """
 
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -28,26 +27,24 @@ import os
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
-from moco_lightning.backbones import BACKBONES, VITS
-from moco_lightning.cli import CONFIG_PATH, count_devices
+from moco_lightning.backbones import VITS
+from moco_lightning.bn import check_no_lightning_sync_batchnorm, check_split_batch
+from moco_lightning.checkpointing import ResumeError, check_checkpoint_path
+from moco_lightning.cli import count_devices
 
-__all__ = ["ConfigError", "check_accelerator", "check_command_line", "check_config", "check_override_keys",
-           "count_processes",
+__all__ = ["ConfigError", "check_accelerator", "check_command_line", "check_config", "count_processes",
            "global_batch_size", "group_options"]
 
-#: Config groups and what their options are called in messages.
-_GROUP_NOUNS = {"data": "dataset", "backbone": "backbone", "model": "model", "trainer": "trainer",
-                "logger": "logger", "callbacks": "callbacks", "experiment": "experiment",
-                "hparams_search": "search", "recipe": "recipe", "model_family": "model family",
-                "linear_protocol": "linear protocol"}
-#: Sweep syntax of the basic sweeper that names no option literally (range(...), glob(...), ...).
-_SWEEP_FUNCTION = re.compile(r"^\s*(range|glob|choice|interval|tag|sort|shuffle)\(")
+#: Type hints OmegaConf checks by itself (:func:`_check_keys`), and the sequence hints it checks as lists.
+_PRIMITIVES = (bool, int, float, str)
+_SEQUENCES = (list, tuple, collections.abc.Sequence, collections.abc.MutableSequence)
 
 
 class ConfigError(ValueError):
@@ -61,58 +58,43 @@ def group_options(config_dir: str | os.PathLike[str], group: str) -> list[str]:
     return sorted(path.stem for path in folder.glob("*.yaml"))
 
 
-def check_command_line(arguments: Sequence[str], config_dir: str | os.PathLike[str]) -> None:
-    """Reject a command-line choice of a config group option that does not exist, e.g. ``backbone=resnet101``.
+def check_command_line(arguments: Sequence[str], config_dir: str | os.PathLike[str], config_name: str = "train"
+                       ) -> None:
+    """Reject what Hydra would refuse in several lines: an unknown group option, or a key not in the config.
 
-    Hydra would also refuse it, with a multi-line message; this says it in one line with the choices. Only
-    plain ``group=option[,option...]`` arguments are checked (with or without ``+``/``++``); keys inside a group
-    (``model.lr=...``), Hydra's own groups (``hydra/...``) and sweep functions are left to Hydra.
-    """
-    for argument in arguments:
-        if argument.startswith("-") or "=" not in argument:
-            continue
-        key, value = argument.split("=", 1)
-        key = key.lstrip("+~")
-        if "." in key or "/" in key or not (Path(config_dir) / key).is_dir():
-            continue
-        if _SWEEP_FUNCTION.match(value) or value.strip() in ("", "null"):
-            continue
-        options = group_options(config_dir, key)
-        value = value.strip()
-        if value.startswith("[") and value.endswith("]"):  # a list of options: callbacks=[default,online_linear]
-            value = value[1:-1]
-        for option in (part.strip() for part in value.split(",")):
-            if option and option != "null" and option not in options:
-                noun = _GROUP_NOUNS.get(key, "option")
-                raise ConfigError(
-                    f"{key}={option}: unknown {noun} {option!r}; choose one of {', '.join(options)} "
-                    f"(the files in conf/{key}/)"
-                )
-
-
-def check_override_keys(arguments: Sequence[str], config_dir: str | os.PathLike[str],
-                        config_name: str = "train") -> None:
-    """Reject a command-line key that is not in the composed config, e.g. ``data.img_size=64``, with a suggestion.
-
-    Hydra refuses it too ("not in struct"), in several lines and without a hint; this names the closest key. The
-    config is composed with the group options of the command line (the first of a sweep); keys added with ``+``,
-    removed with ``~``, Hydra's own (``hydra.*``) and keys under a node that does not exist are left to Hydra, and
-    so is everything when the config does not compose.
+    ``backbone=resnet101`` names the options of the group, also inside a sweep (``data=digits,svhn``, refused
+    before its first job runs); ``data.img_size=64`` names the closest key of the config composed with the group
+    options of the command line (a sweep's first). Arguments are parsed by Hydra's own parser; keys added with
+    ``+``, removed with ``~``, Hydra's own (``hydra.*``, ``hydra/...``) and what does not parse or compose are left
+    to Hydra.
     """
     from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
 
-    keys, groups = [], []
-    for argument in arguments:
-        if argument.startswith("-") or "=" not in argument:
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in arguments if "=" in a and a[0] != "-"])
+    except Exception:  # noqa: BLE001 - a syntax error: Hydra reports it
+        return
+    groups, keys = [], []
+    for override in overrides:
+        name, value = override.key_or_group, override.value()
+        if override.is_delete() or name.split(".")[0].split("/")[0] == "hydra":
             continue
-        key, value = argument.split("=", 1)
-        if key.startswith(("+", "~")) or key.startswith("hydra.") or key == "hydra" or "/" in key:
+        if not (Path(config_dir) / name).is_dir():
+            keys += [] if override.is_add() or "/" in name else [name]
             continue
-        if "." in key:
-            keys.append(key)
-        elif (Path(config_dir) / key).is_dir() and not _SWEEP_FUNCTION.match(value):
-            text = value.strip()  # a list of options as is; a sweep over options: its first
-            groups.append(f"{key}={text}" if text.startswith("[") else f"{key}={text.split(',')[0].strip()}")
+        options = value.list if isinstance(value, ChoiceSweep) else value if isinstance(value, list) else [value]
+        known = group_options(config_dir, name)
+        for option in options:
+            if isinstance(option, str) and option not in known:
+                noun = "dataset" if name == "data" else name.replace("_", " ")
+                raise ConfigError(f"{name}={option}: unknown {noun} {option!r}; choose one of {', '.join(known)} "
+                                  f"(the files in conf/{name}/)")
+        if not override.is_sweep_override():
+            groups.append(override.input_line)
+        elif isinstance(value, ChoiceSweep):
+            groups.append(f"{name}={value.list[0]}")
     if not keys:
         return
     try:
@@ -122,29 +104,18 @@ def check_override_keys(arguments: Sequence[str], config_dir: str | os.PathLike[
         return
     for key in keys:
         parent_key, _, name = key.rpartition(".")
-        parent = OmegaConf.select(cfg, parent_key, default=None, throw_on_missing=False)
+        parent = OmegaConf.select(cfg, parent_key, default=None, throw_on_missing=False) if parent_key else cfg
         if not isinstance(parent, DictConfig) or name in parent.keys():  # (`in` is False for a ??? value)
             continue
         close = difflib.get_close_matches(name, [str(k) for k in parent.keys()], n=1)
-        hint = f"did you mean {parent_key}.{close[0]}?" if close else (
+        hint = f"did you mean {f'{parent_key}.' if parent_key else ''}{close[0]}?" if close else (
             f"its settings are {', '.join(str(k) for k in parent.keys())}")
         raise ConfigError(f"{key} is not a setting of this config; {hint} (to add a new key on purpose: +{key}=...)")
 
 
 # ---------------------------------------------------------------------------------------------- composed config
-def check_config(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> None:
-    """Check a composed training config; raise :class:`ConfigError` on the first problem.
-
-    Args:
-        cfg: the composed config of ``conf/train.yaml``.
-        choices: the chosen option of each group (``HydraConfig.get().runtime.choices``), to check the dataset
-            option by name; optional.
-
-    """
-    if choices is not None and choices.get("data") not in (None, "null"):
-        datasets = group_options(CONFIG_PATH, "data")
-        if choices["data"] not in datasets:
-            raise ConfigError(f"data={choices['data']}: unknown dataset; choose one of {', '.join(datasets)}")
+def check_config(cfg: DictConfig) -> None:
+    """Check a composed training config (of ``conf/train.yaml``); raise :class:`ConfigError` on the first problem."""
     for section in ("model", "data", "trainer"):
         if cfg.get(section) is None:
             raise ConfigError(f"the config has no '{section}' section; choose one with {section}=<option>")
@@ -155,8 +126,8 @@ def check_config(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> N
         for name, node in (cfg.get(section) or {}).items():
             if isinstance(node, DictConfig) and "_target_" in node:
                 _check_keys(node, f"{section}.{name}")
-    _check_model(cfg.model)
-    _check_data_values(cfg.data)
+    for section in ("model", "data"):
+        _run_check(cfg[section], section, "check_args", prefix=f"{section}.")
     _check_queue(cfg)
     _check_bn(cfg)
     _check_data_path(cfg.data)
@@ -164,16 +135,29 @@ def check_config(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> N
 
 
 def _check_ckpt_path(ckpt_path: Any) -> None:
+    """``ckpt_path`` names a file (read and checked later, with the model, by the training CLI)."""
     if ckpt_path is None or str(ckpt_path) == "auto":
         return
-    path = os.path.expanduser(str(ckpt_path))
-    if os.path.isdir(path):
-        raise ConfigError(f"ckpt_path={ckpt_path!r} is a folder, not a checkpoint file; pass a file such as "
-                          f"{os.path.join(str(ckpt_path), 'last.ckpt')}, or ckpt_path=auto to resume from the newest "
-                          "valid checkpoint of the run folder (hydra.run.dir=<run folder>)")
-    if not os.path.isfile(path):
-        raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist; pass the path of a checkpoint to resume from, "
-                          "e.g. outputs/<date>/<time>/checkpoints/last.ckpt, or ckpt_path=auto")
+    try:
+        check_checkpoint_path(str(ckpt_path))
+    except ResumeError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _run_check(node: DictConfig, key: str, check_name: str, errors: tuple[type[Exception], ...] = (ValueError,),
+               prefix: str = "") -> None:
+    """Call the ``_target_``'s own check ``check_name`` with the config's values of its arguments; reword its error.
+
+    ``check_args`` (the range checks its constructor runs; the message starts with ``<argument>=``, so ``prefix``
+    ``model.`` names the setting) or ``check_files`` (the datamodule's files on disk).
+    """
+    check = getattr(_import_target(node._target_, key), check_name, None)
+    if check is None:
+        return
+    try:
+        check(**{name: node[name] for name in inspect.signature(check).parameters if name in node})
+    except errors as err:
+        raise ConfigError(f"{prefix}{err}") from None
 
 
 def _import_target(path: str, key: str) -> Any:
@@ -184,126 +168,96 @@ def _import_target(path: str, key: str) -> Any:
         raise ConfigError(f"{key}._target_={path!r} cannot be imported ({err}); check the class path") from None
 
 
-def _accepted_keywords(target: Any) -> set[str] | None:
-    """Keyword names ``target(...)`` accepts; ``None`` when it takes arbitrary ``**kwargs`` (nothing to check).
+def _arguments(target: Any) -> dict[str, Any] | None:
+    """The keyword arguments ``target(...)`` accepts and their type hints; ``None`` for arbitrary ``**kwargs``.
 
     ``**kwargs`` of this project's classes are followed up the class hierarchy (``DigitsDataModule(**kwargs)``
-    passes them to ``MoCoDataModule``); ``**kwargs`` of third-party classes end the check.
+    passes them to ``MoCoDataModule``); ``**kwargs`` of third-party classes end the check. Unresolvable hints are
+    ``Any``.
     """
-    classes = target.__mro__ if inspect.isclass(target) else (target,)
-    names: set[str] = set()
-    for cls in classes:
-        init = cls.__init__ if inspect.isclass(cls) else cls
+    arguments: dict[str, Any] = {}
+    for cls in target.__mro__ if inspect.isclass(target) else (target,):
         if inspect.isclass(cls) and "__init__" not in vars(cls):
             continue
+        init = cls.__init__ if inspect.isclass(cls) else cls
         try:
             parameters = inspect.signature(init).parameters.values()
         except (TypeError, ValueError):
             return None
-        names.update(p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+        try:
+            hints = typing.get_type_hints(init)
+        except Exception:  # noqa: BLE001 - annotations that do not resolve: no types to check for this class
+            hints = {}
+        for p in parameters:
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self":
+                arguments.setdefault(p.name, hints.get(p.name, Any))
         if not any(p.kind is p.VAR_KEYWORD for p in parameters):
-            return names - {"self"}
+            return arguments
         if not getattr(cls, "__module__", "").startswith("moco_lightning"):
             return None
     return None
 
 
 def _check_keys(node: DictConfig, key: str) -> None:
-    """Every key of ``node`` must be an argument of its ``_target_``, with a value of the annotated type."""
+    """Every key of ``node`` is an argument of its ``_target_``, with a value of the annotated type.
+
+    OmegaConf checks both: the node is merged into a structured config made from the target's signature (the types
+    OmegaConf knows: bool, int, float, str, their optional and list forms; any other hint accepts anything), and its
+    error is reworded here.
+    """
     target_path = node.get("_target_")
     if target_path is None:
         raise ConfigError(f"{key} has no _target_; name the class to build, e.g. {key}._target_=package.Class")
-    target = _import_target(target_path, key)
-    accepted = _accepted_keywords(target)
-    hints = _parameter_hints(target)
-    for name in node.keys():
-        name = str(name)
-        if name.startswith("_") and name.endswith("_"):
-            continue  # Hydra's _target_, _partial_, _recursive_, _convert_
-        if accepted is not None and name not in accepted:
-            close = difflib.get_close_matches(name, sorted(accepted), n=1)
-            hint = f"did you mean {key}.{close[0]}?" if close else f"valid keys: {', '.join(sorted(accepted))}"
-            raise ConfigError(f"{key}.{name} is not a setting of {target_path}; {hint}")
-        if name in hints and not OmegaConf.is_missing(node, name):
-            value = node[name]
-            if _matches(value, hints[name]) is False:
-                raise ConfigError(f"{key}.{name}={_show(value)} must be {_describe_type(hints[name])} "
-                                  f"({target_path} takes {name}: {_type_name(hints[name])}); fix the value")
+    arguments = _arguments(_import_target(target_path, key))
+    if arguments is None:
+        return
+    values = {name: value for name, value in OmegaConf.to_container(node, resolve=False).items()
+              if not (name.startswith("_") and name.endswith("_"))}  # not Hydra's _target_, _partial_...
+    fields = [(name, Any if isinstance(values.get(name), dict) else _omegaconf_type(hint),
+               dataclasses.field(default=MISSING)) for name, hint in arguments.items()]
+    schema = OmegaConf.structured(dataclasses.make_dataclass(f"{key}_schema", fields))
+    try:
+        OmegaConf.merge(schema, values)
+    except ConfigKeyError as err:
+        close = difflib.get_close_matches(str(err.key), sorted(arguments), n=1)
+        hint = f"did you mean {key}.{close[0]}?" if close else f"valid keys: {', '.join(sorted(arguments))}"
+        raise ConfigError(f"{key}.{err.key} is not a setting of {target_path}; {hint}") from None
+    except ValidationError as err:
+        name = re.split(r"[.\[]", str(err.full_key))[0]
+        hint = arguments[name]
+        raise ConfigError(f"{key}.{name}={values[name]!r} must be {_describe_type(hint)} ({target_path} takes "
+                          f"{name}: {_type_name(hint)}); fix the value") from None
 
 
-# ---------------------------------------------------------------------------------------------- value types
-def _parameter_hints(target: Any) -> dict[str, Any]:
-    """Resolved type hints of the keyword arguments of ``target`` (and of the project classes its kwargs reach)."""
-    classes = target.__mro__ if inspect.isclass(target) else (target,)
-    hints: dict[str, Any] = {}
-    for cls in classes:
-        if inspect.isclass(cls) and "__init__" not in vars(cls):
-            continue
-        init = cls.__init__ if inspect.isclass(cls) else cls
-        try:
-            found = typing.get_type_hints(init)
-            parameters = inspect.signature(init).parameters.values()
-        except Exception:  # noqa: BLE001 - unresolvable annotations: nothing to check for this class
-            break
-        for name, hint in found.items():
-            hints.setdefault(name, hint)
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters) or not getattr(cls, "__module__", "").startswith(
-                "moco_lightning"):
-            break
-    hints.pop("return", None)
-    return hints
-
-
-def _matches(value: Any, hint: Any) -> bool | None:
-    """Whether a config value fits a type hint; ``None`` when the hint is not one this check understands."""
-    if hint is Any or isinstance(value, DictConfig) and "_target_" in value:
-        return None  # anything, or an object Hydra builds
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union or origin is types.UnionType:
-        verdicts = [_matches(value, arg) for arg in args]
-        return True if any(v is not False for v in verdicts) else False
-    if hint is type(None):
-        return value is None
-    if origin is typing.Literal:
-        return value in args
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    sequence_types = (list, tuple, collections.abc.Sequence, collections.abc.MutableSequence)
-    if hint in sequence_types or origin in sequence_types:
-        if not isinstance(value, list | tuple | ListConfig):
-            return False
-        items = [a for a in args if a is not Ellipsis]
-        if len(items) == 1:
-            return all(_matches(item, items[0]) is not False for item in value)
-        return True
-    mapping_types = (dict, collections.abc.Mapping, collections.abc.MutableMapping)
-    if hint in mapping_types or origin in mapping_types:
-        return isinstance(value, dict | DictConfig)
-    return None  # a class this check does not know (Path, Callable, nn.Module, torch.dtype...): no verdict
+def _omegaconf_type(hint: Any) -> Any:
+    """``hint`` where OmegaConf can check it (bool, int, float, str, optional, lists of them), else ``Any``."""
+    args = typing.get_args(hint)
+    if hint in _PRIMITIVES:
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # OmegaConf 2.3 knows Optional, not Union
+        items = {a for a in args if a is not type(None)}
+        item = items.pop() if len(items) == 1 else float if items == {int, float} else None
+        if item not in _PRIMITIVES:
+            return Any
+        return typing.Optional[item] if type(None) in args else item  # noqa: UP045 - what OmegaConf 2.3 reads
+    items = {a for a in args if a is not Ellipsis}
+    if typing.get_origin(hint) in _SEQUENCES and len(items) == 1 and args[0] in _PRIMITIVES:
+        return typing.List[args[0]]  # type: ignore[valid-type]  # noqa: UP006 - what OmegaConf 2.3 reads
+    return Any
 
 
 def _describe_type(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Union or origin is types.UnionType:
         return " or ".join(dict.fromkeys(_describe_type(arg) for arg in args))
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
     if hint in names:
         return names[hint]
-    if hint in (list, tuple) or origin in (list, tuple, collections.abc.Sequence, collections.abc.MutableSequence):
+    if hint in _SEQUENCES or origin in _SEQUENCES:
         items = [a for a in args if a is not Ellipsis]
         if len(items) == 1 and items[0] in names:
             return f"a list of {_describe_type(items[0]).removeprefix('an ').removeprefix('a ')}s"
         return "a list"
-    if hint is dict or origin in (dict, collections.abc.Mapping):
-        return "a mapping"
     return _type_name(hint)
 
 
@@ -311,51 +265,15 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
-def _show(value: Any) -> str:
-    if isinstance(value, DictConfig | ListConfig):
-        return str(OmegaConf.to_container(value))
-    return repr(value)
-
-
 def _check_backbone_fits_model(model: DictConfig) -> None:
     """A ViT backbone needs a model that builds one (MoCo v3); say so before the ViT keys look like typos."""
     backbone = model.get("backbone")
     if not (isinstance(backbone, str) and backbone in VITS) or model.get("_target_") is None:
         return
-    accepted = _accepted_keywords(_import_target(model._target_, "model"))
-    if accepted is not None and "patch_size" not in accepted:
+    arguments = _arguments(_import_target(model._target_, "model"))
+    if arguments is not None and "patch_size" not in arguments:
         raise ConfigError(f"backbone={backbone} is a Vision Transformer, which {model._target_} does not build "
                           "(MoCo v1/v2 take ResNets); use model=mocov3 with a ViT, or a ResNet backbone")
-
-
-def _check_model(model: DictConfig) -> None:
-    backbone = model.get("backbone")
-    if isinstance(backbone, str) and backbone not in BACKBONES:
-        raise ConfigError(f"model.backbone={backbone!r} is not a known backbone; choose one of "
-                          f"{', '.join(sorted(BACKBONES))} (backbone=<name>)")
-    temperature = model.get("temperature")
-    if temperature is not None and not float(temperature) > 0:
-        raise ConfigError(f"model.temperature={temperature} must be > 0 (MoCo v1 uses 0.07, v2 0.2, v3 1.0 for "
-                          "ResNet and 0.2 for ViT)")
-    momentum = model.get("momentum")
-    if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
-        raise ConfigError(f"model.momentum={momentum} must be in [0, 1] (v1/v2 use 0.999, v3 0.99)")
-
-
-def _check_data_values(data: DictConfig) -> None:
-    """Sizes the datamodule would refuse later, inside Hydra's "Error in call to target"."""
-    size = data.get("image_size")
-    if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
-        raise ConfigError(f"data.image_size={size!r} must be a positive number of pixels (224 for ImageNet-sized "
-                          "photos, 32 to 96 for small images) or null (the dataset's default)")
-    for key in ("batch_size", "eval_batch_size"):
-        value = data.get(key)
-        if value is not None and isinstance(value, int) and value < 1:
-            raise ConfigError(f"data.{key}={value} must be a positive number of images per device")
-    workers = data.get("num_workers")
-    if (isinstance(workers, int) and workers < 0) or (isinstance(workers, str) and workers != "auto"):
-        raise ConfigError(f"data.num_workers={workers} must be >= 0 (0 = load in the training process) or auto "
-                          "(one per CPU core the process may use)")
 
 
 def check_accelerator(trainer: DictConfig) -> None:
@@ -374,35 +292,25 @@ def check_accelerator(trainer: DictConfig) -> None:
                               "where a GPU is (check CUDA_VISIBLE_DEVICES and nvidia-smi)")
 
 
-def _resolve_device_count(trainer: DictConfig) -> tuple[int | None, str]:
-    """Processes per node asked for by ``trainer.devices``, resolving auto / -1 with the accelerator's count."""
-    try:
-        count = count_devices(trainer.get("devices", 1))
-    except ValueError:
-        raise ConfigError(f"trainer.devices={trainer.get('devices')!r} must be a number of devices (1, 8), a list of "
-                          "device ids ([0,1]), -1 or auto") from None
-    if count is not None:
-        if count < 1:
-            raise ConfigError(f"trainer.devices={trainer.get('devices')} must ask for at least one device")
-        return count, ""
-    accelerator = str(trainer.get("accelerator", "auto"))
-    if accelerator == "cpu":
-        return 1, ""
-    import torch
-
-    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return torch.cuda.device_count(), ""
-    if accelerator == "auto":
-        return 1, ""
-    return None, f"trainer.devices={trainer.get('devices')} on accelerator {accelerator}"
-
-
 def count_processes(trainer: DictConfig) -> int | None:
-    """Processes of a run: ``trainer.devices`` (auto resolved with the accelerator's count) x ``num_nodes``.
+    """Processes of a run: ``trainer.devices`` (auto / -1 resolved with the accelerator's count) x ``num_nodes``.
 
     ``None`` when the device count cannot be known before the run (``devices=auto`` on an absent accelerator).
     """
-    devices, _ = _resolve_device_count(trainer)
+    try:
+        devices = count_devices(trainer.get("devices", 1))
+    except ValueError:
+        raise ConfigError(f"trainer.devices={trainer.get('devices')!r} must be a number of devices (1, 8), a list of "
+                          "device ids ([0,1]), -1 or auto") from None
+    if devices is not None and devices < 1:
+        raise ConfigError(f"trainer.devices={trainer.get('devices')} must ask for at least one device")
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if devices is None and accelerator in ("gpu", "cuda", "auto"):
+        import torch
+
+        devices = torch.cuda.device_count() if torch.cuda.is_available() else 1 if accelerator == "auto" else None
+    elif devices is None and accelerator == "cpu":
+        devices = 1
     return None if devices is None else devices * int(trainer.get("num_nodes", 1) or 1)
 
 
@@ -420,8 +328,6 @@ def _check_queue(cfg: DictConfig) -> None:
     if "queue_size" not in cfg.model:  # MoCo v3 has no queue
         return
     queue_size = int(cfg.model.queue_size)
-    if queue_size < 1:
-        raise ConfigError(f"model.queue_size={queue_size} must be a positive number of negative keys")
     batch = global_batch_size(cfg)
     if batch is None:
         return
@@ -443,74 +349,22 @@ def _check_queue(cfg: DictConfig) -> None:
 
 
 def _check_bn(cfg: DictConfig) -> None:
-    """``model.bn`` is a known mode; split BN divides the per-device batch; Lightning's SyncBN stays off."""
-    from moco_lightning.bn import BN_MODES
-    from moco_lightning.v3 import V3_BN_MODES
-
+    """Lightning's SyncBN stays off; split BN divides the per-device batch (the BN modes: the model's check_args)."""
     if "bn" not in cfg.model:
         return
+    processes = count_processes(cfg.trainer)
     mode = str(cfg.model.bn)
-    v3 = str(cfg.model.get("_target_", "")).endswith("MoCoV3")
-    modes = V3_BN_MODES if v3 else BN_MODES
-    if mode not in modes:
-        raise ConfigError(f"model.bn={mode} is not a BN mode of {'MoCo v3' if v3 else 'MoCo'}; choose one of "
-                          f"{', '.join(modes)}")
-    if cfg.trainer.get("sync_batchnorm", False):
-        raise ConfigError("trainer.sync_batchnorm=true converts every BatchNorm and undoes MoCo's own BN handling; "
-                          "set trainer.sync_batchnorm=false and model.bn=sync (or model.bn=auto)")
-    if v3:  # no split BN in MoCo v3
-        return
-    batch = global_batch_size(cfg)
-    processes = None if batch is None else batch // int(cfg.data.batch_size)
-    splits = int(cfg.model.get("bn_splits", 1) or 1)
-    if splits < 1:
-        raise ConfigError(f"model.bn_splits={splits} must be a positive number of BN groups (the demo uses 8)")
-    split = mode == "split" or (mode == "auto" and processes == 1)
-    if split and int(cfg.data.batch_size) % splits != 0:
-        reason = "model.bn=split" if mode == "split" else "model.bn=auto on one process means split BN"
-        raise ConfigError(
-            f"data.batch_size={cfg.data.batch_size} must be a multiple of model.bn_splits={splits} ({reason}: each "
-            "of the groups normalises batch/bn_splits images); change data.batch_size or model.bn_splits"
-        )
+    try:
+        check_no_lightning_sync_batchnorm(bool(cfg.trainer.get("sync_batchnorm", False)))
+        if "bn_splits" in cfg.model and (mode == "split" or (mode == "auto" and processes == 1)):  # not MoCo v3
+            check_split_batch(int(cfg.data.batch_size), int(cfg.model.bn_splits), "model.bn=split" if mode == "split"
+                              else "model.bn=auto on one process means split BN")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _check_data_path(data: DictConfig) -> None:
-    """The dataset must be on disk where nothing will download it."""
-    if "data_dir" not in data.keys():  # (`in` is False for a ??? value)
-        return
-    if OmegaConf.is_missing(data, "data_dir"):
+    """The dataset is on disk where nothing will download it: the datamodule's own ``check_files``."""
+    if "data_dir" in data.keys() and OmegaConf.is_missing(data, "data_dir"):  # (`in` is False for a ??? value)
         raise ConfigError("data.data_dir is missing; set data.data_dir=/path/to/images")
-    target = _import_target(data._target_, "data")
-    check_files = getattr(target, "check_files", None)
-    if check_files is not None:  # a datamodule that knows where its files may be (the idx datasets)
-        check_files(data.data_dir, download=bool(data.get("download", False)))
-        return
-    data_dir = os.path.expanduser(str(data.data_dir))
-    if data.get("download", False):
-        return
-    required = getattr(target, "required_files", None)
-    tv_class = getattr(target, "torchvision_class", None)
-    if required and tv_class is not None:  # torchvision sets with download=false
-        folder = os.path.join(data_dir, tv_class.base_folder)
-        missing = [name for name in required if not os.path.exists(os.path.join(folder, name))]
-        if missing:
-            what = getattr(target, "what_to_place", "the dataset files")
-            raise ConfigError(f"data.data_dir={data.data_dir!r}: {folder} lacks {missing[0]}; place {what} there, "
-                              "or set data.download=true")
-        return
-    subfolders: Iterable[str] = ("train", "val") if target.__name__ == "ImageNetDataModule" else ("",)
-    for sub in subfolders:
-        folder = os.path.join(data_dir, sub) if sub else data_dir
-        if os.path.isfile(folder):
-            raise ConfigError(f"data.data_dir={data.data_dir!r}: {folder} is a file, not a folder; set data.data_dir "
-                              "to the folder that holds the images (<folder>/<class>/<image>, or the images "
-                              "directly)")
-        if not os.path.isdir(folder):
-            layout = ("the folder that contains train/<class>/ and val/<class>/" if sub
-                      else "a folder of images, as <folder>/<class>/<image>")
-            raise ConfigError(f"data.data_dir={data.data_dir!r}: {folder} does not exist; set data.data_dir to "
-                              f"{layout}")
-    val_dir = data.get("val_dir")
-    if val_dir is not None and not os.path.isdir(os.path.expanduser(str(val_dir))):
-        raise ConfigError(f"data.val_dir={val_dir!r} does not exist; set it to a folder with the same class "
-                          "sub-folders as data.data_dir, or to null")
+    _run_check(data, "data", "check_files", (OSError, ValueError, RuntimeError))

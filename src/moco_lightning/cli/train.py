@@ -51,7 +51,6 @@ from moco_lightning.cli.config_checks import (
     check_accelerator,
     check_command_line,
     check_config,
-    check_override_keys,
 )
 from moco_lightning.data import DatasetError, DatasetNotAvailableError
 from moco_lightning.eval.knn import has_labels
@@ -234,8 +233,7 @@ def _config_text(cfg: DictConfig) -> str:
 def train(cfg: DictConfig) -> float | None:
     """Check the config, build everything, fit; returns ``cfg.optimized_metric`` at the end (for sweepers)."""
     with _clean_exit(cfg):
-        choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else None
-        check_config(cfg, choices)
+        check_config(cfg)
         check_accelerator(cfg.trainer)
 
     L.seed_everything(cfg.seed)
@@ -369,8 +367,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """Console entry point: check the group options named on the command line, then run Hydra."""
     try:
-        check_command_line(sys.argv[1:], CONFIG_PATH)
-        check_override_keys(sys.argv[1:], CONFIG_PATH, "train")
+        check_command_line(sys.argv[1:], CONFIG_PATH, "train")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

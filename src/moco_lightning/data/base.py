@@ -28,7 +28,7 @@ from moco_lightning.transforms import (
 )
 
 __all__ = ["DatasetError", "MoCoDataModule", "TensorImageDataset", "TransformedDataset", "auto_workers",
-           "seed_worker"]
+           "check_data_args", "seed_worker"]
 
 
 class DatasetError(ValueError):
@@ -128,6 +128,40 @@ class TransformedDataset(Dataset):
         return image, label
 
 
+def check_data_args(batch_size: int = 256, eval_batch_size: int | None = None, num_workers: int | str = 4,
+                    image_size: int | None = None, augmentation: str | Callable[[Any], torch.Tensor] | None = None,
+                    batch_augmentation: bool = True, mean: Sequence[float] | None = None,
+                    std: Sequence[float] | None = None) -> None:
+    """Raise a ``ValueError`` when a datamodule setting is out of range; its message starts with ``<name>=<value>``.
+
+    The one place these ranges are written: :class:`MoCoDataModule` calls it, and so does the training CLI on the
+    config (prefixing ``data.``) before anything is built.
+    """
+    def positive(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    if not positive(batch_size):
+        raise ValueError(f"batch_size={batch_size!r} must be a positive number of images per device")
+    if eval_batch_size is not None and not positive(eval_batch_size):
+        raise ValueError(f"eval_batch_size={eval_batch_size!r} must be a positive number of images per device, or "
+                         "null (the training batch size)")
+    if num_workers != "auto" and (not isinstance(num_workers, int) or num_workers < 0):
+        raise ValueError(f"num_workers={num_workers} must be an integer >= 0 (0 = load in the training process) or "
+                         "auto (one per CPU core the process may use)")
+    if image_size is not None and not positive(image_size):
+        raise ValueError(f"image_size={image_size!r} must be a positive number of pixels (224 for ImageNet-sized "
+                         "photos, 32 to 96 for small images) or null (the dataset's default)")
+    if isinstance(augmentation, str) and augmentation not in AUGMENTATIONS:
+        raise ValueError(f"augmentation={augmentation} is not a known augmentation; use one of "
+                         f"{', '.join(AUGMENTATIONS)} or a callable transform")
+    if batch_augmentation and callable(augmentation):
+        raise ValueError(f"batch_augmentation=true needs a named augmentation ({', '.join(AUGMENTATIONS)}); set "
+                         "batch_augmentation=false to apply a callable per image")
+    for key, value in (("mean", mean), ("std", std)):
+        if value is not None and len(value) != 3:
+            raise ValueError(f"{key}={list(value)} must have 3 values (RGB)")
+
+
 class MoCoDataModule(LightningDataModule):
     """Base datamodule for MoCo: pretraining pairs ``((x_q, x_k), y)`` and evaluation batches ``(x, y)``.
 
@@ -186,6 +220,8 @@ class MoCoDataModule(LightningDataModule):
     #: whether all images have one size (in-memory / fixed-size datasets): the batch augmentation then crops on the
     #: device; otherwise the loader takes the random resized crops.
     fixed_image_size: ClassVar[bool] = True
+    #: The range checks of the arguments: the constructor runs them, and the training CLI on the config.
+    check_args = staticmethod(check_data_args)
 
     def __init__(self, batch_size: int = 256, num_workers: int | str = 4, pin_memory: bool | None = None,
                  persistent_workers: bool | None = None, seed: int = 0,
@@ -194,26 +230,9 @@ class MoCoDataModule(LightningDataModule):
                  augmentation_kwargs: dict[str, Any] | None = None, eval_batch_size: int | None = None,
                  prefetch_factor: int | None = None, batch_augmentation: bool = True) -> None:
         super().__init__()
-        name = type(self).__name__
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"{name}: data.batch_size must be a positive integer, got {batch_size!r}")
-        if eval_batch_size is not None and (not isinstance(eval_batch_size, int) or eval_batch_size < 1):
-            raise ValueError(f"{name}: data.eval_batch_size must be a positive integer or null, "
-                             f"got {eval_batch_size!r}")
-        if num_workers != "auto" and (not isinstance(num_workers, int) or num_workers < 0):
-            raise ValueError(f"{name}: data.num_workers must be an integer >= 0 or auto, got {num_workers!r}")
-        if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-            raise ValueError(f"{name}: data.image_size must be a positive integer or null (dataset default), "
-                             f"got {image_size!r}")
-        if isinstance(augmentation, str) and augmentation not in AUGMENTATIONS:
-            raise ValueError(f"{name}: unknown data.augmentation {augmentation!r}; use one of {list(AUGMENTATIONS)} "
-                             "or a callable transform")
-        if batch_augmentation and callable(augmentation):
-            raise ValueError(f"{name}: data.batch_augmentation=true needs a named augmentation "
-                             f"({list(AUGMENTATIONS)}); set batch_augmentation=False to apply a callable per image")
-        for key, value in (("mean", mean), ("std", std)):
-            if value is not None and len(value) != 3:
-                raise ValueError(f"{name}: data.{key} must have 3 values (RGB), got {value!r}")
+        check_data_args(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                        image_size=image_size, augmentation=augmentation, batch_augmentation=batch_augmentation,
+                        mean=mean, std=std)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size
         self.num_workers_setting: int | str = num_workers

@@ -64,7 +64,8 @@ def ensure_dataset_files(dataset: str, folder: str | os.PathLike[str], files: Se
     where = f"{dataset}: missing {', '.join(missing)} in {folder}"
     if not download:
         raise DatasetNotAvailableError(
-            f"{where}. Place there {what_to_place}, or set data.download=true to download it from {url}.")
+            f"{where}. Place there {what_to_place}, point data.data_dir at a folder that has them, or set "
+            f"data.download=true to download it from {url}.")
     previous = socket.getdefaulttimeout()
     try:
         _resolve_host(url, timeout)

@@ -72,6 +72,24 @@ def _visible_image(root: str) -> Callable[[str], bool]:
                          and not any(part.startswith(".") for part in path[start:].split(os.sep)))
 
 
+def check_folder(root: str | os.PathLike[str], setting: str = "data.data_dir") -> str:
+    """``root`` with ``~`` expanded, after checking that it is a folder; ``setting`` is named in the errors.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        NotADirectoryError: ``root`` is a file.
+
+    """
+    root = os.path.expanduser(os.fspath(root))
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"{setting}={root!r} does not exist. Set {setting} to the folder of your images. "
+                                f"{_LAYOUT_HELP}.")
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"{setting}={root!r} is a file, not a folder. Set {setting} to the folder of your "
+                                 f"images. {_LAYOUT_HELP}.")
+    return root
+
+
 def scan_image_folder(root: str | os.PathLike[str], setting: str = "data.data_dir", labels: str = "auto"
                       ) -> tuple[list[tuple[str, int]], list[str]]:
     """List the images of a folder: ``(samples [(path, label)], class names)``.
@@ -91,12 +109,7 @@ def scan_image_folder(root: str | os.PathLike[str], setting: str = "data.data_di
         DatasetError: ``root`` is empty or holds no file with a known image extension (a ``ValueError``).
 
     """
-    root = os.path.expanduser(os.fspath(root))
-    if not os.path.exists(root):
-        raise FileNotFoundError(f"{setting}={root!r} does not exist. Set {setting} to the folder of your images. "
-                                f"{_LAYOUT_HELP}.")
-    if not os.path.isdir(root):
-        raise NotADirectoryError(f"{setting}={root!r} is a file, not a folder. {_LAYOUT_HELP}.")
+    root = check_folder(root, setting)
     if labels not in LABEL_MODES:
         raise ValueError(f"data.labels={labels!r}: choose one of {', '.join(LABEL_MODES)}")
     entries = sorted((e for e in os.scandir(root) if not e.name.startswith(".")), key=lambda e: e.name)
@@ -355,6 +368,13 @@ class ImageFolderDataModule(_FolderDataModule):
         self._train_samples: list[tuple[str, int]] | None = None
         self._val_samples: list[tuple[str, int]] = []
 
+    @staticmethod
+    def check_files(data_dir: str, val_dir: str | None = None) -> None:
+        """Before any compute: ``data_dir`` (and ``val_dir`` when given) are folders (:func:`check_folder`)."""
+        check_folder(data_dir, "data.data_dir")
+        if val_dir is not None:
+            check_folder(val_dir, "data.val_dir")
+
     @property
     def has_labels(self) -> bool:
         """Whether the folder is labelled (two or more class sub-folders); scans the folder on first use."""
@@ -444,13 +464,20 @@ class ImageNetDataModule(_FolderDataModule):
         self.data_dir = os.path.expanduser(str(data_dir))
         self._scanned: dict[str, tuple[list[tuple[str, int]], list[str]]] = {}
 
-    def _scan_split(self, split: str) -> tuple[list[tuple[str, int]], list[str]]:
-        if split not in self._scanned:
-            folder = os.path.join(self.data_dir, split)
+    @staticmethod
+    def check_files(data_dir: str) -> None:
+        """Before any compute: ``data_dir`` holds the ``train/`` and ``val/`` folders."""
+        for split in ("train", "val"):
+            folder = os.path.join(os.path.expanduser(str(data_dir)), split)
             if not os.path.isdir(folder):
                 raise FileNotFoundError(
                     f"ImageNetDataModule: {folder!r} does not exist. Set data.data_dir to the folder that contains "
                     "ImageNet's train/ and val/ folders (train/<wnid>/<image>.JPEG, val/<wnid>/<image>.JPEG).")
+
+    def _scan_split(self, split: str) -> tuple[list[tuple[str, int]], list[str]]:
+        if split not in self._scanned:
+            folder = os.path.join(self.data_dir, split)
+            self.check_files(self.data_dir)
             samples, classes = scan_image_folder(folder, f"data.data_dir ({split} folder)")
             if not classes:
                 raise DatasetError(f"ImageNetDataModule: {folder!r} holds images without class sub-folders. Sort "

@@ -148,7 +148,7 @@ class IdxDataModule(MoCoDataModule):
                 "data.data_dir to it, or set data.download=true where there is a network")
 
     @classmethod
-    def check_files(cls, data_dir: str | None, download: bool) -> None:
+    def check_files(cls, data_dir: str | None = None, download: bool = True) -> None:
         """Before any compute: the files must be on disk unless a download will be tried (``download=true``)."""
         if data_dir is not None and os.path.exists(os.path.expanduser(str(data_dir))) and not os.path.isdir(
                 os.path.expanduser(str(data_dir))):

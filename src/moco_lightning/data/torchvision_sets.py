@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from torch.utils.data import Dataset
@@ -39,6 +40,19 @@ class _TorchvisionDataModule(MoCoDataModule):
         """The folder holding the extracted files, e.g. ``<data_dir>/cifar-10-batches-py``."""
         return os.path.join(self.data_dir, self.torchvision_class.base_folder)  # type: ignore[attr-defined]
 
+    @classmethod
+    def check_files(cls, data_dir: str = "data", download: bool = True) -> None:
+        """Before any compute: without ``download``, the files must be in ``<data_dir>/<base folder>``."""
+        if not download:
+            cls._ensure(os.path.join(os.path.expanduser(str(data_dir)), cls.torchvision_class.base_folder), False,
+                        lambda: None)
+
+    @classmethod
+    def _ensure(cls, folder: str, download: bool, download_fn: Callable[[], object], timeout: float = 10.0) -> None:
+        ensure_dataset_files(cls.display_name, folder, cls.required_files, download=download,
+                             url=cls.torchvision_class.url,  # type: ignore[attr-defined]
+                             download_fn=download_fn, what_to_place=cls.what_to_place, timeout=timeout)
+
     def _download_split(self) -> dict[str, Any]:
         """Constructor keywords for the (cheapest) split used to trigger torchvision's download."""
         raise NotImplementedError
@@ -47,11 +61,8 @@ class _TorchvisionDataModule(MoCoDataModule):
         if self._files_ok:
             return
         cls = self.torchvision_class
-        ensure_dataset_files(
-            self.display_name, self.dataset_folder, self.required_files, download=self.download,
-            url=cls.url,  # type: ignore[attr-defined]
-            download_fn=lambda: cls(self.data_dir, download=True, **self._download_split()),
-            what_to_place=self.what_to_place, timeout=self.download_timeout)
+        self._ensure(self.dataset_folder, self.download,
+                     lambda: cls(self.data_dir, download=True, **self._download_split()), self.download_timeout)
         self._files_ok = True
 
     def prepare_data(self) -> None:
