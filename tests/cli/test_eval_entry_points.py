@@ -14,9 +14,9 @@ from omegaconf.errors import ConfigAttributeError, MissingMandatoryValue
 
 from moco_lightning import MoCo
 from moco_lightning.cli import CONFIG_PATH, eval_knn
-from moco_lightning.cli.eval_knn import warn_if_data_differs_from_pretraining
 from moco_lightning.cli.eval_linear import evaluate_linear
 from moco_lightning.cli.export import main as export_main
+from moco_lightning.cli.pretraining_data import adopt_pretraining_data
 from moco_lightning.eval.checkpoint import UnsafeCheckpointError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -153,17 +153,22 @@ def test_eval_linear_runs_the_protocol_from_the_config(checkpoint, tmp_path):
     assert (tmp_path / "csv" / "metrics.csv").is_file()  # the configured logger wrote the curves
 
 
-def test_a_data_config_unlike_pretraining_is_warned_about(tmp_path):
+def test_a_data_config_unlike_pretraining_is_warned_about(tmp_path, caplog):
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "config.yaml").write_text(
         "data:\n  _target_: moco_lightning.data.DigitsDataModule\n  image_size: 8\n"
     )
     cfg = _compose("eval_knn", [f"checkpoint={run / 'checkpoints' / 'last.ckpt'}"])  # image_size 16 by default
-    messages = warn_if_data_differs_from_pretraining(cfg)
-    assert len(messages) == 1 and "data.image_size=16" in messages[0] and "data.image_size=8" in messages[0]
+    with caplog.at_level("WARNING"):
+        adopt_pretraining_data(cfg)  # composed in Python: the data as configured, with a warning
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "data.image_size=16" in warnings[0] and "data.image_size=8" in warnings[0]
+    caplog.clear()
     cfg = _compose("eval_knn", [f"checkpoint={run / 'checkpoints' / 'last.ckpt'}", "data.image_size=8"])
-    assert warn_if_data_differs_from_pretraining(cfg) == []
+    with caplog.at_level("WARNING"):
+        adopt_pretraining_data(cfg)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 def test_export_writes_both_formats_next_to_the_checkpoint(tmp_path, capsys):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -26,32 +25,9 @@ from moco_lightning.data import DatasetError, DatasetNotAvailableError
 from moco_lightning.eval.checkpoint import CheckpointError, load_backbone, load_query_encoder, read_backbone_checkpoint
 from moco_lightning.eval.knn import FEATURES, knn_accuracy
 
-__all__ = ["evaluate_knn", "main", "warn_if_data_differs_from_pretraining"]
+__all__ = ["evaluate_knn", "main"]
 
 log = logging.getLogger(__name__)
-
-
-def warn_if_data_differs_from_pretraining(cfg: DictConfig) -> list[str]:
-    """Warn when ``cfg.data`` names another dataset or image size than the run that wrote the checkpoint.
-
-    The training config is looked up where moco-train leaves it: ``<run>/.hydra/config.yaml`` for a checkpoint
-    in ``<run>/checkpoints/``. Returns the warnings (empty when they match or the config is not found).
-    """
-    train_cfg = Path(str(cfg.checkpoint)).expanduser().resolve().parent.parent / ".hydra" / "config.yaml"
-    if not train_cfg.is_file():
-        return []
-    trained = OmegaConf.load(train_cfg).get("data") or {}
-    messages = []
-    for key in ("_target_", "image_size"):
-        if key in trained and key in cfg.data and trained[key] != cfg.data[key]:
-            messages.append(
-                f"data.{key}={cfg.data[key]!r} but the checkpoint was pretrained with data.{key}={trained[key]!r} "
-                f"({train_cfg}); leave out data=... to evaluate on the pretraining data"
-                + (f", or pass data.{key}={trained[key]}" if key != "_target_" else "")
-            )
-    for message in messages:
-        log.warning(message)
-    return messages
 
 
 def _device(name: str) -> torch.device:
