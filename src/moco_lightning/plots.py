@@ -179,7 +179,7 @@ def sweep_curves_figure(runs: Mapping[str, Mapping[str, tuple[Sequence[float], S
 
 def _is_fraction(metric: str) -> bool:
     """Accuracies are logged as fractions and shown in per cent."""
-    return "acc" in metric or "knn_top" in metric or "top1" in metric or "top5" in metric
+    return "acc" in metric or "top1" in metric or "top5" in metric
 
 
 def sweep_heatmap_figure(grid: np.ndarray, x_values: Sequence[str], y_values: Sequence[str], x_key: str,

@@ -37,6 +37,8 @@ IDX_FILES: dict[str, tuple[str, str]] = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+#: all four, in that order
+IDX_STEMS: tuple[str, ...] = (*IDX_FILES["train"], *IDX_FILES["val"])
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
@@ -132,9 +134,8 @@ class IdxDataModule(MoCoDataModule):
     @classmethod
     def locate_files(cls, data_dir: str | None) -> dict[str, str] | None:
         """``{file stem: path}`` of the four files in the first folder that has all of them, or ``None``."""
-        stems = [stem for pair in IDX_FILES.values() for stem in pair]
         for folder in cls.search_dirs(data_dir):
-            found = {stem: cls._find(folder, stem) for stem in stems}
+            found = {stem: cls._find(folder, stem) for stem in IDX_STEMS}
             if all(found.values()):
                 return found  # type: ignore[return-value]
         return None
@@ -143,15 +144,15 @@ class IdxDataModule(MoCoDataModule):
     def missing_message(cls, data_dir: str | None) -> str:
         """One line: the files are in none of the folders looked in, and how to get them."""
         looked = ", ".join(cls.search_dirs(data_dir))
-        return (f"{cls.display_name}: the idx files ({', '.join(IDX_FILES['train'] + IDX_FILES['val'])}, gzipped "
+        return (f"{cls.display_name}: the idx files ({', '.join(IDX_STEMS)}, gzipped "
                 f"or not) are in none of {looked}; {cls.offline_hint}place them in a folder and set "
                 "data.data_dir to it, or set data.download=true where there is a network")
 
     @classmethod
     def check_files(cls, data_dir: str | None = None, download: bool = True) -> None:
         """Before any compute: the files must be on disk unless a download will be tried (``download=true``)."""
-        if data_dir is not None and os.path.exists(os.path.expanduser(str(data_dir))) and not os.path.isdir(
-                os.path.expanduser(str(data_dir))):
+        path = None if data_dir is None else os.path.expanduser(str(data_dir))
+        if path is not None and os.path.exists(path) and not os.path.isdir(path):
             raise DatasetNotAvailableError(f"data.data_dir={data_dir!r} is a file; set it to the folder that holds "
                                            f"the {cls.display_name} idx files, or to null")
         if not download and cls.locate_files(data_dir) is None:
@@ -168,7 +169,7 @@ class IdxDataModule(MoCoDataModule):
         tv_class = self.torchvision_class
         try:
             ensure_dataset_files(
-                self.display_name, folder, [stem for pair in IDX_FILES.values() for stem in pair], download=True,
+                self.display_name, folder, IDX_STEMS, download=True,
                 url=tv_class.mirrors[0],  # type: ignore[attr-defined]
                 download_fn=lambda: tv_class(root, train=False, download=True),
                 what_to_place="the four idx files", timeout=self.download_timeout)
