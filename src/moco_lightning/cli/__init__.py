@@ -20,14 +20,17 @@ import netrc
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from omegaconf import ListConfig, OmegaConf
 
 from moco_lightning.deadline import call_with_deadline
 
-__all__ = ["CONFIG_PATH", "config_dir", "count_devices", "register_resolvers", "write_results"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["CONFIG_PATH", "config_dir", "count_devices", "register_resolvers", "resolve_device", "write_results"]
 
 #: Images of at most this many pixels a side get the CIFAR stem (3x3 stride-1 conv, no max-pool) by default, and
 #: ViTs a patch of :data:`SMALL_IMAGE_PATCH` pixels instead of 16.
@@ -131,6 +134,15 @@ def _reachable(host: str, port: int, timeout: float = 3.0) -> bool:
         return call_with_deadline(connect, 2 * timeout, f"connecting to {host}:{port}")
     except OSError:  # refused, unreachable, or past the deadline (TimeoutError)
         return False
+
+
+def resolve_device(name: str) -> torch.device:
+    """The ``device`` setting of the evaluation entry points: ``auto`` = the GPU when there is one, else the CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def write_results(result: dict[str, Any], output_dir: str | None) -> None:

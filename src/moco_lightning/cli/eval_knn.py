@@ -15,11 +15,10 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from moco_lightning.cli import CONFIG_PATH, write_results
+from moco_lightning.cli import CONFIG_PATH, resolve_device, write_results
 from moco_lightning.cli.pretraining_data import adopt_pretraining_data
 from moco_lightning.data import DatasetError, DatasetNotAvailableError
 from moco_lightning.eval.checkpoint import CheckpointError, load_backbone, load_query_encoder, read_backbone_checkpoint
@@ -30,12 +29,6 @@ __all__ = ["evaluate_knn", "main"]
 log = logging.getLogger(__name__)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def evaluate_knn(cfg: DictConfig) -> dict[str, Any]:
     """Run the kNN evaluation a config describes; returns the result dict that is also saved as JSON."""
     L.seed_everything(cfg.seed)
@@ -44,7 +37,7 @@ def evaluate_knn(cfg: DictConfig) -> dict[str, Any]:
     load = load_backbone if cfg.features == "backbone" else load_query_encoder
     backbone, dim, ckpt = load(read_backbone_checkpoint(cfg.checkpoint, allow_pickle=cfg.allow_pickle))
     adopt_pretraining_data(cfg)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     backbone.to(device).eval()
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()

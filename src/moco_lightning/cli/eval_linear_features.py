@@ -16,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from moco_lightning.cli import resolve_device
 from moco_lightning.cli.config_checks import ConfigError
 from moco_lightning.cli.pretraining_data import adopt_pretraining_data
 from moco_lightning.eval.checkpoint import load_backbone, read_backbone_checkpoint
@@ -45,18 +46,12 @@ def check_features_config(cfg: DictConfig) -> None:
         raise ConfigError(f"max_iter={cfg.max_iter} and batch_size={cfg.batch_size} must be positive integers")
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def evaluate_features(cfg: DictConfig) -> dict[str, Any]:
     """Run the features protocol a config describes; returns the result dict that is also saved as JSON."""
     check_features_config(cfg)
     L.seed_everything(cfg.seed)
     pixels = str(cfg.checkpoint) == PIXELS
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     if pixels:
         backbone, dim, path, name = None, None, PIXELS, None
     else:
