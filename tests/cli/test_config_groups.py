@@ -122,6 +122,23 @@ def test_option_composes_and_instantiates(group, option, compose_train, tmp_path
         assert swept == {"model.bn"} if option == "bn_leak" else {"model.momentum", "model.queue_size"} <= swept
 
 
+def test_fashion_mnist_claims_sweeps_share_one_budget_and_start_at_one_batch(compose_train):
+    # the dictionary sweep's smallest queue is one batch of the recipe (the smallest queue MoCo allows), every
+    # queue is a whole number of batches, and both claims sweeps run at one fixed budget below the recipe's
+    recipe = compose_train(["experiment=fashion_mnist"])
+    for option in ("dictionary", "bn_leak"):
+        overrides = ["experiment=fashion_mnist", f"hparams_search={option}"]
+        cfg = compose_train(overrides)
+        assert cfg.data.batch_size == recipe.data.batch_size
+        assert cfg.trainer.max_epochs < recipe.trainer.max_epochs and cfg.data.image_size <= recipe.data.image_size
+        assert cfg.callbacks.knn.every_n_epochs == 1  # the report reads the last epoch's val/knn_top1
+        if option == "dictionary":
+            params = compose_train(overrides, return_hydra_config=True).hydra.sweeper.params
+            queues = [int(k) for k in str(params["model.queue_size"]).split(",")]
+            assert min(queues) == cfg.data.batch_size and all(k % cfg.data.batch_size == 0 for k in queues)
+            assert "0.0" in str(params["model.momentum"]).split(",")  # the paper's "no momentum" arm
+
+
 def test_recipe_follows_the_data_backbone_pair(compose_train):
     digits = compose_train()
     assert digits.model.queue_size < 1437 and digits.trainer.max_epochs < 200  # the measured digits recipe
