@@ -68,8 +68,11 @@ def test_site_builds_strict(tmp_path: Path) -> None:
         assert ":class:`" not in html.read_text(encoding="utf-8"), html
     # the home page takes the README's sections (pymdownx.snippets), so the two cannot drift apart
     assert "dictionary look-up" in (site / "index.html").read_text(encoding="utf-8")
-    assert "python train.py model=mocov3" in (site / "results/index.html").read_text(encoding="utf-8")
-    assert (site / "images/embedding_map.png").is_file()
+    results = (site / "results/index.html").read_text(encoding="utf-8")
+    assert "python train.py model=mocov3" in results
+    assert "hparams_search=dictionary" in results and "hparams_search=bn_leak" in results  # README's Fashion-MNIST
+    for image in ("embedding_map.png", "fashion_mnist_dictionary.png", "fashion_mnist_bn_leak.png"):
+        assert (site / "images" / image).is_file(), image
 
 
 def test_strict_build_fails_on_a_broken_reference(tmp_path: Path) -> None:

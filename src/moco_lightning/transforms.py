@@ -328,8 +328,8 @@ def grey_transform(image_size: int = 28, mean: Sequence[float] = FASHION_MNIST_M
     RandomResizedCrop(scale ``crop_scale``), brightness / contrast jitter ``jitter`` with p ``jitter_prob``,
     horizontal flip with p ``flip_prob`` (0 for digits and characters), Gaussian blur sigma U[0.1, 2.0] with p
     ``blur_prob``. Saturation, hue and random grayscale are left out: on a grey image they change nothing. The
-    defaults are MoCo v2's crop and jitter strengths; they are not yet tuned on Fashion-MNIST (benchmarks/RESULTS.md,
-    "Fashion-MNIST: first recipes").
+    defaults are MoCo v2's crop and jitter strengths; on Fashion-MNIST a milder crop (scale 0.5 to 1) did no better
+    in a short screen (benchmarks/RESULTS.md, "Fashion-MNIST").
     """
     _check_size(image_size)
     return v2.Compose([
