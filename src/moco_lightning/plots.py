@@ -213,7 +213,7 @@ def sweep_heatmap_figure(grid: np.ndarray, x_values: Sequence[str], y_values: Se
         if not np.isfinite(value):
             text, colour = "n/a", "black"
         else:
-            text = f"{value:.1f}"
+            text = f"{value:.1f}" if scale == 100.0 else f"{value:.3g}"
             if counts is not None and counts[row, col] > 1:
                 text += f"\n(n={int(counts[row, col])})"
             colour = "white" if value < middle else "black"

@@ -119,3 +119,12 @@ def test_curves_of_a_metric_nobody_logged_is_one_line(sweep, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(sweep), "--curves", "val/nothing"])
     assert exit_info.value.code == 2 and "no metric to plot" in capsys.readouterr().err
+
+
+def test_a_metric_that_is_not_an_accuracy_is_shown_as_logged(sweep, capsys):
+    # train/loss is 5.0 in every job: a loss (or a key drift) is not a fraction, so no percent sign and no x100
+    main([str(sweep), "--metric", "train/loss"])
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("job "))
+    row = lines[header + 1]
+    assert " 5 " in f"{row} " and "%" not in row and "500" not in row

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["Job", "SweepReport", "main", "read_job", "read_sweep", "save_curves"]
+__all__ = ["Job", "SweepReport", "format_metric", "main", "metric_scale", "read_job", "read_sweep", "save_curves"]
 
 DEFAULT_X, DEFAULT_Y = "model.momentum", "model.queue_size"
 DEFAULT_METRIC = "val/knn_top1"
@@ -76,7 +76,7 @@ class SweepReport:
         """The ranked jobs as aligned text."""
         header = ["job", *self.swept, self.metric, "epochs", "status"]
         rows = [[j.name, *(j.overrides.get(k, "") for k in self.swept),
-                 "-" if j.metric is None else f"{100 * j.metric:.1f} %",
+                 "-" if j.metric is None else format_metric(self.metric, j.metric),
                  f"{j.epochs_done}/{j.max_epochs if j.max_epochs is not None else '?'}", j.status]
                 for j in self.ranked()]
         widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
@@ -110,6 +110,17 @@ class SweepReport:
                                  "" if j.metric is None else j.metric, j.epochs_done,
                                  "" if j.max_epochs is None else j.max_epochs, j.reason])
         return path
+
+
+def metric_scale(metric: str) -> float:
+    """100 for a metric logged as a fraction (an accuracy: "acc" or "top" in its last name part), else 1."""
+    name = metric.rsplit("/", 1)[-1]
+    return 100.0 if "acc" in name or "top" in name else 1.0
+
+
+def format_metric(metric: str, value: float) -> str:
+    """``value`` as the table shows it: accuracies in percent ("90.0 %"), anything else as it was logged."""
+    return f"{100 * value:.1f} %" if metric_scale(metric) == 100.0 else f"{value:.4g}"
 
 
 def read_job(folder: Path, metric: str | None = None) -> Job:
@@ -185,7 +196,8 @@ def report(folder: str | Path, x_key: str | None = None, y_key: str | None = Non
     heatmap = None
     if x_key is not None:
         values, xs, ys, counts = sweep.grid(x_key, y_key)
-        figure = sweep_heatmap_figure(values, xs, ys, x_key, y_key or "", sweep.metric, counts)
+        figure = sweep_heatmap_figure(values, xs, ys, x_key, y_key or "", sweep.metric, counts,
+                                      scale=metric_scale(sweep.metric))
         heatmap = save_figure(figure, out_dir / "sweep_heatmap.png")
         print(f"\nheatmap: {heatmap}")
     else:
