@@ -132,6 +132,8 @@ def test_fashion_mnist_claims_sweeps_share_one_budget_and_start_at_one_batch(com
         assert cfg.data.batch_size == recipe.data.batch_size
         assert cfg.trainer.max_epochs < recipe.trainer.max_epochs and cfg.data.image_size <= recipe.data.image_size
         assert cfg.callbacks.knn.every_n_epochs == 1  # the report reads the last epoch's val/knn_top1
+        # as measured: T 0.2 and no warm-up (the recipe's would fill most of a job this short)
+        assert recipe.model.warmup_epochs > 0 and (cfg.model.warmup_epochs, cfg.model.temperature) == (0, 0.2)
         if option == "dictionary":
             params = compose_train(overrides, return_hydra_config=True).hydra.sweeper.params
             queues = [int(k) for k in str(params["model.queue_size"]).split(",")]
