@@ -201,6 +201,15 @@ def test_a_few_steps_of_fit_train_a_resnet_with_lars_and_warm_up():
     assert not torch.equal(model.state_dict()[name.replace("base", "momentum")], before[name])
     logged = trainer.logged_metrics
     assert {"train/loss", "train/lr", "train/momentum"} <= set(logged) and torch.isfinite(logged["train/loss"])
+    assert 0.0 <= float(logged["train/acc_top1"]) <= 1.0
+
+
+def test_pretext_accuracy_counts_the_queries_whose_nearest_key_is_their_own_view():
+    model = tiny_v3(temperature=0.2)
+    keys = F.normalize(torch.randn(6, 8), dim=1)
+    queries = keys.clone()
+    queries[[1, 4]] = keys[[2, 0]]  # two queries sit on another image's key
+    assert float(model.pretext_accuracy(queries, keys)) == pytest.approx(4 / 6)
 
 
 @pytest.fixture(scope="module")
