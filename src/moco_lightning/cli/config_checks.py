@@ -108,8 +108,9 @@ def check_command_line(arguments: Sequence[str], config_dir: str | os.PathLike[s
         if not isinstance(parent, DictConfig) or name in parent.keys():  # (`in` is False for a ??? value)
             continue
         close = difflib.get_close_matches(name, [str(k) for k in parent.keys()], n=1)
+        settings = ", ".join(str(k) for k in parent.keys())
         hint = f"did you mean {f'{parent_key}.' if parent_key else ''}{close[0]}?" if close else (
-            f"its settings are {', '.join(str(k) for k in parent.keys())}")
+            f"its settings are {settings}" if settings else f"{parent_key} is empty until a key is added")
         raise ConfigError(f"{key} is not a setting of this config; {hint} (to add a new key on purpose: +{key}=...)")
 
 
