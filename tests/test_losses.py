@@ -5,6 +5,7 @@ from torch.nn import functional as F
 
 from moco_lightning.losses import (
     batch_contrastive_logits,
+    batch_positive_accuracy,
     info_nce_logits,
     info_nce_loss,
     moco_v3_loss,
@@ -98,6 +99,13 @@ def test_positive_rank_accuracy_counts_negatives_above_the_positive():
                            [0.0, 1.0, 2.0, 3.0]])   # three above: rank 3
     top1, top2, top4 = positive_rank_accuracy(logits, (1, 2, 4))
     torch.testing.assert_close(torch.stack([top1, top2, top4]), torch.tensor([1 / 3, 2 / 3, 1.0]))
+
+
+def test_batch_positive_accuracy_counts_the_queries_whose_nearest_key_is_their_own_view():
+    keys = F.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    queries = 3.0 * keys  # the norm of a query does not change its nearest key
+    queries[[1, 4]] = keys[[2, 0]]  # two queries sit on another image's key
+    torch.testing.assert_close(batch_positive_accuracy(queries, keys), torch.tensor(4 / 6))
 
 
 def test_v3_logits_stay_float32_under_bf16_autocast():

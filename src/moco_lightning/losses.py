@@ -96,3 +96,16 @@ def positive_rank_accuracy(logits: torch.Tensor, top_k: tuple[int, ...] = (1, 5)
     with torch.no_grad():
         above = (logits[:, 1:] > logits[:, :1]).sum(dim=1)  # the positive's rank among the 1 + K logits
         return [(above < k).float().mean() for k in top_k]
+
+
+def batch_positive_accuracy(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Top-1 of MoCo v3's pretext task on this process's batch: queries whose own key is the most similar key.
+
+    The positive of query ``i`` is key ``i``; the cosine similarities are ranked by :func:`positive_rank_accuracy`
+    (ties count for the positive). The keys are not gathered from other processes: a metric costs no second
+    collective per step, so under DDP it is the accuracy among ``N``, not ``N x world size``, keys.
+    """
+    with torch.no_grad(), _autocast_off(q.device.type):
+        sim = F.normalize(q.float(), dim=1) @ F.normalize(k.float(), dim=1).t()
+        return positive_rank_accuracy(torch.cat([sim.diagonal().unsqueeze(1), sim], dim=1), (1,))[0]
+

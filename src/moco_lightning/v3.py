@@ -25,7 +25,7 @@ from moco_lightning.backbones import build_backbone, check_backbone_name
 from moco_lightning.bn import check_bn_mode, convert_batchnorm
 from moco_lightning.ema import MOMENTUM_SCHEDULES, MomentumUpdateAfterStep, momentum_update
 from moco_lightning.heads import Encoder, build_mlp
-from moco_lightning.losses import batch_contrastive_logits, moco_v3_loss
+from moco_lightning.losses import batch_positive_accuracy, moco_v3_loss
 from moco_lightning.optim import LR_INTERVALS, OPTIMIZERS, configure_optimization, global_batch_size
 from moco_lightning.scalars import device_scalar
 from moco_lightning.speed import compile_backbones, memory_format, to_layout
@@ -256,19 +256,9 @@ class MoCoV3(MomentumUpdateAfterStep, L.LightningModule):
 
         n = x1.shape[0]
         self.log("train/loss", loss, batch_size=n)
-        self.log("train/acc_top1", self.pretext_accuracy(q1, k2), batch_size=n)
+        self.log("train/acc_top1", batch_positive_accuracy(q1.detach(), k2), batch_size=n)
         self.log("train/lr", device_scalar(self, "lr", self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=n)
         return {"loss": loss, "features": features.detach(), "labels": labels}
-
-    @torch.no_grad()
-    def pretext_accuracy(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Fraction of queries whose most similar key (of every process's batch) is their own: the other view.
-
-        Computed on the device from the logits of :func:`batch_contrastive_logits` (no host read per step); logged
-        as ``train/acc_top1`` for the first direction, ``q1`` against ``k2``.
-        """
-        logits, labels = batch_contrastive_logits(q.detach(), k, self.T)
-        return (logits.argmax(dim=1) == labels).float().mean()
 
     def configure_optimizers(self) -> dict[str, Any]:
         """LARS / AdamW / SGD over the trainable parameters of the base encoder and the predictor, warm-up + cosine.
