@@ -34,9 +34,15 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("PYTHONWARNINGS", "ignore")
+    # the notebooks make their run folders with tempfile.mkdtemp: keep them inside the test's own folder, which
+    # pytest deletes, instead of leaving a few hundred MB in the system temp folder on every run of the suite
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     notebook = nbformat.read(path, as_version=4)
     resources = {"metadata": {"path": str(tmp_path)}}  # the working directory of the kernel
     client = NotebookClient(notebook, timeout=150, kernel_name="python3", resources=resources)
     client.execute()  # raises CellExecutionError naming the cell on the first error
     errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
+    made = [p for p in tmp_path.iterdir() if p.name.startswith("moco-")]
+    uses_tempfile = "tempfile.mkdtemp" in path.read_text()
+    assert bool(made) == uses_tempfile, f"{path.name} wrote its run folder outside TMPDIR"
