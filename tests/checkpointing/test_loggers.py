@@ -41,6 +41,13 @@ def test_without_the_cli_the_first_new_rows_replace_the_old_ones_from_their_step
     assert [step for step, _ in _rows(tmp_path / "csv" / "metrics.csv")] == [0, 1, 2, 3, 4, 5]
 
 
+def test_a_run_started_again_from_step_0_replaces_the_old_rows(tmp_path):
+    # a run that failed, started again from scratch in its folder (the new rows begin at step 0)
+    _log(ResumableCSVLogger(tmp_path, name="csv", version=""), range(0, 5), name="loss")
+    _log(ResumableCSVLogger(tmp_path, name="csv", version=""), range(0, 3), name="acc")
+    assert _rows(tmp_path / "csv" / "metrics.csv") == [(s, "acc") for s in range(3)]
+
+
 def test_tensorboard_continues_the_run_and_hides_the_killed_runs_later_events(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -56,9 +56,11 @@ def _read_rows(path: str) -> tuple[list[str], list[dict[str, str]]]:
         return list(reader.fieldnames or []), rows
 
 
-def _step_of(row: Mapping[str, str]) -> float:
+def _step_of(row: Mapping[str, Any]) -> float:
+    """The row's step (a string read from the file, an int of a new row; step 0 too); NaN where it has none."""
+    step = row.get("step")
     try:
-        return float(row.get("step") or "nan")
+        return float("nan") if step is None or step == "" else float(step)
     except ValueError:
         return float("nan")
 
