@@ -18,9 +18,12 @@ from moco_lightning.cli.sweep_report import main, read_sweep
 GRID = {"model.momentum": ["0.99", "0.999"], "model.queue_size": ["64", "256"]}
 
 
-def _job(root: Path, number: int, momentum: str, queue: str, knn: list[float] | None, max_epochs: int = 3) -> None:
+def _job(root: Path, number: int, momentum: str, queue: str, knn: list[float] | None, max_epochs: int = 3,
+         error: str | None = None) -> None:
     job = root / str(number)
     (job / ".hydra").mkdir(parents=True)
+    if error is not None:
+        (job / "error.txt").write_text(error + "\n")  # what train.py leaves when a run ends with an error
     overrides = ["trainer.max_epochs=3", f"model.momentum={momentum}", f"model.queue_size={queue}"]
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     config = {"optimized_metric": "val/knn_top1", "trainer": {"max_epochs": max_epochs}}
@@ -44,7 +47,7 @@ def sweep(tmp_path) -> Path:
     _job(tmp_path, 0, "0.99", "64", [0.70, 0.80, 0.82])
     _job(tmp_path, 1, "0.99", "256", [0.70, 0.85, 0.90])
     _job(tmp_path, 2, "0.999", "64", [0.75])  # stopped after its first epoch
-    _job(tmp_path, 3, "0.999", "256", None)  # failed before its first log
+    _job(tmp_path, 3, "0.999", "256", None, error="the disk is full")  # failed before its first log
     return tmp_path
 
 
@@ -63,8 +66,22 @@ def test_problems_name_failed_unfinished_and_missing_jobs(sweep):
     problems = read_sweep(sweep).problems()
     assert any(line.startswith("job 2 (model.momentum=0.999 model.queue_size=64): unfinished") and "epoch 1 of 3"
                in line for line in problems)
-    assert any(line.startswith("job 3 (") and "failed" in line for line in problems)
+    assert any(line.startswith("job 3 (") and "failed, error.txt: the disk is full" in line for line in problems)
     assert "not started (model.momentum=0.99 model.queue_size=256): no job folder" in problems
+
+
+@pytest.mark.parametrize("logged", [False, True], ids=["no metrics.csv", "no kNN yet"])
+def test_a_job_without_a_result_or_an_error_is_unfinished_not_failed(sweep, logged):
+    job = sweep / "3"
+    (job / "error.txt").unlink()  # still running: no error, and nothing or only the loss logged so far
+    if logged:
+        (job / "csv").mkdir()
+        (job / "csv" / "metrics.csv").write_text("epoch,step,train/loss,val/knn_top1\n0,0,5.0,\n")
+    status = {j.name: (j.status, j.reason) for j in read_sweep(sweep).jobs}["3"]
+    assert status[0] == "unfinished" and "still running" in status[1]
+    (job / "error.txt").write_text("the training loss became nan at step 3\n")
+    status = {j.name: (j.status, j.reason) for j in read_sweep(sweep).jobs}["3"]
+    assert status == ("failed", "error.txt: the training loss became nan at step 3")
 
 
 def test_report_prints_the_table_and_saves_heatmap_and_csv(sweep, capsys):

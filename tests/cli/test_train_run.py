@@ -43,6 +43,18 @@ def test_train_runs_and_reports_knn(first_run):
 
 
 @pytest.mark.timeout(300)
+def test_a_run_that_ends_with_an_error_leaves_it_in_the_run_folder_until_the_next_start(tmp_path):
+    # moco-sweep-report tells a failed job (error.txt) from one still running (none) by this file
+    args = [*TINY, "knn_report=false", "~callbacks.knn", "callbacks.embedding_map=null", f"hydra.run.dir={tmp_path}"]
+    result = run_train([*args, "model.lr=1e30"], cwd=tmp_path, timeout=240)  # the loss becomes NaN at step 2
+    assert result.returncode == 1 and "error: the training loss became nan" in result.stderr
+    assert (tmp_path / "error.txt").read_text() == result.stderr.split("error: ")[-1]
+    result = run_train(args, cwd=tmp_path, timeout=240)  # the same folder, started again
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "error.txt").exists()
+
+
+@pytest.mark.timeout(300)
 def test_resume_from_last_checkpoint_restores_step_and_queue(first_run, tmp_path):
     out, _ = first_run
     last = out / "checkpoints" / "last.ckpt"

@@ -10,7 +10,8 @@ Reads every job of a ``python train.py -m ...`` sweep (each job folder's ``.hydr
 * saves ``sweep_report.csv`` (one row per job),
 * with ``--curves METRIC[,METRIC]``, saves ``sweep_curves.png``: those metrics over training, one line per job
   (e.g. ``--curves train/acc_top1,val/knn_top1`` for the BN-leak pair of ``hparams_search=bn_leak``),
-* names the jobs that failed or did not finish, and the grid points of the sweep that have no job folder.
+* names the jobs that failed (their run folder holds ``error.txt``, the error of ``train.py`` in one line) or did
+  not finish (still running, stopped or killed), and the grid points of the sweep that have no job folder.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from moco_lightning.cli import RUN_ERROR_FILE
 
 __all__ = ["Job", "SweepReport", "format_metric", "main", "metric_scale", "read_job", "read_sweep", "save_curves"]
 
@@ -133,10 +136,13 @@ def read_job(folder: Path, metric: str | None = None) -> Job:
     max_epochs = (config.get("trainer") or {}).get("max_epochs")
     max_epochs = int(max_epochs) if isinstance(max_epochs, int) and max_epochs > 0 else None
     job = Job(folder=folder, overrides=overrides, max_epochs=max_epochs)
+    error_file = folder / RUN_ERROR_FILE
+    error = error_file.read_text().strip() if error_file.is_file() else None
     metrics_csv = folder / "csv" / "metrics.csv"
     if not metrics_csv.is_file():
-        job.status, job.reason = "failed", "no csv/metrics.csv (it stopped before its first log, or had no CSV logger)"
-        return job
+        job.status, job.reason = "unfinished", ("no csv/metrics.csv yet (still running, or killed before its first "
+                                                "log), or no CSV logger")
+        return _with_error(job, error)
     epochs_seen, value, value_epoch = -1, None, -1
     with open(metrics_csv, newline="") as handle:
         for row in csv.DictReader(handle):
@@ -148,12 +154,19 @@ def read_job(folder: Path, metric: str | None = None) -> Job:
     job.epochs_done = max(value_epoch, epochs_seen) + 1
     job.metric = value
     if value is None:
-        job.status, job.reason = "failed", f"{metric} was never logged"
+        job.status, job.reason = "unfinished", f"no {metric} logged yet (still running, or killed before it)"
     elif job.max_epochs is not None and value_epoch + 1 < job.max_epochs:
         job.status = "unfinished"
         job.reason = f"last {metric} after epoch {value_epoch + 1} of {job.max_epochs}"
     elif value is not None and not math.isfinite(value):
         job.status, job.reason = "failed", f"{metric} is {value}"
+    return _with_error(job, error)
+
+
+def _with_error(job: Job, error: str | None) -> Job:
+    """A job whose run folder holds the error it ended with is failed, with that error as the reason."""
+    if error is not None:
+        job.status, job.reason = "failed", f"{RUN_ERROR_FILE}: {error}"
     return job
 
 

@@ -45,7 +45,7 @@ from moco_lightning.checkpointing import (
     find_resume_checkpoint,
     read_training_checkpoint,
 )
-from moco_lightning.cli import CONFIG_PATH
+from moco_lightning.cli import CONFIG_PATH, RUN_ERROR_FILE
 from moco_lightning.cli.config_checks import (
     ConfigError,
     check_accelerator,
@@ -188,8 +188,12 @@ def _clean_exit(cfg: DictConfig, trainer: L.Trainer | None = None) -> Iterator[N
         log.debug("the run ended with an error", exc_info=True)
         if trainer is None or trainer.global_step == 0:
             _remove_unused_run_dir(cfg)
+        _record_error(cfg, _one_line(err))
         print(f"error: {_one_line(err)}", file=sys.stderr, flush=True)
         sys.exit(status)
+    except Exception as err:
+        _record_error(cfg, f"{type(err).__name__}: {_one_line(err)}")
+        raise
 
 
 def _one_line(err: BaseException) -> str:
@@ -201,13 +205,30 @@ def _one_line(err: BaseException) -> str:
     return text
 
 
-def _remove_unused_run_dir(cfg: DictConfig) -> None:
-    """Remove the run folder Hydra made for a run that stopped before it started (only Hydra's files in it)."""
+def _run_dir(cfg: DictConfig) -> Path | None:
+    """The run folder (``paths.output_dir``) when it exists, else ``None``."""
     try:
         folder = Path(str(cfg.paths.output_dir))
     except Exception:  # noqa: BLE001 - no run folder outside a Hydra run
-        return
-    if not folder.is_dir() or not HydraConfig.initialized():
+        return None
+    return folder if folder.is_dir() else None
+
+
+def _record_error(cfg: DictConfig, message: str) -> None:
+    """Leave the error in the run folder's :data:`RUN_ERROR_FILE`, where ``moco-sweep-report`` looks for it."""
+    folder = _run_dir(cfg)
+    if folder is None:
+        return  # removed: the run stopped before it started
+    try:
+        (folder / RUN_ERROR_FILE).write_text(message + "\n")
+    except OSError:  # a full disk: the error itself says so on stderr
+        pass
+
+
+def _remove_unused_run_dir(cfg: DictConfig) -> None:
+    """Remove the run folder Hydra made for a run that stopped before it started (only Hydra's files in it)."""
+    folder = _run_dir(cfg)
+    if folder is None or not HydraConfig.initialized():
         return
     here = Path.cwd().resolve()
     if folder.resolve() == here or folder.resolve() in here.parents:
@@ -239,6 +260,9 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed)
     with _clean_exit(cfg):
         datamodule, model, trainer = build(cfg)
+    run_dir = _run_dir(cfg)
+    if run_dir is not None:
+        (run_dir / RUN_ERROR_FILE).unlink(missing_ok=True)  # the error of an earlier attempt in this folder
     for callback in trainer.callbacks:
         if isinstance(callback, ResumeState) and callback.config is None:
             callback.config = _config_text(cfg)
