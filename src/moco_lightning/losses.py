@@ -108,4 +108,3 @@ def batch_positive_accuracy(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     with torch.no_grad(), _autocast_off(q.device.type):
         sim = F.normalize(q.float(), dim=1) @ F.normalize(k.float(), dim=1).t()
         return positive_rank_accuracy(torch.cat([sim.diagonal().unsqueeze(1), sim], dim=1), (1,))[0]
-

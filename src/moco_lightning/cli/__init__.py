@@ -33,12 +33,13 @@ if TYPE_CHECKING:
 __all__ = ["CONFIG_PATH", "RUN_ERROR_FILE", "config_dir", "count_devices", "register_resolvers", "resolve_device",
            "write_results"]
 
-#: Images of at most this many pixels a side get the CIFAR stem (3x3 stride-1 conv, no max-pool) by default, and
-#: ViTs a patch of :data:`SMALL_IMAGE_PATCH` pixels instead of 16.
 #: The file a training run that ended with an error leaves in its run folder: the error in one line. A run that
 #: starts (or resumes) in the folder deletes it, and ``moco-sweep-report`` reads it to tell a failed job from one
 #: still running.
 RUN_ERROR_FILE = "error.txt"
+
+#: Images of at most this many pixels a side get the CIFAR stem (3x3 stride-1 conv, no max-pool) by default, and
+#: ViTs a patch of :data:`SMALL_IMAGE_PATCH` pixels instead of 16.
 SMALL_IMAGE_MAX = 64
 SMALL_IMAGE_PATCH = 4
 

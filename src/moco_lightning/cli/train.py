@@ -188,8 +188,9 @@ def _clean_exit(cfg: DictConfig, trainer: L.Trainer | None = None) -> Iterator[N
         log.debug("the run ended with an error", exc_info=True)
         if trainer is None or trainer.global_step == 0:
             _remove_unused_run_dir(cfg)
-        _record_error(cfg, _one_line(err))
-        print(f"error: {_one_line(err)}", file=sys.stderr, flush=True)
+        message = _one_line(err)
+        _record_error(cfg, message)
+        print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(status)
     except Exception as err:
         _record_error(cfg, f"{type(err).__name__}: {_one_line(err)}")
