@@ -123,6 +123,18 @@ def test_split_mode_shuffles_the_key_batch_and_returns_it_in_order():
     assert not torch.allclose(out, encoder(x))  # other groups than in order: other statistics
 
 
+def test_split_noshuffle_has_split_groups_and_encodes_the_key_batch_in_order():
+    encoder = convert_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten()),
+                                "split_noshuffle", num_splits=2)
+    assert isinstance(encoder[1], SplitBatchNorm2d) and encoder[1].num_splits == 2
+    x = torch.randn(8, 3, 2, 2)
+    seen = []
+    encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    out = encode_shuffled(encoder, x, "split_noshuffle")
+    assert torch.equal(seen[0], x)  # the groups are rows 0-3 and 4-7, as for the queries
+    torch.testing.assert_close(out, encoder(x))
+
+
 def _bn_types(module: nn.Module) -> list[str]:
     return [type(m).__name__ for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 

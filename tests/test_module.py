@@ -286,6 +286,28 @@ def test_split_step_is_the_official_demo_step():
     torch.testing.assert_close(model.queue[:8], k)
 
 
+def test_split_noshuffle_step_keeps_each_query_and_its_key_in_one_group():
+    """The paper's leaking ablation: split BN's groups, the key batch in order, so a pair shares its group."""
+    from moco_lightning.bn import SplitBatchNorm2d
+
+    model = tiny_moco(bn="split_noshuffle", bn_splits=2)
+    assert model.configure_bn() == "split_noshuffle"
+    bns = [m for m in model.encoder_k.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(isinstance(m, SplitBatchNorm2d) and m.num_splits == 2 for m in bns)
+    x_q, x_k = torch.rand(8, 3, SIZE, SIZE), torch.rand(8, 3, SIZE, SIZE)
+    probe_q, probe_k = copy.deepcopy(model.encoder_q), copy.deepcopy(model.encoder_k)
+    torch.manual_seed(3)
+    logits, _ = model(x_q, x_k)
+    q = F.normalize(probe_q(x_q), dim=1)
+    k = F.normalize(probe_k(x_k), dim=1)  # no shuffle: rows 0-3 and 4-7 are the groups of queries and keys alike
+    torch.testing.assert_close(logits[:, 0], (q * k).sum(1) / 0.2)
+    torch.testing.assert_close(model.queue[:8], k)
+    torch.manual_seed(3)
+    perm = torch.randperm(8)
+    shuffled = F.normalize(probe_k(x_k[perm]), dim=1)[torch.argsort(perm)]
+    assert not torch.allclose(k, shuffled, atol=1e-4)  # split mode's keys differ: other groups, other statistics
+
+
 def test_split_bn_batch_not_a_multiple_of_the_groups_fails_before_the_first_step(tmp_path):
     model = tiny_moco(bn="split", bn_splits=8)
     trainer = tiny_trainer(tmp_path)

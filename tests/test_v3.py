@@ -295,7 +295,7 @@ def test_bn_sync_normalises_over_all_processes_and_none_keeps_plain_bn(bn, conve
     assert not any(isinstance(m, AllReduceBatchNorm2d) for m in one_process.modules())
 
 
-@pytest.mark.parametrize("bn", ["shuffle", "split", "sinc"])
+@pytest.mark.parametrize("bn", ["shuffle", "split", "split_noshuffle", "sinc"])
 def test_bn_modes_of_the_queue_are_refused_with_the_v3_values(bn):
     with pytest.raises(ValueError, match=f"bn={bn} is not a BN mode of MoCo v3; choose one of auto, sync, none"):
         tiny_v3("convnet", bn=bn)

@@ -12,7 +12,10 @@ module (``bn``):
   groups of the batch separately (:class:`SplitBatchNorm2d`, emulating ``bn_splits`` GPUs) and the key batch is
   shuffled on the device before the key encoder, so a query and its key fall into different groups.
 * ``"sync"`` (MoCo v3): statistics over the global batch of all processes (``SyncBatchNorm``).
-* ``"none"``: plain per-process BN, the leak included (an ablation).
+* ``"split_noshuffle"``: the groups of ``"split"`` without the shuffle, so every query and its key share a group:
+  the paper's leaking baseline (per-GPU BN of a few dozen images, no shuffle) emulated on one device (an ablation).
+* ``"none"``: plain per-process BN, the leak included (an ablation; on one device the whole batch is one group, so
+  its statistics leak less than the paper's per-GPU groups).
 
 ``"auto"`` (the default) picks ``"shuffle"`` when there is more than one process and ``"split"`` on one.
 """
@@ -31,6 +34,7 @@ __all__ = [
     "DEFAULT_BN_SPLITS",
     "AllReduceBatchNorm1d",
     "AllReduceBatchNorm2d",
+    "SPLIT_MODES",
     "SplitBatchNorm2d",
     "check_bn_mode",
     "check_no_lightning_sync_batchnorm",
@@ -41,7 +45,9 @@ __all__ = [
 ]
 
 #: Values of the ``bn`` setting.
-BN_MODES = ("auto", "shuffle", "split", "sync", "none")
+BN_MODES = ("auto", "shuffle", "split", "sync", "split_noshuffle", "none")
+#: The modes that normalise ``bn_splits`` groups of the per-device batch separately.
+SPLIT_MODES = ("split", "split_noshuffle")
 #: Groups of split BN: the official CIFAR-10 demo emulates 8 GPUs.
 DEFAULT_BN_SPLITS = 8
 
@@ -220,8 +226,8 @@ def convert_batchnorm(
 ) -> nn.Module:
     """Turn the BatchNorm layers of ``module`` into the layers that ``mode`` needs; returns the module.
 
-    ``"split"``: each ``BatchNorm2d`` a :class:`SplitBatchNorm2d`; ``"sync"``: every BatchNorm a
-    ``torch.nn.SyncBatchNorm`` when the run's device (``device_type``) is an accelerator, an
+    ``"split"`` and ``"split_noshuffle"``: each ``BatchNorm2d`` a :class:`SplitBatchNorm2d`; ``"sync"``: every
+    BatchNorm a ``torch.nn.SyncBatchNorm`` when the run's device (``device_type``) is an accelerator, an
     :class:`AllReduceBatchNorm2d` / :class:`AllReduceBatchNorm1d` on the CPU; ``"shuffle"`` and ``"none"`` keep
     plain BatchNorm.
     Parameters and buffers are the same tensors as before (an optimizer built earlier keeps working) and the state
@@ -229,7 +235,7 @@ def convert_batchnorm(
     """
     if mode not in BN_MODES or mode == "auto":
         raise ValueError(f"convert_batchnorm needs a concrete mode (resolve_bn_mode resolves 'auto'), got {mode!r}")
-    if mode == "split":
+    if mode in SPLIT_MODES:
         return _replace(module, {nn.BatchNorm2d: SplitBatchNorm2d}, num_splits=num_splits)
     if mode == "sync":
         if device_type != "cpu":
@@ -244,7 +250,8 @@ def encode_shuffled(encoder: nn.Module, x: torch.Tensor, mode: str) -> torch.Ten
 
     ``"shuffle"``: across processes (:func:`~moco_lightning.distributed.shuffle_batch`; nothing on one process).
     ``"split"``: on this device, one ``randperm`` before the encoder and its inverse after (the official CIFAR-10
-    demo), so that a query and its key land in different BN groups. ``"sync"`` / ``"none"``: no shuffle.
+    demo), so that a query and its key land in different BN groups. ``"sync"``, ``"split_noshuffle"`` and
+    ``"none"``: no shuffle.
     """
     if mode == "shuffle":
         shuffled, idx_unshuffle = shuffle_batch(x)

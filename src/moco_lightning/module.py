@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from moco_lightning.backbones import build_backbone, check_backbone_name
 from moco_lightning.bn import (
     DEFAULT_BN_SPLITS,
+    SPLIT_MODES,
     check_bn_mode,
     check_no_lightning_sync_batchnorm,
     check_split_batch,
@@ -93,8 +94,10 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
         feature_dim: width of a custom backbone's features (found by a dry forward when ``None``).
         bn: how BN sees the batch so that it cannot leak the positive (Sec. 3.3; :mod:`moco_lightning.bn`):
             ``"shuffle"`` across processes, ``"split"`` into ``bn_splits`` groups on one device with the key batch
-            shuffled (the official CIFAR-10 demo), ``"sync"`` (SyncBatchNorm), ``"none"``; ``"auto"`` is shuffle
-            with several processes and split on one. Applied when training starts (:meth:`configure_bn`).
+            shuffled (the official CIFAR-10 demo), ``"sync"`` (SyncBatchNorm); the leaking ablations
+            ``"split_noshuffle"`` (split's groups, no shuffle: the paper's per-GPU BN) and ``"none"`` (plain BN);
+            ``"auto"`` is shuffle with several processes and split on one. Applied when training starts
+            (:meth:`configure_bn`).
         bn_splits: groups of split BN (the demo emulates 8 GPUs); the per-device batch must be a multiple of it.
         symmetric: the loss in both directions, ``q1·k2`` and ``q2·k1`` each against the queue, summed, and both
             views' keys enqueued (the official CIFAR-10 demo's ``--symmetric``); K must then be a multiple of twice
@@ -303,6 +306,8 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
             "split": f"{self.hparams.bn_splits} BN groups per device and the key batch shuffled on the device "
                      "(official CIFAR-10 demo)",
             "sync": "SyncBatchNorm over all processes",
+            "split_noshuffle": f"{self.hparams.bn_splits} BN groups per device and no shuffle: each query shares "
+                               "its key's group, so BN statistics can leak the positive key (the paper's ablation)",
             "none": "plain per-process BN, no shuffle: BN statistics can leak the positive key",
         }[mode]
         message = f"MoCo BN mode: {mode} (model.bn={self.hparams.bn}, {self.trainer.world_size} process(es)): {what}"
@@ -320,7 +325,7 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
                     "the pretraining DataLoader must use drop_last=True: a short last batch would write a "
                     "partial batch of keys into the queue; set drop_last=True"
                 )
-            if self.bn_mode == "split":
+            if self.bn_mode in SPLIT_MODES:
                 check_split_batch(loader.batch_size, self.hparams.bn_splits, f"model.bn={self.hparams.bn}: split BN")
             keys_per_step = loader.batch_size * world_size() * (2 if self.hparams.symmetric else 1)
             self.key_queue.check_batch(keys_per_step)

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from moco_lightning.backbones import build_backbone, check_backbone_name
-from moco_lightning.bn import check_bn_mode, convert_batchnorm
+from moco_lightning.bn import SPLIT_MODES, check_bn_mode, convert_batchnorm
 from moco_lightning.ema import MOMENTUM_SCHEDULES, MomentumUpdateAfterStep, momentum_update
 from moco_lightning.heads import Encoder, build_mlp
 from moco_lightning.losses import batch_positive_accuracy, moco_v3_loss
@@ -49,7 +49,7 @@ def check_moco_v3_args(
     """
     check_backbone_name(backbone)
     check_bn_mode(bn, V3_BN_MODES, "MoCo v3", " (shuffle and split BN hide the positive key of a queue; MoCo v3 has "
-                  "none)" if bn in ("shuffle", "split") else "")
+                  "none)" if bn in ("shuffle", *SPLIT_MODES) else "")
     if dim < 1:
         raise ValueError(f"dim={dim} must be a positive width (official 256)")
     if mlp_dim < 1:

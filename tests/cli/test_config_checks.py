@@ -61,6 +61,7 @@ def test_split_bn_on_one_device_needs_a_batch_multiple_of_the_groups(compose_tra
     message = _error(compose_train([*tiny, "model.bn=auto"]))  # auto on one process: split
     assert "data.batch_size=12 must be a multiple of model.bn_splits=8" in message and "auto" in message
     assert "model.bn=split" in _error(compose_train([*tiny, "model.bn=split"]))
+    assert "model.bn=split_noshuffle" in _error(compose_train([*tiny, "model.bn=split_noshuffle"]))
     check_config(compose_train([*tiny, "model.bn=auto", "model.bn_splits=4"]))
     check_config(compose_train([*tiny, "model.bn=none"]))
 

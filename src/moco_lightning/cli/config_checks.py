@@ -35,7 +35,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from moco_lightning.backbones import VITS
-from moco_lightning.bn import check_no_lightning_sync_batchnorm, check_split_batch
+from moco_lightning.bn import SPLIT_MODES, check_no_lightning_sync_batchnorm, check_split_batch
 from moco_lightning.checkpointing import ResumeError, check_checkpoint_path
 from moco_lightning.cli import count_devices
 
@@ -357,9 +357,9 @@ def _check_bn(cfg: DictConfig) -> None:
     mode = str(cfg.model.bn)
     try:
         check_no_lightning_sync_batchnorm(bool(cfg.trainer.get("sync_batchnorm", False)))
-        if "bn_splits" in cfg.model and (mode == "split" or (mode == "auto" and processes == 1)):  # not MoCo v3
-            check_split_batch(int(cfg.data.batch_size), int(cfg.model.bn_splits), "model.bn=split" if mode == "split"
-                              else "model.bn=auto on one process means split BN")
+        if "bn_splits" in cfg.model and (mode in SPLIT_MODES or (mode == "auto" and processes == 1)):  # not v3
+            check_split_batch(int(cfg.data.batch_size), int(cfg.model.bn_splits), f"model.bn={mode}"
+                              if mode in SPLIT_MODES else "model.bn=auto on one process means split BN")
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
