@@ -120,6 +120,8 @@ def test_option_composes_and_instantiates(group, option, compose_train, tmp_path
         assert hydra_cfg.mode.name == "MULTIRUN"
         swept = set(hydra_cfg.sweeper.params)
         assert swept == {"model.bn"} if option == "bn_leak" else {"model.momentum", "model.queue_size"} <= swept
+        if option == "bn_leak":  # split against the two leaks: its groups without the shuffle, and plain BN
+            assert str(hydra_cfg.sweeper.params["model.bn"]).split(",") == ["split", "split_noshuffle", "none"]
 
 
 def test_fashion_mnist_claims_sweeps_share_one_budget_and_start_at_one_batch(compose_train):
