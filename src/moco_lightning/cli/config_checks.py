@@ -35,7 +35,13 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from moco_lightning.backbones import VITS
-from moco_lightning.bn import SPLIT_MODES, check_no_lightning_sync_batchnorm, check_split_batch
+from moco_lightning.bn import (
+    BN_MODES,
+    SPLIT_MODES,
+    check_no_lightning_sync_batchnorm,
+    check_split_batch,
+    resolve_bn_mode,
+)
 from moco_lightning.checkpointing import ResumeError, check_checkpoint_path
 from moco_lightning.cli import count_devices
 
@@ -357,7 +363,8 @@ def _check_bn(cfg: DictConfig) -> None:
     mode = str(cfg.model.bn)
     try:
         check_no_lightning_sync_batchnorm(bool(cfg.trainer.get("sync_batchnorm", False)))
-        if "bn_splits" in cfg.model and (mode in SPLIT_MODES or (mode == "auto" and processes == 1)):  # not v3
+        # not MoCo v3 (no bn_splits); an unknown mode is the model's check_args' to report
+        if "bn_splits" in cfg.model and mode in BN_MODES and resolve_bn_mode(mode, processes) in SPLIT_MODES:
             check_split_batch(int(cfg.data.batch_size), int(cfg.model.bn_splits), f"model.bn={mode}"
                               if mode in SPLIT_MODES else "model.bn=auto on one process means split BN")
     except ValueError as err:
