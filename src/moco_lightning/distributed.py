@@ -25,6 +25,28 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def cpu_group() -> dist.ProcessGroup | None:
+    """A group of all processes that reduces CPU tensors; ``None`` on one process. Every process must call it.
+
+    The default group where its backend takes CPU tensors (gloo), else a new gloo group over the same processes
+    (NCCL takes only CUDA tensors): a flag reduced there never waits for, or reads back from, the GPU.
+    """
+    if not is_distributed():
+        return None
+    if "gloo" in str(dist.get_backend()):
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo")
+
+
+def max_over_processes(value: int, group: dist.ProcessGroup | None) -> int:
+    """The largest of the processes' ``value``, reduced on the CPU over ``group`` (:func:`cpu_group`; ``None``: own)."""
+    if group is None:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return int(tensor.item())
+
+
 @torch.no_grad()
 def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from every process along dim 0, in rank order. No gradient flows back.

@@ -14,6 +14,13 @@ writes the checkpoint at that consistent point:
   ``scontrol requeue``; Lightning resumes from that file on the next start, as does ``ckpt_path=auto``;
 * otherwise ``last.ckpt`` in the checkpoint folder (``callbacks.model_checkpoint.dirpath``).
 
+Under several processes a signal may reach only some of them (a ``kill`` of one PID, a node's own ``SIGTERM``),
+while Lightning acts on rank 0's stop flag alone, and its SIGTERM handler broadcasts from inside the handler: a
+signal on rank 1 only would stop rank 1 while rank 0 waits in the next collective, for ever. So with several
+processes the handler only records the signal, and after every training batch the processes agree on it (the
+largest signal number of any process, all-reduced on the CPU over gloo, so nothing waits for the GPU): all of
+them stop after the same step and write one checkpoint, whichever one was signalled.
+
 Jobs started by Hydra's submitit launcher (``hydra/launcher=slurm``) are warned with SIGUSR2, for which submitit
 installs its own handler (resubmit the job, exit). When a Python handler is already installed for SIGUSR2 at the
 start of training, the callback takes SIGUSR2 too: it stops after the step, writes ``last.ckpt``, then calls that
@@ -35,10 +42,12 @@ from types import FrameType
 from typing import Any
 
 import lightning as L
+import torch.distributed
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from moco_lightning.distributed import cpu_group, max_over_processes
 from moco_lightning.lightning_internals import (
     request_stop_after_step,
     require_internals,
@@ -70,12 +79,14 @@ class PreemptionCheckpoint(Callback):
         self.saved_path: Path | None = None
         self._trainer: L.Trainer | None = None
         self._previous: dict[int, Any] = {}
+        self._group: Any = None  # the CPU group the processes agree over; None on one process
 
     # ------------------------------------------------------------------ signals
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Install the handlers (before Lightning's, which then keeps ours for SIGUSR1 and chains them for SIGTERM)."""
         require_internals(trainer, "PreemptionCheckpoint")
         self._trainer, self.signum, self.saved_path = trainer, None, None
+        self._group = cpu_group()  # a collective: every process is here
         for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
             signum = getattr(signal, name, None)
             if signum is None:  # Windows has no SIGUSR1
@@ -87,11 +98,33 @@ class PreemptionCheckpoint(Callback):
             except ValueError:  # not the main thread: leave signals to Lightning
                 continue
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Take SIGTERM back from Lightning's handler (installed since), whose broadcast would hang a lone rank."""
+        if signal.SIGTERM in self._previous:
+            try:
+                signal.signal(signal.SIGTERM, self._on_signal)
+            except ValueError:  # not the main thread
+                pass
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.signum = signum
-        if self._trainer is not None:  # Lightning's stop flag: the loop raises SIGTERMException after this step
+        if self._trainer is not None and self._group is None:  # one process: stop after this step
             request_stop_after_step(self._trainer)
         log.info("received %s: stopping after the current step to save a checkpoint", signal.Signals(signum).name)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """Several processes: stop all of them after this step when any one was signalled."""
+        if self._group is None:
+            return
+        agreed = max_over_processes(self.signum or 0, self._group)
+        if agreed:
+            if self.signum is None:
+                self.signum = agreed
+                log.info("rank %d: another process received %s: stopping after this step", trainer.global_rank,
+                         signal.Signals(agreed).name)
+            # Lightning's stop flag on every process at once: the loop raises SIGTERMException after this step
+            request_stop_after_step(trainer)
 
     def _restore_handlers(self, trainer: L.Trainer) -> None:
         # Lightning's teardown puts back the handlers it found when it registered its own (ours): point those
@@ -106,6 +139,9 @@ class PreemptionCheckpoint(Callback):
             except ValueError:
                 pass
         self._previous, self._trainer = {}, None
+        if self._group is not None and self._group is not torch.distributed.group.WORLD:
+            torch.distributed.destroy_process_group(self._group)
+        self._group = None
 
     # ------------------------------------------------------------------ saving
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

@@ -180,8 +180,9 @@ def _clean_exit(cfg: DictConfig, trainer: L.Trainer | None = None) -> Iterator[N
         saved = callback.saved_path if callback is not None else None
         where = f"saved {saved}" if saved else "no checkpoint was saved (callbacks.preemption is off)"
         step = trainer.global_step if trainer is not None else "?"
-        print(f"stopped by {signal.Signals(signum).name} at step {step}: {where}; resume with the same command and "
-              f"ckpt_path=auto hydra.run.dir={cfg.paths.output_dir}", file=sys.stderr, flush=True)
+        if trainer is None or trainer.is_global_zero:  # every process stopped at this step: one line says so
+            print(f"stopped by {signal.Signals(signum).name} at step {step}: {where}; resume with the same command "
+                  f"and ckpt_path=auto hydra.run.dir={cfg.paths.output_dir}", file=sys.stderr, flush=True)
         sys.exit(128 + signum)
     except tuple(error for error, _ in CLEAN_ERRORS) as err:
         status = next(code for error, code in CLEAN_ERRORS if isinstance(err, error))
