@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from moco_lightning.ema import cosine_momentum, momentum_update
+from moco_lightning.ema import HALF_PRECISION_WEIGHTS, check_weight_precision, cosine_momentum, momentum_update
 
 
 def make_pair():
@@ -63,3 +63,27 @@ def test_cosine_momentum_rises_from_base_to_one():
     assert cosine_momentum(100, 100, 0.99) == pytest.approx(1.0)
     values = [cosine_momentum(s, 100, 0.99) for s in range(101)]
     assert all(a <= b for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_lose_the_momentum_step_to_rounding(dtype):
+    # why check_weight_precision refuses them: a step of 0.001 of the way is at the 16-bit spacing of the weight
+    torch.manual_seed(0)
+    online, target = nn.Linear(64, 64), nn.Linear(64, 64)
+    exact = 0.001 * (online.weight - target.weight).detach().double()
+    online, target = online.to(dtype), target.to(dtype)
+    before = target.weight.detach().double()
+    momentum_update(online, target, 0.999)
+    error = ((target.weight.detach().double() - before) - exact).abs().sum() / exact.abs().sum()
+    assert error > 0.1, error  # float32 weights: about 1e-5 (the rounding of the weights themselves)
+
+
+@pytest.mark.parametrize("precision", HALF_PRECISION_WEIGHTS)
+def test_half_precision_weights_are_refused(precision):
+    with pytest.raises(ValueError, match=f"precision={precision} keeps the weights in 16 bits"):
+        check_weight_precision(precision)
+
+
+@pytest.mark.parametrize("precision", ["32-true", 32, "bf16-mixed", "16-mixed", "64-true", None])
+def test_float32_weights_are_accepted(precision):
+    check_weight_precision(precision)

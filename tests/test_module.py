@@ -185,6 +185,13 @@ def test_queue_not_multiple_of_global_batch_fails_before_first_step(tmp_path):
     assert trainer.global_step == 0
 
 
+def test_bf16_true_precision_is_refused_before_the_first_step(tmp_path):
+    trainer = tiny_trainer(tmp_path, precision="bf16-true")
+    with pytest.raises(ValueError, match="precision=bf16-true keeps the weights in 16 bits"):
+        trainer.fit(tiny_moco(), loader())
+    assert trainer.global_step == 0
+
+
 def test_loader_without_drop_last_is_an_error(tmp_path):
     trainer = tiny_trainer(tmp_path)
     with pytest.raises(ValueError, match="drop_last=True"):

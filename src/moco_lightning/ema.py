@@ -44,6 +44,30 @@ def momentum_update(online: nn.Module, target: nn.Module, m: float) -> None:
     torch._foreach_lerp_(target_params, online_params, 1.0 - m)
 
 
+#: Trainer precisions that hold the weights themselves in 16 bits (Lightning's names).
+HALF_PRECISION_WEIGHTS = ("16-true", "bf16-true", "transformer-engine-float16")
+
+
+def check_weight_precision(precision: str | int | None) -> None:
+    """Refuse a Trainer ``precision`` that holds the weights in 16 bits: the key encoder would stop moving.
+
+    The momentum update moves each key weight by ``(1 − m)`` = 0.001 of its distance to the query weight, at or
+    below the spacing of 16-bit numbers around it (bf16 keeps 8 significant bits, fp16 11): in bf16 most weights do
+    not move at all, in fp16 the steps are off by about a tenth, and both get worse as the two encoders converge.
+    Mixed precision keeps float32 weights and computes in 16 bits: use that.
+
+    Raises:
+        ValueError: one line naming the precision and the mixed one to use instead.
+
+    """
+    if str(precision) in HALF_PRECISION_WEIGHTS:
+        mixed = "bf16-mixed" if str(precision).startswith("bf16") else "16-mixed"
+        raise ValueError(f"precision={precision} keeps the weights in 16 bits, where the key encoder's momentum "
+                         "update (a step of 1 - m = 0.001 of the way) is lost to rounding, so the key encoder would "
+                         f"not follow the query encoder; use precision={mixed} (float32 weights, "
+                         "16-bit compute)")
+
+
 def cosine_momentum(step: int, total_steps: int, base: float) -> float:
     """Momentum rising from ``base`` to 1 on a half cosine over ``total_steps`` (BYOL; MoCo v3, Sec. 4).
 
@@ -77,6 +101,11 @@ class MomentumUpdateAfterStep:
         """The momentum m of the last update (of the next one, before the first step)."""
         trainer = getattr(self, "_trainer", None)
         return self.momentum_at(trainer.global_step if trainer is not None else 0)
+
+    def on_fit_start(self) -> None:
+        """Refuse a precision that holds the weights in 16 bits (:func:`check_weight_precision`) before any step."""
+        check_weight_precision(self.trainer.precision)
+        super().on_fit_start()  # type: ignore[misc]
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         """The optimizer step, then the momentum update: once per optimizer step, logged as ``train/momentum``.

@@ -56,6 +56,18 @@ def test_symmetric_loss_needs_a_queue_multiple_of_twice_the_global_batch(compose
     assert "twice the global batch 64" in message and "model.queue_size=128 or 256" in message
 
 
+@pytest.mark.parametrize(("precision", "mixed"), [("bf16-true", "bf16-mixed"), ("16-true", "16-mixed")])
+def test_half_precision_weights_are_refused_for_the_momentum_update(compose_train, precision, mixed):
+    message = _error(compose_train([f"trainer.precision={precision}"]))
+    assert message.startswith(f"trainer.precision={precision} keeps the weights in 16 bits")
+    assert f"use precision={mixed}" in message
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed", "16-mixed", "64-true"])
+def test_float32_weights_pass(compose_train, precision):
+    check_config(compose_train([f"trainer.precision={precision}"]))
+
+
 def test_split_bn_on_one_device_needs_a_batch_multiple_of_the_groups(compose_train):
     tiny = ["data.batch_size=12", "model.queue_size=96"]
     message = _error(compose_train([*tiny, "model.bn=auto"]))  # auto on one process: split

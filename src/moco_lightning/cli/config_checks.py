@@ -11,9 +11,9 @@ constructors run them: their own range checks (``check_args`` of the model and t
 ``model.temperature > 0``). Checked here, as nothing else can before the run: a ViT only with a model that builds
 one; ``trainer.devices``; ``model.queue_size`` a multiple of the global batch (``data.batch_size`` x devices x
 nodes; twice that with ``model.symmetric``); ``data.batch_size`` a multiple of ``model.bn_splits`` where split BN
-runs; ``trainer.sync_batchnorm`` off; the dataset on disk where no download will fetch it; ``ckpt_path`` an
-existing file (:func:`moco_lightning.checkpointing.check_checkpoint_path`; its contents are checked next, by the
-training CLI).
+runs; ``trainer.sync_batchnorm`` off; ``trainer.precision`` not one of 16-bit weights (``16-true``,
+``bf16-true``); the dataset on disk where no download will fetch it; ``ckpt_path`` an existing file
+(:func:`moco_lightning.checkpointing.check_checkpoint_path`; its contents are checked next, by the training CLI).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from moco_lightning.bn import (
 )
 from moco_lightning.checkpointing import ResumeError, check_checkpoint_path
 from moco_lightning.cli import count_devices
+from moco_lightning.ema import check_weight_precision
 
 __all__ = ["ConfigError", "check_accelerator", "check_command_line", "check_config", "count_processes",
            "global_batch_size", "group_options"]
@@ -137,6 +138,7 @@ def check_config(cfg: DictConfig) -> None:
         _run_check(cfg[section], section, "check_args", prefix=f"{section}.")
     _check_queue(cfg)
     _check_bn(cfg)
+    _check_precision(cfg.trainer)
     _check_data_path(cfg.data)
     _check_ckpt_path(cfg.get("ckpt_path"))
 
@@ -369,6 +371,14 @@ def _check_bn(cfg: DictConfig) -> None:
                               if mode in SPLIT_MODES else "model.bn=auto on one process means split BN")
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def _check_precision(trainer: DictConfig) -> None:
+    """``trainer.precision`` keeps float32 weights (the momentum update's own check, worded for the config)."""
+    try:
+        check_weight_precision(trainer.get("precision"))
+    except ValueError as err:
+        raise ConfigError(f"trainer.{err}") from None
 
 
 def _check_data_path(data: DictConfig) -> None:
