@@ -1,4 +1,5 @@
 import io
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,7 +17,7 @@ from moco_lightning.data import (
     SkippedImagesReport,
     scan_image_folder,
 )
-from moco_lightning.data.folder import merge_skip_counts
+from moco_lightning.data.folder import FileIndex, merge_skip_counts
 
 AS_FLOAT = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
 
@@ -73,6 +74,45 @@ def test_scan_skips_hidden_entries_and_folders_without_images(tmp_path):
     assert not any("/." in path for path, _ in samples)
 
 
+def assert_array_index(dataset):
+    """The dataset's files are three numpy arrays, not a Python object per file (copied into every worker)."""
+    index = dataset.index
+    assert isinstance(index, FileIndex)
+    assert all(type(a) is np.ndarray for a in (index.names, index.offsets, index.labels))
+    assert index.names.dtype == np.uint8 and index.offsets.dtype == index.labels.dtype == np.int64
+    assert len(index.offsets) == len(index.labels) + 1 == len(dataset) + 1
+    assert {name for name, value in vars(dataset).items() if isinstance(value, (list, tuple, dict))} == {"classes"}
+
+
+def test_the_file_index_is_arrays_read_back_in_the_scan_order(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", classes=3, per_class=4)
+    scanned, _ = scan_image_folder(root)
+    dm = ImageFolderDataModule(data_dir=str(root), batch_size=2, num_workers=0, val_fraction=0.25)
+    dm.setup("fit")
+    train, val = dm.eval_dataset("train").base, dm.eval_dataset("val").base
+    for dataset in (train, val):
+        assert_array_index(dataset)
+        position = [scanned.index(pair) for pair in dataset.samples]  # every pair is a scanned one, in scan order
+        assert position == sorted(position)
+        assert dataset.targets == [label for _, label in dataset.samples] == dataset.index.labels.tolist()
+        assert [dataset.index[i] for i in range(len(dataset))] == dataset.samples
+    assert sorted(train.samples + val.samples) == sorted(scanned)
+    assert train.index.prefix == str(root) + "/" and train.index.names.size < sum(len(p) for p, _ in train.samples)
+
+
+def test_file_index_round_trips_any_path_and_takes_subsets():
+    odd = "/data/b/" + os.fsdecode(b"caf\xe9.jpg")  # not UTF-8: kept through os.fsencode / os.fsdecode
+    samples = [("/data/a/x.jpg", 0), ("/data/a/ü y.png", 1), (odd, 2), ("/data/top.jpg", -1)]
+    index = FileIndex.from_samples(samples)
+    assert index.prefix == "/data/" and list(index) == samples and index[-1] == samples[-1]
+    assert list(index.subset([3, 0, 2])) == [samples[3], samples[0], samples[2]] and len(index.subset([])) == 0
+    with pytest.raises(IndexError):
+        index.path(4)
+    dataset = ImageFolderDataset(samples)  # a list of pairs still works, and becomes arrays
+    assert_array_index(dataset)
+    assert dataset.samples == samples
+
+
 def test_val_dir_and_eval_view_resize_then_centre_crop(tmp_path):
     train = write_image_folder(tmp_path / "train", classes=2, per_class=3, size=40)
     val = write_image_folder(tmp_path / "val", classes=2, per_class=2, size=30)
@@ -96,6 +136,9 @@ def test_flat_folder_pretrains_and_evaluates_without_labels(tmp_path):
     assert x.shape == (1, 3, 8, 8) and y.tolist() == [-1]
     with pytest.raises(ValueError, match="linear probe needs labelled images.*<class name>"):
         dm.require_labels("the linear probe")
+    train, val = dm.eval_dataset("train").base, dm.eval_dataset("val").base
+    assert_array_index(train)
+    assert sorted(train.samples + val.samples) == [(str(tmp_path / f"{j}.jpg"), -1) for j in range(6)]
 
 
 def test_one_sub_folder_or_labels_none_is_unlabelled(tmp_path):

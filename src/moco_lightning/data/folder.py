@@ -17,15 +17,21 @@ created with the dataset and inherited by the loader workers, so skips in worker
 file is warned about once, whichever worker meets it first; warnings from workers go to their stderr). The
 :class:`SkippedImagesReport` callback reads and resets the counter at the end of every training epoch and emits
 one summary warning; without the callback, ``teardown`` reports the total.
+
+The list of files is held in a few numpy arrays (:class:`FileIndex`), not in a list of ``(path, label)`` tuples:
+a forked loader worker that reads every entry of a list of Python objects writes to their reference counts, which
+copies the memory pages holding them into the worker (copy on write); with ImageNet's 1.28 M files that was 217 MB
+per worker, 17 GB over 8 processes x 10 workers (``benchmarks/folder_index_memory.py``; 0.1 MB with the arrays).
 """
 
 from __future__ import annotations
 
 import copy
 import multiprocessing
+import operator
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,6 +48,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "LABEL_MODES",
     "CorruptImageWarning",
+    "FileIndex",
     "ImageFolderDataModule",
     "ImageFolderDataset",
     "ImageNetDataModule",
@@ -163,39 +170,123 @@ def _load_rgb(path: str) -> Image.Image:
     return decode_image(path)  # the full decode (truncated files fail here), upright, 8-bit RGB
 
 
+class FileIndex:
+    """The ``(path, label)`` pairs of a list of files, in three numpy arrays: no Python object per file.
+
+    A lookup decodes a fresh ``str`` from the byte buffer and writes nothing, so the pages of a forked loader worker
+    stay shared with the parent however many entries it reads. Indexing and iterating give ``(path, label)`` pairs,
+    as the list of tuples did.
+
+    Args:
+        paths: the file paths.
+        labels: one label per path (-1: unlabelled).
+
+    Attributes:
+        prefix: the folder that all the paths start with (with its trailing separator; ``""`` when none).
+        names: ``uint8``, the paths after ``prefix`` (``os.fsencode``), end to end.
+        offsets: ``int64``, ``len + 1`` entries: path ``i`` is ``prefix + names[offsets[i]:offsets[i + 1]]``.
+        labels: ``int64``, the labels.
+
+    """
+
+    __slots__ = ("labels", "names", "offsets", "prefix")
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int] | np.ndarray) -> None:
+        if len(paths) != len(labels):
+            raise ValueError(f"FileIndex: {len(paths)} paths but {len(labels)} labels")
+        common = os.path.commonprefix(paths) if len(paths) else ""  # compares only the min and max paths
+        self.prefix = common[: common.rfind(os.sep) + 1]
+        encoded = [os.fsencode(path[len(self.prefix):]) for path in paths]
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        self._set(np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), lengths, np.asarray(labels, np.int64))
+
+    def _set(self, names: np.ndarray, lengths: np.ndarray, labels: np.ndarray) -> None:
+        self.names, self.labels = names, labels
+        self.offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self.offsets[1:])
+        for array in (self.names, self.offsets, self.labels):
+            array.flags.writeable = False
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[tuple[str, int]]) -> FileIndex:
+        """The index of a list of ``(path, label)`` pairs (:func:`scan_image_folder`'s)."""
+        return cls([path for path, _ in samples], [label for _, label in samples])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def path(self, index: int) -> str:
+        """The path of entry ``index`` (negative counts from the end)."""
+        i = operator.index(index)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"FileIndex: index {index} out of range for {len(self)} files")
+        i %= len(self)
+        return self.prefix + os.fsdecode(self.names[self.offsets.item(i):self.offsets.item(i + 1)].tobytes())
+
+    def __getitem__(self, index: int) -> tuple[str, int]:
+        return self.path(index), self.labels.item(index)
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        return (self[i] for i in range(len(self)))
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> FileIndex:
+        """The entries ``indices``, in that order, as a new index (same prefix)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        starts = self.offsets[indices]
+        lengths = self.offsets[indices + 1] - starts
+        # byte j of the new buffer comes from starts[k] + (j - new start of entry k), for the entry k holding it
+        new_starts = np.cumsum(lengths) - lengths
+        positions = np.repeat(starts - new_starts, lengths) + np.arange(lengths.sum(), dtype=np.int64)
+        out = object.__new__(FileIndex)
+        out.prefix = self.prefix
+        out._set(self.names[positions], lengths, self.labels[indices])
+        return out
+
+
 class ImageFolderDataset(Dataset):
     """``(PIL RGB image, label)`` pairs from a list of files; unreadable files are skipped, warned and counted.
 
+    The files are held in a :class:`FileIndex` (:attr:`index`), which loader workers read without copying it.
+
     Args:
-        samples: ``[(path, label)]``, e.g. from :func:`scan_image_folder`.
+        samples: a :class:`FileIndex`, or ``[(path, label)]`` (e.g. from :func:`scan_image_folder`).
         classes: class names (empty for an unlabelled folder).
 
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str] = ()) -> None:
-        if not samples:
+    def __init__(self, samples: FileIndex | Sequence[tuple[str, int]], classes: Sequence[str] = ()) -> None:
+        self.index = samples if isinstance(samples, FileIndex) else FileIndex.from_samples(samples)
+        if not len(self.index):
             raise ValueError("ImageFolderDataset needs at least one image")
-        self.samples = list(samples)
         self.classes = list(classes)
-        self.targets = [label for _, label in self.samples]
         # Shared between loader workers (inherited by fork, pickled at spawn): 1 = known unreadable.
-        self._bad = multiprocessing.Array("b", len(self.samples))
+        self._bad = multiprocessing.Array("b", len(self.index))
         self._epoch_skips = multiprocessing.Value("q", 0)
 
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        """``[(path, label)]``, built from :attr:`index` at each access (a Python object per file: not in workers)."""
+        return list(self.index)
+
+    @property
+    def targets(self) -> list[int]:
+        """The labels, as a list (built at each access; ``index.labels`` is the array)."""
+        return self.index.labels.tolist()
+
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.index)
 
     def _mark_bad(self, index: int, err: BaseException) -> None:
         with self._bad.get_lock():
             first = self._bad[index] == 0
             self._bad[index] = 1
         if first:
-            warnings.warn(f"Skipping unreadable image {self.samples[index][0]} ({type(err).__name__}: {err}); "
+            warnings.warn(f"Skipping unreadable image {self.index.path(index)} ({type(err).__name__}: {err}); "
                           "it is replaced by the next readable image of the dataset", CorruptImageWarning,
                           stacklevel=3)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        n = len(self.samples)
+        n = len(self.index)
         for step in range(n):
             i = (index + step) % n
             if self._bad[i]:
@@ -203,7 +294,7 @@ class ImageFolderDataset(Dataset):
                     with self._epoch_skips.get_lock():
                         self._epoch_skips.value += 1
                 continue
-            path, label = self.samples[i]
+            path, label = self.index[i]
             try:
                 return _load_rgb(path), label
             except Exception as err:  # noqa: BLE001 - any decoder error means "unreadable file"
@@ -211,7 +302,7 @@ class ImageFolderDataset(Dataset):
                 if step == 0:
                     with self._epoch_skips.get_lock():
                         self._epoch_skips.value += 1
-        raise DatasetError(f"none of the {n} images of this dataset can be decoded (first: {self.samples[0][0]}); "
+        raise DatasetError(f"none of the {n} images of this dataset can be decoded (first: {self.index.path(0)}); "
                            "check the files of data.data_dir")
 
     def counting_view(self) -> ImageFolderDataset:
@@ -224,7 +315,7 @@ class ImageFolderDataset(Dataset):
     def bad_files(self) -> list[str]:
         """Files found unreadable so far (in any process)."""
         flags = np.frombuffer(self._bad.get_obj(), dtype=np.int8)
-        return [self.samples[i][0] for i in np.flatnonzero(flags)]
+        return [self.index.path(i) for i in np.flatnonzero(flags)]
 
     def pop_epoch_skips(self) -> int:
         """Number of samples replaced since the last call (all processes), and reset it to zero."""
@@ -289,7 +380,7 @@ class _FolderDataModule(MoCoDataModule):
         self._folder_datasets: list[tuple[str, ImageFolderDataset]] = []
         self.classes: list[str] = []
 
-    def _dataset(self, samples: Sequence[tuple[str, int]], classes: Sequence[str],
+    def _dataset(self, samples: FileIndex, classes: Sequence[str],
                  role: str = "evaluation") -> ImageFolderDataset:
         dataset = ImageFolderDataset(samples, classes)
         self._folder_datasets.append((role, dataset))
@@ -365,8 +456,8 @@ class ImageFolderDataModule(_FolderDataModule):
         self.val_fraction = float(val_fraction)
         self.split_seed = int(split_seed)
         self.labels = labels
-        self._train_samples: list[tuple[str, int]] | None = None
-        self._val_samples: list[tuple[str, int]] = []
+        self._train_samples: FileIndex | None = None
+        self._val_samples: FileIndex | None = None
 
     @staticmethod
     def check_files(data_dir: str, val_dir: str | None = None) -> None:
@@ -391,8 +482,9 @@ class ImageFolderDataModule(_FolderDataModule):
     def _scan(self) -> None:
         if self._train_samples is not None:
             return
-        samples, classes = scan_image_folder(self.data_dir, "data.data_dir", self.labels)
-        check_decodable(samples, "data.data_dir", self.data_dir)
+        found, classes = scan_image_folder(self.data_dir, "data.data_dir", self.labels)
+        check_decodable(found, "data.data_dir", self.data_dir)
+        samples = FileIndex.from_samples(found)
         self.classes, self.num_classes = classes, len(classes)
         if self.val_dir is not None:
             val_samples, val_classes = scan_image_folder(self.val_dir, "data.val_dir", self.labels)
@@ -400,16 +492,16 @@ class ImageFolderDataModule(_FolderDataModule):
                 raise DatasetError(f"data.val_dir={self.val_dir!r} has classes {val_classes[:5]}... but "
                                  f"data.data_dir={self.data_dir!r} has {classes[:5]}...: both need the same class "
                                  "sub-folders")
-            self._train_samples, self._val_samples = samples, val_samples
+            self._train_samples, self._val_samples = samples, FileIndex.from_samples(val_samples)
         elif self.val_fraction > 0 and len(samples) >= 2:
             self._train_samples, self._val_samples = self._split(samples)
         else:
             self._train_samples = samples
 
-    def _split(self, samples: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    def _split(self, samples: FileIndex) -> tuple[FileIndex, FileIndex]:
         from sklearn.model_selection import train_test_split
 
-        labels = np.array([label for _, label in samples])
+        labels = samples.labels
         n_val = max(1, round(self.val_fraction * len(samples)))
         counts = np.bincount(np.maximum(labels, 0))
         # Stratify when every class can give one image to each side; otherwise fall back to a plain split.
@@ -418,7 +510,7 @@ class ImageFolderDataModule(_FolderDataModule):
         stratify = labels if stratifiable else None
         train_idx, val_idx = train_test_split(np.arange(len(samples)), test_size=n_val, stratify=stratify,
                                               random_state=self.split_seed)
-        return [samples[i] for i in sorted(train_idx)], [samples[i] for i in sorted(val_idx)]
+        return samples.subset(np.sort(train_idx)), samples.subset(np.sort(val_idx))
 
     def _build_pretrain_dataset(self) -> Dataset:
         self._scan()
@@ -462,7 +554,7 @@ class ImageNetDataModule(_FolderDataModule):
     def __init__(self, data_dir: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.data_dir = os.path.expanduser(str(data_dir))
-        self._scanned: dict[str, tuple[list[tuple[str, int]], list[str]]] = {}
+        self._scanned: dict[str, tuple[FileIndex, list[str]]] = {}
 
     @staticmethod
     def check_files(data_dir: str) -> None:
@@ -474,7 +566,7 @@ class ImageNetDataModule(_FolderDataModule):
                     f"ImageNetDataModule: {folder!r} does not exist. Set data.data_dir to the folder that contains "
                     "ImageNet's train/ and val/ folders (train/<wnid>/<image>.JPEG, val/<wnid>/<image>.JPEG).")
 
-    def _scan_split(self, split: str) -> tuple[list[tuple[str, int]], list[str]]:
+    def _scan_split(self, split: str) -> tuple[FileIndex, list[str]]:
         if split not in self._scanned:
             folder = os.path.join(self.data_dir, split)
             self.check_files(self.data_dir)
@@ -482,7 +574,7 @@ class ImageNetDataModule(_FolderDataModule):
             if not classes:
                 raise DatasetError(f"ImageNetDataModule: {folder!r} holds images without class sub-folders. Sort "
                                  "them into <wnid>/ folders (for val: the usual valprep.sh script).")
-            self._scanned[split] = (samples, classes)
+            self._scanned[split] = (FileIndex.from_samples(samples), classes)
         return self._scanned[split]
 
     def setup(self, stage: str | None = None) -> None:
