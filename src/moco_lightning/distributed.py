@@ -48,6 +48,23 @@ def max_over_processes(value: int, group: dist.ProcessGroup | None) -> int:
 
 
 @torch.no_grad()
+def broadcast_batchnorm_statistics(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every process the BN running statistics of process ``src`` (nothing on one process).
+
+    DDP sends rank 0's buffers at the start of each forward, but every process then updates them with its own
+    batch, so after a step they differ a little. An evaluation that each process runs on its shard of the images
+    (the kNN monitor and report) needs one model on all of them: rank 0's, the one its checkpoint holds.
+    """
+    if not is_distributed():
+        return
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+            for buffer in (layer.running_mean, layer.running_var, layer.num_batches_tracked):
+                if buffer is not None:
+                    dist.broadcast(buffer, src=src)
+
+
+@torch.no_grad()
 def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from every process along dim 0, in rank order. No gradient flows back.
 

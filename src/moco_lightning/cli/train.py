@@ -75,11 +75,21 @@ class KNNReport:
         self.rows: dict[str, float] = {}
 
     @staticmethod
-    def measure(embed: Any, datamodule: Any, module: torch.nn.Module | None = None) -> float:
-        """Top-1 kNN accuracy (a fraction) of ``embed`` on the datamodule's eval loaders, ``module`` in eval mode."""
+    def measure(embed: Any, datamodule: Any, module: torch.nn.Module | None = None,
+                device: torch.device | None = None) -> float:
+        """Top-1 kNN accuracy (a fraction) of ``embed`` on the datamodule's eval loaders, ``module`` in eval mode.
+
+        ``module`` is moved to ``device`` first (``None``: where it is). Under ``torch.distributed`` every process
+        must call it: each embeds its shard of the images (:func:`~moco_lightning.eval.knn.knn_accuracy`).
+        """
+        from moco_lightning.distributed import broadcast_batchnorm_statistics
         from moco_lightning.eval.knn import eval_mode, knn_accuracy
 
-        device = next(module.parameters()).device if module is not None else None
+        if module is not None and device is not None:
+            module.to(device)
+        if module is not None:
+            broadcast_batchnorm_statistics(module)  # one model on every process: rank 0's, as in its checkpoint
+        device = next(module.parameters()).device if module is not None else device
         with eval_mode(module):
             result = knn_accuracy(embed, datamodule.eval_train_dataloader(), datamodule.eval_val_dataloader(),
                                   num_classes=getattr(datamodule, "num_classes", None) or None, device=device)
@@ -281,7 +291,9 @@ def train(cfg: DictConfig) -> float | None:
         if cfg.get("knn_report") and not labelled:
             log.info("knn_report: the images have no labels (no class folders): no kNN table at the end")
         elif cfg.get("knn_report"):
-            report = _report_before_training(datamodule, model, resumed=ckpt_path is not None)
+            report = KNNReport(type(datamodule).__name__.removesuffix("DataModule"))
+            if trainer.is_global_zero:  # once; the other processes wait for it in fit's rendezvous
+                _report_before_training(report, datamodule, model, trainer, resumed=ckpt_path is not None)
 
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
@@ -338,35 +350,48 @@ def _check_queue_fits(cfg: DictConfig, datamodule: Any) -> None:
     warnings.filterwarnings("ignore", message=r"queue_size=\d+ is not smaller than the training set")
 
 
-def _report_before_training(datamodule: Any, model: torch.nn.Module, resumed: bool) -> KNNReport | None:
-    """The reference rows of the kNN table (raw pixels, the encoder at init), or ``None`` with one line why not.
+def _report_before_training(report: KNNReport, datamodule: Any, model: torch.nn.Module, trainer: L.Trainer,
+                            resumed: bool) -> None:
+    """The reference rows of the kNN table (raw pixels, the encoder at init), on the main process; one line if not.
 
-    On a resumed run the module has not loaded the checkpoint yet: it holds the weights the run's seed gives at
-    initialisation, the same as at the first launch.
+    Measured before ``fit`` starts the other processes, on the training device unless a launcher will fork them
+    (CUDA must not start before a fork: then on the CPU). On a resumed run the module has not loaded the
+    checkpoint yet: it holds the weights the run's seed gives at initialisation, the same as at the first launch.
     """
-    report = KNNReport(type(datamodule).__name__.removesuffix("DataModule"))
+    launcher = trainer.strategy.launcher
+    forks = launcher is not None and launcher.is_interactive_compatible  # ddp_fork, ddp_notebook
+    device = torch.device("cpu") if forks else trainer.strategy.root_device
+    before = next(model.parameters()).device
     try:
         datamodule.prepare_data()
         datamodule.setup("fit")
-        report.rows["raw pixels"] = KNNReport.measure(lambda x: x.flatten(1), datamodule)
-        report.rows["encoder at init"] = KNNReport.measure(model.embed, datamodule, model)
+        report.rows["raw pixels"] = KNNReport.measure(lambda x: x.flatten(1), datamodule, device=device)
+        report.rows["encoder at init"] = KNNReport.measure(model.embed, datamodule, model, device)
     except DatasetNotAvailableError:
         raise  # the dataset is not there: training would fail too
     except Exception as err:  # noqa: BLE001 - the report is an extra (no validation images...): never stops a run
         log.warning("knn_report skipped (%s); training goes on", f"{type(err).__name__}: {err}".splitlines()[0])
-        return None
+        report.rows.clear()
+        return
+    finally:
+        model.to(before)
     log.info("kNN top-1 before training%s: raw pixels %.4f, encoder at init %.4f",
              " (the encoder at init of this seed; the run resumes from its checkpoint)" if resumed else "",
              report.rows["raw pixels"], report.rows["encoder at init"])
-    return report
 
 
 def _report_after_training(report: KNNReport, datamodule: Any, model: torch.nn.Module, trainer: L.Trainer) -> None:
-    """Measure the trained encoder and print the kNN table (main process); one line instead when it fails."""
+    """Measure the trained encoder and print the kNN table once; one line instead when it fails.
+
+    Every process takes part, each embedding its shard on its training device (the module is back on the CPU
+    after ``fit``; NCCL gathers only device tensors), and all get the one-process number.
+    """
     try:
-        report.rows["trained encoder"] = KNNReport.measure(model.embed, datamodule, model)
+        report.rows["trained encoder"] = KNNReport.measure(model.embed, datamodule, model,
+                                                           trainer.strategy.root_device)
     except Exception as err:  # noqa: BLE001 - the report is an extra: it never fails a finished run
-        log.warning("knn_report skipped (%s)", f"{type(err).__name__}: {err}".splitlines()[0])
+        if trainer.is_global_zero:
+            log.warning("knn_report skipped (%s)", f"{type(err).__name__}: {err}".splitlines()[0])
         return
     if trainer.is_global_zero:
         print(report.table(), flush=True)

@@ -345,6 +345,7 @@ class KNNMonitor(Callback):
         # a private RNG state: creating the loader iterators draws seeds from the global generator, and the
         # monitor must not change the random stream (augmentations, shuffles) of the pretraining run
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        distributed.broadcast_batchnorm_statistics(pl_module)  # one model on every process: rank 0's
         with eval_mode(pl_module), context, torch.random.fork_rng(devices=devices):
             return knn_accuracy(
                 getattr(pl_module, method),
