@@ -6,7 +6,8 @@ installed package when it is importable, else ``conf/`` next to ``src/`` in a ch
 from any working directory, as scripts at the repository root and as console scripts.
 
 Importing this module registers the OmegaConf resolvers the configs use (``${moco.one_or_many:...}``,
-``${moco.cifar_stem:...}``, ``${moco.patch_size:...}``, ``${moco.wandb_offline:}``);
+``${moco.cifar_stem:...}``, ``${moco.patch_size:...}``, ``${moco.wandb_offline:}``,
+``${moco.cpus_per_task:...}``);
 call :func:`register_resolvers` before composing the configs with Hydra's compose API from your own code.
 """
 
@@ -30,8 +31,8 @@ from moco_lightning.deadline import call_with_deadline
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CONFIG_PATH", "RUN_ERROR_FILE", "config_dir", "count_devices", "register_resolvers", "resolve_device",
-           "write_results"]
+__all__ = ["CONFIG_PATH", "RUN_ERROR_FILE", "SLURM_AUTO_CPUS_PER_TASK", "config_dir", "count_devices",
+           "register_resolvers", "resolve_device", "write_results"]
 
 #: The file a training run that ended with an error leaves in its run folder: the error in one line. A run that
 #: starts (or resumes) in the folder deletes it, and ``moco-sweep-report`` reads it to tell a failed job from one
@@ -42,6 +43,10 @@ RUN_ERROR_FILE = "error.txt"
 #: ViTs a patch of :data:`SMALL_IMAGE_PATCH` pixels instead of 16.
 SMALL_IMAGE_MAX = 64
 SMALL_IMAGE_PATCH = 4
+
+#: CPUs per SLURM task (one task per GPU) that ``hydra/launcher=slurm`` asks for when ``data.num_workers=auto``:
+#: 8 tasks x 8 = 64 CPUs, which the smallest common 8-GPU nodes have; the task's loader then gets 7 workers.
+SLURM_AUTO_CPUS_PER_TASK = 8
 
 
 def config_dir() -> Path:
@@ -100,6 +105,24 @@ def _cifar_stem(image_size: Any) -> bool:
 def _patch_size(image_size: Any) -> int:
     """ViT patch side: 16 (ViT's and MoCo v3's) on large images, 4 on small ones (32 px CIFAR: an 8 x 8 grid)."""
     return SMALL_IMAGE_PATCH if _cifar_stem(image_size) else 16
+
+
+def _cpus_per_task(num_workers: Any) -> int:
+    """``hydra.launcher.cpus_per_task`` of the SLURM launcher from ``data.num_workers``.
+
+    A number of workers N asks for N + 1 CPUs (the training process needs its own core); ``auto`` asks for
+    :data:`SLURM_AUTO_CPUS_PER_TASK`, and ``num_workers=auto`` then gives each task's loader the CPUs of its own
+    task, less one. Anything else is refused here, before a job is submitted.
+    """
+    if isinstance(num_workers, str) and num_workers.strip().isdigit():
+        num_workers = int(num_workers)
+    if isinstance(num_workers, int) and not isinstance(num_workers, bool) and num_workers >= 0:
+        return num_workers + 1
+    if isinstance(num_workers, str) and num_workers.strip() == "auto":
+        return SLURM_AUTO_CPUS_PER_TASK
+    raise ValueError(f"data.num_workers={num_workers} must be an integer >= 0 or auto; the SLURM launcher asks for "
+                     "that many CPUs per task plus one (auto: "
+                     f"{SLURM_AUTO_CPUS_PER_TASK}, or set hydra.launcher.cpus_per_task=N)")
 
 
 def _wandb_offline() -> bool:
@@ -167,6 +190,7 @@ def register_resolvers() -> None:
         ("moco.cifar_stem", _cifar_stem),
         ("moco.patch_size", _patch_size),
         ("moco.wandb_offline", _wandb_offline),
+        ("moco.cpus_per_task", _cpus_per_task),
     ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
