@@ -1,8 +1,11 @@
+import os
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from moco_lightning.data import DigitsDataModule
-from moco_lightning.data.base import seed_worker
+from moco_lightning.data.base import auto_workers, seed_worker, slurm_task_cpus
 
 
 def first_batches(dm, n=2):
@@ -88,3 +91,90 @@ def test_the_evaluation_view_is_computed_once_and_the_augmented_one_every_time(m
     big = TransformedDataset(val.base, transform, cache=True)
     big[0], big[0]
     assert not big.cache and not big._items
+
+
+# ---------------------------------------------------------------------------------------------- pin_memory
+def cuda_must_not_be_asked(monkeypatch):
+    """Make the calls that initialise CUDA in this process fail, as ddp_fork / ddp_notebook would later."""
+    def initialises_cuda(*args, **kwargs):
+        raise AssertionError("initialises CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", initialises_cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", initialises_cuda)
+
+
+def all_loaders(dm):
+    return [dm.train_dataloader(), dm.eval_train_dataloader(), dm.eval_val_dataloader()]
+
+
+def test_the_default_pin_memory_does_not_initialise_cuda_and_pins_nothing_without_a_gpu(monkeypatch):
+    cuda_must_not_be_asked(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # this process has not used CUDA
+    dm = DigitsDataModule(batch_size=16, image_size=8)
+    assert not any(loader.pin_memory for loader in all_loaders(dm))
+    assert all(loader.pin_memory for loader in all_loaders(DigitsDataModule(batch_size=16, pin_memory=True)))
+
+
+def test_the_default_pin_memory_follows_the_trainers_device(monkeypatch):
+    import lightning as L
+
+    cpu_trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+    cuda_must_not_be_asked(monkeypatch)
+    dm = DigitsDataModule(batch_size=16, image_size=8)
+    dm.trainer = cpu_trainer
+    assert not any(loader.pin_memory for loader in all_loaders(dm))
+    # a trainer on a GPU (faked: its strategy's root device is all the datamodule reads)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), global_rank=0,
+                                 world_size=1, num_devices=1, training=False)
+    assert all(loader.pin_memory for loader in all_loaders(dm))
+    dm.pin_memory = False  # the user's setting wins
+    assert not any(loader.pin_memory for loader in all_loaders(dm))
+
+
+# ---------------------------------------------------------------------------------------------- auto workers
+SLURM_TASK = {"SLURM_JOB_NAME": "train", "SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8", "SLURM_STEP_ID": "0",
+              "SLURM_PROCID": "3", "SLURM_LOCALID": "3", "SLURM_NODEID": "0"}
+
+
+def slurm_env(monkeypatch, cpus, **env):
+    """No SLURM or torchrun variables but ``env``, and a process that may use ``cpus`` cores."""
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "TORCHELASTIC_")) or name in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+
+
+def test_auto_workers_of_a_slurm_task_are_its_own_cpus_less_one(monkeypatch):
+    # srun bound each of the 8 tasks of the node to its 10 CPUs: all of them are this process's
+    slurm_env(monkeypatch, 10, **SLURM_TASK, SLURM_CPUS_PER_TASK="10")
+    assert auto_workers(8) == 9 and slurm_task_cpus() == 10
+    # no CPU binding: the process sees the node's CPUs, its task's share is SLURM_CPUS_PER_TASK
+    slurm_env(monkeypatch, 128, **SLURM_TASK, SLURM_CPUS_PER_TASK="10")
+    assert auto_workers(8) == 9
+    # no --cpus-per-task: the CPUs the task is bound to, as they are
+    slurm_env(monkeypatch, 6, **SLURM_TASK)
+    assert auto_workers(8) == 5
+    slurm_env(monkeypatch, 1, **SLURM_TASK, SLURM_CPUS_PER_TASK="1")
+    assert auto_workers(8) == 0
+    dm = DigitsDataModule(num_workers="auto")
+    dm.trainer = SimpleNamespace(num_devices=8)
+    slurm_env(monkeypatch, 10, **SLURM_TASK, SLURM_CPUS_PER_TASK="10")
+    assert dm.num_workers == 9
+
+
+@pytest.mark.parametrize("env", [
+    {},  # no SLURM
+    {"SLURM_JOB_NAME": "train", "SLURM_NTASKS": "1", "SLURM_CPUS_PER_TASK": "80"},  # the batch script, no srun
+    {**SLURM_TASK, "SLURM_JOB_NAME": "interactive", "SLURM_CPUS_PER_TASK": "80"},  # Lightning's interactive mode
+    {**SLURM_TASK, "SLURM_JOB_NAME": "bash", "SLURM_CPUS_PER_TASK": "80"},
+    {**SLURM_TASK, "SLURM_NTASKS": "1", "SLURM_CPUS_PER_TASK": "80"},  # srun of one task: Lightning starts 8
+    {**SLURM_TASK, "SLURM_NTASKS": "2", "SLURM_CPUS_PER_TASK": "80", "TORCHELASTIC_RUN_ID": "none", "RANK": "3",
+     "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8"},  # torchrun in each of 2 SLURM tasks: its 8 processes share one
+], ids=["no-slurm", "batch-script", "interactive", "bash", "one-task", "torchrun"])
+def test_auto_workers_share_the_cpus_when_the_processes_are_not_slurm_tasks(monkeypatch, env):
+    slurm_env(monkeypatch, 80, **env)
+    assert slurm_task_cpus() is None
+    assert auto_workers(8) == 9  # 80 CPUs / 8 processes - 1

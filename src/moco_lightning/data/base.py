@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from lightning.fabric.plugins.environments import TorchElasticEnvironment
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -28,7 +29,7 @@ from moco_lightning.transforms import (
 )
 
 __all__ = ["DatasetError", "MoCoDataModule", "TensorImageDataset", "TransformedDataset", "auto_workers",
-           "check_data_args", "seed_worker"]
+           "check_data_args", "seed_worker", "slurm_task_cpus"]
 
 
 class DatasetError(ValueError):
@@ -45,16 +46,57 @@ def batch_seed(seed: int, rank: int, index: int) -> int:
     return int.from_bytes(digest, "little")
 
 
-def auto_workers(processes_on_this_machine: int = 1) -> int:
-    """``data.num_workers=auto``: the CPU cores this process may use, shared by the training processes of the machine.
+def slurm_task_cpus() -> int | None:
+    """The CPUs of this process's own SLURM task, when SLURM started one task per training process; else ``None``.
 
-    One core is the training process's own; with a single core there is no worker.
+    That is a process started by ``srun`` (a job step) in a job of several tasks, which Lightning's
+    ``SLURMEnvironment`` takes its ranks from: the task's share is its CPUs per task (``SLURM_CPUS_PER_TASK``,
+    no more than the CPUs the process may use), or the CPUs it may use as they are. Not in an interactive
+    allocation (job name ``bash`` or ``interactive``, as Lightning decides), a batch script run without
+    ``srun``, or under ``torchrun`` (which Lightning prefers to SLURM), where the processes of the machine are
+    not SLURM's tasks and share the CPUs.
     """
+    env = os.environ
+    if "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env:
+        return None  # not a task started by srun
+    if TorchElasticEnvironment.detect():
+        return None  # torchrun started the processes, possibly several in one task
+    if env.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None  # Lightning's interactive mode: it starts the processes itself
     try:
-        cores = len(os.sched_getaffinity(0))
+        if int(env.get("SLURM_NTASKS", "1")) <= 1:
+            return None  # one task: the processes of the machine, if several, are Lightning's own
+    except ValueError:
+        return None
+    cores = _usable_cores()
+    try:
+        per_task = int(env.get("SLURM_CPUS_PER_TASK", ""))
+    except ValueError:
+        return cores
+    return max(1, min(per_task, cores))
+
+
+def _usable_cores() -> int:
+    """The CPU cores this process may use (its affinity mask; the machine's where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        cores = os.cpu_count() or 1
-    return max(0, cores // max(1, processes_on_this_machine) - 1) if cores > 1 else 0
+        return os.cpu_count() or 1
+
+
+def auto_workers(processes_on_this_machine: int = 1) -> int:
+    """``num_workers="auto"``: the CPU cores this process may use, less one, shared by the processes of the machine.
+
+    One core is the training process's own; with a single core there is no worker. When SLURM started each
+    training process as its own task (:func:`slurm_task_cpus`), the CPUs of that task are the process's alone
+    and are not divided again.
+    """
+    task_cpus = slurm_task_cpus()
+    if task_cpus is not None:
+        cores, processes = task_cpus, 1
+    else:
+        cores, processes = _usable_cores(), max(1, processes_on_this_machine)
+    return max(0, cores // processes - 1) if cores > 1 else 0
 
 
 def seed_worker(worker_id: int) -> None:
@@ -195,8 +237,10 @@ class MoCoDataModule(LightningDataModule):
     Args:
         batch_size: pretraining batch size per device (per process).
         num_workers: loader worker processes per device, or ``"auto"``: the CPU cores this process may use
-            (``os.sched_getaffinity``) divided by the training processes of this machine (:func:`auto_workers`).
-        pin_memory: pin host memory for faster GPU transfer; ``None`` = only when CUDA is available.
+            (``os.sched_getaffinity``) divided by the training processes of this machine, less one; under SLURM
+            with one task per process, the CPUs of the process's own task less one (:func:`auto_workers`).
+        pin_memory: pin host memory for faster GPU transfer; ``None`` = when the batches go to a CUDA device
+            (the trainer's device, decided as each loader is built; see :attr:`pin_memory`).
         persistent_workers: keep workers alive between epochs; ``None`` = when ``num_workers > 0``.
         seed: seed of the loader generators (shuffle order, worker seeds).
         augmentation: "v1", "v2", "v3", "digits" (see :data:`~moco_lightning.transforms.AUGMENTATIONS`), or a
@@ -236,7 +280,7 @@ class MoCoDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size
         self.num_workers_setting: int | str = num_workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.pin_memory_setting: bool | None = None if pin_memory is None else bool(pin_memory)
         self.persistent_workers_setting = persistent_workers
         self.prefetch_factor = prefetch_factor
         self.seed = int(seed)
@@ -265,6 +309,25 @@ class MoCoDataModule(LightningDataModule):
     @num_workers.setter
     def num_workers(self, value: int | str) -> None:
         self.num_workers_setting = value
+
+    @property
+    def pin_memory(self) -> bool:
+        """Pin the loaders' host memory: the setting, or (``None``) whether the batches go to a CUDA device.
+
+        That device is the trainer's root device; outside a trainer, batches are pinned when this process already
+        uses CUDA. Nothing here asks CUDA whether it is available: in the parent process that could initialise it
+        before the strategies that fork (``ddp_fork``, ``ddp_notebook``) start their processes, which they refuse.
+        """
+        if self.pin_memory_setting is not None:
+            return self.pin_memory_setting
+        device = getattr(getattr(getattr(self, "trainer", None), "strategy", None), "root_device", None)
+        if isinstance(device, torch.device):
+            return device.type == "cuda"
+        return torch.cuda.is_initialized()
+
+    @pin_memory.setter
+    def pin_memory(self, value: bool | None) -> None:
+        self.pin_memory_setting = None if value is None else bool(value)
 
     @property
     def persistent_workers(self) -> bool:
