@@ -1,4 +1,4 @@
-"""A callback the two-process train.py test adds from the command line: each rank saves what must be identical."""
+"""A callback the two-process and two-node train.py tests add from the command line: each rank saves its state."""
 
 from __future__ import annotations
 
@@ -23,5 +23,8 @@ class QueueDump(L.Callback):
             "bn_mode": pl_module.bn_mode,
             "steps": trainer.global_step,
             "world_size": trainer.world_size,
+            "num_nodes": trainer.num_nodes,
+            "node_rank": trainer.node_rank,
+            "cluster_environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__,
         }
         torch.save(state, self.path / f"rank{trainer.global_rank}.pt")
