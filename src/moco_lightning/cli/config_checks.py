@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+# Lightning's CUDA queries ask NVML, not the driver: CUDA must not start in the parent of ddp_fork / ddp_notebook
+from lightning.fabric.accelerators.cuda import is_cuda_available, num_cuda_devices
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
@@ -292,13 +294,10 @@ def check_accelerator(trainer: DictConfig) -> None:
     node, the tests); the training CLI calls it for the run it is about to start.
     """
     accelerator = str(trainer.get("accelerator", "auto")).lower()
-    if accelerator in ("gpu", "cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"trainer.accelerator={trainer.accelerator} but no CUDA GPU is visible here "
-                              "(torch.cuda.is_available() is false); use trainer.accelerator=cpu or auto, or run "
-                              "where a GPU is (check CUDA_VISIBLE_DEVICES and nvidia-smi)")
+    if accelerator in ("gpu", "cuda") and not is_cuda_available():
+        raise ConfigError(f"trainer.accelerator={trainer.accelerator} but no CUDA GPU is visible here "
+                          "(torch.cuda.is_available() is false); use trainer.accelerator=cpu or auto, or run "
+                          "where a GPU is (check CUDA_VISIBLE_DEVICES and nvidia-smi)")
 
 
 def count_processes(trainer: DictConfig) -> int | None:
@@ -315,9 +314,7 @@ def count_processes(trainer: DictConfig) -> int | None:
         raise ConfigError(f"trainer.devices={trainer.get('devices')} must ask for at least one device")
     accelerator = str(trainer.get("accelerator", "auto"))
     if devices is None and accelerator in ("gpu", "cuda", "auto"):
-        import torch
-
-        devices = torch.cuda.device_count() if torch.cuda.is_available() else 1 if accelerator == "auto" else None
+        devices = num_cuda_devices() if is_cuda_available() else 1 if accelerator == "auto" else None
     elif devices is None and accelerator == "cpu":
         devices = 1
     return None if devices is None else devices * int(trainer.get("num_nodes", 1) or 1)
