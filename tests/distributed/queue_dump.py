@@ -23,6 +23,7 @@ class QueueDump(L.Callback):
             "bn_mode": pl_module.bn_mode,
             "steps": trainer.global_step,
             "world_size": trainer.world_size,
+            "hparams": dict(pl_module.hparams),  # the settings this rank trained with
             "num_nodes": trainer.num_nodes,
             "node_rank": trainer.node_rank,
             "cluster_environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__,

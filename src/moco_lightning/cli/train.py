@@ -19,6 +19,7 @@ with a line saying how to resume and status ``128 + signal``.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -31,9 +32,10 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from moco_lightning.checkpointing import (
     DiskFullError,
@@ -410,9 +412,51 @@ def _print_embedding_map(trainer: L.Trainer) -> None:
             print(f"embedding map: {callback.last_path}", flush=True)
 
 
+#: Hydra's command-line flags that take a value (kept for a sweep job's other processes, with their value).
+_HYDRA_VALUE_FLAGS = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir")
+
+
+@contextmanager
+def _processes_run_this_job() -> Iterator[None]:
+    """In a sweep job (``-m``), start the job's other processes with the job's settings alone, not the sweep.
+
+    Lightning starts ranks 1..N-1 of a run with this process's ``sys.argv`` and ``hydra.run.dir`` set to Hydra's
+    run folder; in a sweep that command is the whole sweep, which every such process would run again, joining
+    whichever job rank 0 is in. For the job, ``sys.argv`` becomes Hydra's flags and the job's own overrides
+    (without ``-m``) and the run folder the job's; both come back afterwards, with the environment Lightning's
+    launcher set (``LOCAL_RANK`` would make the next job's Lightning wait for processes nobody starts), and the
+    job's process group is closed, so the next job starts its own processes. Outside a sweep: nothing.
+    """
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        yield
+        return
+    job = HydraConfig.get()
+    argv, environ, run_dir = list(sys.argv), dict(os.environ), job.run.dir
+    flags, rest = [], iter(argv[1:])
+    for arg in rest:
+        if arg in _HYDRA_VALUE_FLAGS:
+            flags += [arg, next(rest, "")]
+        elif arg.startswith("-") and arg not in ("-m", "--multirun"):
+            flags.append(arg)  # --config-name=x and the like
+    sys.argv = [argv[0], *flags, *job.overrides.task]
+    with read_write(job):
+        job.run.dir = job.runtime.output_dir
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        os.environ.clear()
+        os.environ.update(environ)
+        with read_write(job):
+            job.run.dir = run_dir
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    return train(cfg)
+    with _processes_run_this_job():
+        return train(cfg)
 
 
 def main() -> None:
