@@ -8,8 +8,9 @@ Lightning; ``nox -s lightning -- <version>`` runs those and the resume and preem
 
 What is used, by what, and what lets it go:
 
-* ``Trainer._signal_connector.received_sigterm`` (set, to stop after the step the SIGTERM way, which the DDP
-  processes agree on) and ``._original_handlers`` (to hand the signals back): ``PreemptionCheckpoint``.
+* ``Trainer._signal_connector.received_sigterm`` (set, to stop after the step the SIGTERM way, on every process
+  at once once they agreed on a signal) and ``._original_handlers`` (to hand the signals back):
+  ``PreemptionCheckpoint``.
   Goes with a public "stop after this step" in Lightning (none filed; ``Trainer.received_sigterm`` is read-only).
 * ``Trainer._accelerator_connector.cluster_environment``, ``Trainer._checkpoint_connector.hpc_save_path`` and
   ``Trainer._signal_connector._slurm_sigusr_handler_fn``: ``PreemptionCheckpoint`` under SLURM auto-requeue,
@@ -105,7 +106,10 @@ def require_internals(trainer: Any, used_by: str) -> None:
 
 
 def request_stop_after_step(trainer: L.Trainer) -> None:
-    """Set Lightning's SIGTERM flag: the loop finishes the step and raises ``SIGTERMException`` (on every rank)."""
+    """Set Lightning's SIGTERM flag: the loop finishes the step and raises ``SIGTERMException``.
+
+    Lightning broadcasts rank 0's flag only: set it on every process at the same step (``PreemptionCheckpoint``).
+    """
     internal(trainer, "_signal_connector.received_sigterm")
     trainer._signal_connector.received_sigterm = True
 

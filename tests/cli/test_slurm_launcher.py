@@ -56,12 +56,11 @@ def test_sbatch_script_asks_for_two_nodes_of_eight_gpu_tasks(compose_train, monk
     assert "srun" in script  # every task is started by SLURM, not by a launcher of ours
 
 
-
-
 def documented_slurm_command() -> list[str]:
-    """The arguments of docs/scaling.md's ``python train.py -m hydra/launcher=slurm ...`` command."""
+    """The arguments of docs/scaling.md's ``python train.py -m hydra/launcher=slurm experiment=...`` command."""
     text = (REPO / "docs" / "scaling.md").read_text().replace("\\\n", " ")
-    [line] = [line for line in text.splitlines() if line.startswith("python train.py -m hydra/launcher=slurm ")]
+    prefix = "python train.py -m hydra/launcher=slurm experiment="
+    [line] = [line for line in text.splitlines() if line.startswith(prefix)]
     return shlex.split(line.replace("<partition>", "PARTITION"))[2:]
 
 
