@@ -79,6 +79,36 @@ def test_eval_linear_keeps_the_global_batch_of_the_protocol_on_any_device_count(
         per_device_batch(three)
 
 
+def test_eval_knn_with_a_label_fraction_uses_the_labelled_subset_as_its_bank(checkpoint, tmp_path):
+    from moco_lightning.data import DigitsDataModule
+    from moco_lightning.data.labels import read_subset_file
+    from moco_lightning.eval.checkpoint import load_backbone, read_backbone_checkpoint
+    from moco_lightning.eval.knn import knn_accuracy
+
+    cfg = _compose("eval_knn", [f"checkpoint={checkpoint}", "device=cpu", "label_fraction=0.1", "label_seed=3",
+                                f"paths.output_dir={tmp_path}", *TINY_DATA])
+    result = eval_knn.evaluate_knn(cfg)
+    assert (result["label_fraction"], result["label_seed"], result["train_images"]) == (0.1, 3, 1437)
+    chosen = read_subset_file(tmp_path / "labelled_indices.txt")
+    assert result["labelled_images"] == len(chosen) == 142  # round(0.1 x each class), as written to the run folder
+    # the same kNN with the bank restricted by hand
+    backbone, _, _ = load_backbone(read_backbone_checkpoint(str(checkpoint)))
+    datamodule = DigitsDataModule(image_size=8, eval_batch_size=128, num_workers=0)
+    datamodule.setup("fit")
+    datamodule.use_labelled_subset(chosen)
+    expected = knn_accuracy(backbone.eval(), datamodule.eval_train_dataloader(), datamodule.eval_val_dataloader())
+    assert result["knn_top1"] == expected["top1"]
+    full = eval_knn.evaluate_knn(_compose("eval_knn", [f"checkpoint={checkpoint}", "device=cpu", *TINY_DATA]))
+    assert full["labelled_images"] == full["train_images"] == 1437
+
+
+def test_a_label_fraction_out_of_range_is_one_line(checkpoint):
+    from moco_lightning.data import DatasetError
+
+    with pytest.raises(DatasetError, match=r"^label_fraction=0.0 must be in \(0, 1\]"):
+        eval_knn.evaluate_knn(_compose("eval_knn", [f"checkpoint={checkpoint}", "label_fraction=0", *TINY_DATA]))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_eval_knn_script_prints_and_saves_accuracy(checkpoint, tmp_path):

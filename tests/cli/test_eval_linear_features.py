@@ -45,6 +45,13 @@ def test_the_features_protocol_runs_from_the_command_line_and_writes_results(tmp
     assert set(result["holdout"]) == {"0.001", "0.1"} and result["l2"] in (1e-3, 1e-1)
 
 
+def test_the_probe_trains_on_the_labelled_subset_only(tmp_path):
+    result = evaluate_features(_compose(["checkpoint=pixels", *FAST, "label_fraction=0.1",
+                                         f"paths.output_dir={tmp_path}"]))
+    assert result["labelled_images"] == 142 and (tmp_path / "labelled_indices.txt").is_file()
+    assert result["num_train"] == 142 and result["num_eval"] == 360  # the validation images stay whole
+
+
 def test_raw_pixels_go_through_the_same_probe(tmp_path):
     result = evaluate_features(_compose(["checkpoint=pixels", *FAST, f"paths.output_dir={tmp_path}"]))
     assert result["checkpoint"] == "pixels" and result["backbone"] is None

@@ -4,7 +4,9 @@ Loads the query backbone of a pretraining checkpoint (:func:`moco_lightning.eval
 ``features=embedding`` the whole query encoder, :func:`moco_lightning.eval.load_query_encoder`), embeds the
 datamodule's labelled train set (memory bank) and val set (queries), prints kNN top-1 / top-5 (k=200, t=0.1 by
 default) and writes them to ``<output_dir>/results.json``. Without ``data=...`` on the command line the data is the
-checkpoint's pretraining data (:mod:`moco_lightning.cli.pretraining_data`); one line says which.
+checkpoint's pretraining data (:mod:`moco_lightning.cli.pretraining_data`); one line says which. With
+``label_fraction`` (or ``label_subset_file``) the memory bank is that labelled subset of the training images
+(:mod:`moco_lightning.cli.labelled_subset`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from moco_lightning.cli import CONFIG_PATH, resolve_device, write_results
+from moco_lightning.cli.labelled_subset import apply_labelled_subset
 from moco_lightning.cli.pretraining_data import adopt_pretraining_data
 from moco_lightning.data import DatasetError, DatasetNotAvailableError
 from moco_lightning.eval.checkpoint import CheckpointError, load_backbone, load_query_encoder, read_backbone_checkpoint
@@ -44,6 +47,7 @@ def evaluate_knn(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
     if hasattr(datamodule, "require_labels"):
         datamodule.require_labels("kNN evaluation")
+    labels = apply_labelled_subset(cfg, datamodule)  # the memory bank: the labelled images only
     result = knn_accuracy(
         backbone,
         datamodule.eval_train_dataloader(),
@@ -66,6 +70,7 @@ def evaluate_knn(cfg: DictConfig) -> dict[str, Any]:
         "temperature": cfg.temperature,
         "knn_top1": result["top1"],
         "knn_top5": result["top5"],
+        **labels,
     }
 
 

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from moco_lightning.cli import CONFIG_PATH, write_results
 from moco_lightning.cli.config_checks import ConfigError, count_processes
 from moco_lightning.cli.eval_linear_features import PIXELS, evaluate_features, summary
+from moco_lightning.cli.labelled_subset import apply_labelled_subset
 from moco_lightning.cli.pretraining_data import adopt_pretraining_data
 from moco_lightning.data import DatasetError
 from moco_lightning.eval.checkpoint import CheckpointError, read_backbone_checkpoint
@@ -54,6 +55,7 @@ def evaluate_linear(cfg: DictConfig) -> tuple[dict[str, Any], L.Trainer]:
     adopt_pretraining_data(cfg)  # the checkpoint's pretraining data unless data=... is on the command line
     cfg.data.eval_batch_size = per_device_batch(cfg)
     datamodule = instantiate(cfg.data)
+    labels = apply_labelled_subset(cfg, datamodule)  # the probe's training images: the labelled ones only
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
     trainer = instantiate(cfg.trainer, logger=loggers or False, enable_checkpointing=False)
     result = linear_eval(
@@ -81,6 +83,7 @@ def evaluate_linear(cfg: DictConfig) -> tuple[dict[str, Any], L.Trainer]:
         "linear_top5": result["top5"],
         "linear_best_top1": result["best_top1"],
         "best_epoch": result["best_epoch"] + 1,  # counted from 1, as printed
+        **labels,
     }, trainer
 
 
@@ -109,7 +112,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 def _features_main(cfg: DictConfig) -> float:
     try:
         result = evaluate_features(cfg)
-    except (CheckpointError, ConfigError, FileNotFoundError) as err:
+    except (CheckpointError, ConfigError, FileNotFoundError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(summary(result), flush=True)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from moco_lightning.cli import resolve_device
 from moco_lightning.cli.config_checks import ConfigError
+from moco_lightning.cli.labelled_subset import apply_labelled_subset
 from moco_lightning.cli.pretraining_data import adopt_pretraining_data
 from moco_lightning.eval.checkpoint import load_backbone, read_backbone_checkpoint
 from moco_lightning.eval.linear_features import feature_probe
@@ -64,6 +65,7 @@ def evaluate_features(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    labels = apply_labelled_subset(cfg, datamodule)  # the probe's training images: the labelled ones only
     result = feature_probe(backbone, datamodule, module=backbone, device=None if pixels else device,
                            l2_grid=[float(v) for v in cfg.l2_grid], holdout_fraction=float(cfg.holdout_fraction),
                            seed=int(cfg.seed), max_iter=int(cfg.max_iter), tolerance=float(cfg.tolerance),
@@ -81,6 +83,7 @@ def evaluate_features(cfg: DictConfig) -> dict[str, Any]:
         "linear_top1": out.pop("top1"),
         "linear_top5": out.pop("top5"),
         **{k: v for k, v in out.items() if k != "feature_dim"},
+        **labels,
     }
 
 

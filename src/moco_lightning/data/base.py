@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.environments import TorchElasticEnvironment
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
@@ -295,6 +295,7 @@ class MoCoDataModule(LightningDataModule):
         self.batch_augmentation = bool(batch_augmentation)
         self._pretrain_dataset: Dataset | None = None
         self._eval_datasets: dict[tuple[str, bool], Dataset] = {}
+        self.labelled_subset: np.ndarray | None = None
         self._batch_augment: BatchTwoViewAugmentation | None = None
         self._augment_generator: torch.Generator | None = None
 
@@ -439,8 +440,21 @@ class MoCoDataModule(LightningDataModule):
         assert self._pretrain_dataset is not None
         return self._pretrain_dataset
 
+    def labelled_train_dataset(self) -> Dataset:
+        """All the labelled training images as ``(image, label)`` without transform (to choose a subset from)."""
+        return self._build_eval_dataset("train")
+
+    def use_labelled_subset(self, indices: Sequence[int] | np.ndarray | None) -> None:
+        """Restrict the labelled training images (``eval_train_dataloader``) to ``indices``; ``None``: all of them.
+
+        For the few-label protocols (:mod:`moco_lightning.data.labels`): the kNN bank, the linear probe's and the
+        fine-tuning's training set. The validation images and the pretraining set stay whole.
+        """
+        self.labelled_subset = None if indices is None else np.asarray(indices, dtype=np.int64)
+        self._eval_datasets = {key: ds for key, ds in self._eval_datasets.items() if key[0] != "train"}
+
     def eval_dataset(self, split: str, augment: bool = False) -> Dataset:
-        """The labelled evaluation dataset of ``split`` ("train" or "val"), cached."""
+        """The labelled evaluation dataset of ``split`` ("train" or "val"), cached; see :meth:`use_labelled_subset`."""
         if split not in ("train", "val"):
             raise ValueError(f"eval split must be 'train' or 'val', got {split!r}")
         key = (split, augment)
@@ -448,6 +462,8 @@ class MoCoDataModule(LightningDataModule):
             base = next((ds.base for (s, _), ds in self._eval_datasets.items() if s == split), None)
             if base is None:
                 base = self._build_eval_dataset(split)
+                if split == "train" and self.labelled_subset is not None:
+                    base = Subset(base, self.labelled_subset.tolist())
             transform = self.linear_train_transform if augment else self.eval_transform
             # the deterministic view is the same every epoch: kept in memory when it fits (not the augmented one)
             self._eval_datasets[key] = TransformedDataset(base, transform, cache=not augment)
