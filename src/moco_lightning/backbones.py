@@ -4,13 +4,17 @@ A backbone here is any ``nn.Module`` taking images ``(N, 3, H, W)`` to features 
 torchvision ResNets with their classifier removed (``fc = nn.Identity()``), so the state dict of a backbone is
 exactly torchvision's minus ``fc.*`` and exports without renaming, and the Vision Transformers of MoCo v3
 (:mod:`moco_lightning.vit`, timm's ``VisionTransformer`` without its head: a DeiT state dict minus ``head.*``).
+Any timm model is a backbone by the name ``"timm:<model name>"`` (:func:`build_timm`): built without its classifier
+and never with pretrained weights (nothing downloads), its state dict is timm's minus the classifier.
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from functools import partial
 
+import timm
 import torch
 from torch import nn
 from torchvision import models
@@ -25,8 +29,42 @@ RESNETS: dict[str, Callable[..., models.ResNet]] = {
 }
 #: MoCo v3 Vision Transformers accepted by :func:`build_backbone`, by name.
 VITS: dict[str, Callable[..., MoCoViT]] = {name: partial(build_vit, name) for name in VIT_SIZES}
-#: Every backbone name accepted by :func:`build_backbone`, mapped to its constructor.
+#: Every backbone name accepted by :func:`build_backbone`, mapped to its constructor (and any ``timm:<name>``).
 BACKBONES: dict[str, Callable[..., nn.Module]] = {**RESNETS, **VITS}
+#: The prefix of a timm backbone's name: ``"timm:resnet10t"`` is ``timm.create_model("resnet10t", num_classes=0)``.
+TIMM_PREFIX = "timm:"
+
+
+def timm_model_name(backbone: str | nn.Module | None) -> str | None:
+    """The timm model name of a backbone named ``"timm:<name>"``; ``None`` for any other backbone."""
+    if isinstance(backbone, str) and backbone.startswith(TIMM_PREFIX):
+        return backbone[len(TIMM_PREFIX) :]
+    return None
+
+
+def check_timm_name(name: str) -> None:
+    """Raise a ``ValueError`` (``backbone=timm:<name> is not a timm model; ...``) unless timm knows ``name``."""
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"did you mean {' or '.join(TIMM_PREFIX + c for c in close)}? " if close else ""
+        raise ValueError(f"backbone={TIMM_PREFIX}{name} is not a timm model; {hint}timm.list_models() lists the names")
+
+
+def build_timm(name: str) -> tuple[nn.Module, int]:
+    """A timm model by name without its classifier, randomly initialised (nothing downloads), and its width.
+
+    ``timm.create_model(name, pretrained=False, num_classes=0)``: the forward pass returns the pooled features
+    ``(N, D)``. ``D`` is the model's ``head_hidden_size`` where timm has one (MobileNetV3's 1x1 ``conv_head``
+    widens ``num_features`` 288 to 1024), else its ``num_features``.
+
+    Raises:
+        ValueError: if timm has no model of that name.
+
+    """
+    check_timm_name(name)
+    model = timm.create_model(name, pretrained=False, num_classes=0)
+    width = getattr(model, "head_hidden_size", None) or model.num_features
+    return model, int(width)
 
 
 def use_cifar_stem(resnet: models.ResNet) -> models.ResNet:
@@ -66,9 +104,12 @@ def infer_feature_dim(module: nn.Module, image_size: int = 32) -> int:
 
 def check_backbone_name(backbone: str | nn.Module) -> None:
     """Raise a ``ValueError`` (``backbone=<name> is not a known backbone; choose one of ...``) for an unknown name."""
-    if isinstance(backbone, str) and backbone not in BACKBONES:
+    name = timm_model_name(backbone)
+    if name is not None:
+        check_timm_name(name)
+    elif isinstance(backbone, str) and backbone not in BACKBONES:
         raise ValueError(f"backbone={backbone} is not a known backbone; choose one of {', '.join(sorted(BACKBONES))}, "
-                         "or pass an nn.Module")
+                         f"{TIMM_PREFIX}<a timm model> (e.g. {TIMM_PREFIX}resnet10t), or pass an nn.Module")
 
 
 def build_backbone(
@@ -84,7 +125,8 @@ def build_backbone(
     """Build a backbone and report its feature width.
 
     Args:
-        backbone: a name from :data:`BACKBONES` (randomly initialised; nothing is downloaded), or any module.
+        backbone: a name from :data:`BACKBONES` or ``"timm:<timm model name>"`` (randomly initialised; nothing is
+            downloaded), or any module.
             A torchvision ``ResNet`` module has its ``fc`` replaced by ``nn.Identity`` and its width read from
             ``fc.in_features``; any other module must already map images to ``(N, D)`` features.
         cifar_stem: replace the ResNet stem by a 3x3 stride-1 conv without max-pool (for 32 px images or smaller).
@@ -95,8 +137,8 @@ def build_backbone(
         patch_size: ViTs only: side of a patch in pixels (16 at 224 px, 4 at 32 px).
         freeze_patch_embed: ViTs only: keep the random patch projection frozen (MoCo v3's ``--stop-grad-conv1``).
 
-    The ResNet-only options are ignored for a ViT and the ViT-only ones for a ResNet, so one set of settings can
-    serve every backbone name.
+    The ResNet-only options are ignored for a ViT and the ViT-only ones for a ResNet (both for a timm model, which
+    keeps timm's own stem, initialisation and input size), so one set of settings can serve every backbone name.
 
     Returns:
         ``(module, D)``: the backbone and the width of its features.
@@ -104,6 +146,12 @@ def build_backbone(
     """
     if isinstance(backbone, str):
         check_backbone_name(backbone)
+        timm_name = timm_model_name(backbone)
+        if timm_name is not None:
+            if cifar_stem:
+                raise ValueError(f"cifar_stem=True only applies to torchvision ResNets, not to {backbone}; set "
+                                 "cifar_stem=False (a timm model keeps its own stem)")
+            return build_timm(timm_name)
         if backbone in VITS:
             if cifar_stem:
                 raise ValueError(f"cifar_stem=True only applies to ResNets, not to {backbone}; set cifar_stem=False "

@@ -33,6 +33,7 @@ from moco_lightning.bn import (
 from moco_lightning.distributed import world_size
 from moco_lightning.ema import MOMENTUM_SCHEDULES, MomentumUpdateAfterStep, momentum_update
 from moco_lightning.heads import Encoder, ProjectionHead
+from moco_lightning.init_weights import check_init_from, init_backbone
 from moco_lightning.losses import info_nce_logits, info_nce_loss, positive_rank_accuracy
 from moco_lightning.optim import LR_INTERVALS, configure_optimization, global_batch_size
 from moco_lightning.queue import KeyQueue
@@ -118,11 +119,18 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
         compile: ``torch.compile`` the backbones of both encoders (compiled on the first step; the kNN monitor's
             eval-mode passes compile once more); ``True`` for the defaults, or a dict of ``torch.compile``
             keywords (``{"mode": "max-autotune"}``).
+        init_from: a weights file to start the query backbone from (the key encoder is its copy; the heads start
+            random): a torchvision or timm state dict, an official MoCo v1/v2/v3 checkpoint, or a checkpoint or
+            export of this project (:mod:`moco_lightning.init_weights`). Read when the module is built; a resumed
+            run's checkpoint then replaces these weights. ``load_from_checkpoint(path, init_from=None)`` rebuilds a
+            trained module where the file is gone.
 
     """
 
     #: The range checks of the arguments: the constructor runs them, and the training CLI on the config.
     check_args = staticmethod(check_moco_args)
+    #: The check that ``init_from`` fits the backbone (names and shapes only), run by the training CLI on the config.
+    check_init_from = staticmethod(check_init_from)
 
     def __init__(
         self,
@@ -150,9 +158,11 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
         scale_lr: bool = False,
         channels_last: bool = False,
         compile: bool | dict[str, Any] = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         lr_milestones = tuple(float(e) for e in lr_milestones)  # plain types in checkpoints (not ListConfig)
+        init_from = None if init_from is None else str(init_from)  # a str in the hyper-parameters, not a Path
         check_moco_args(dim=dim, queue_size=queue_size, momentum=momentum, temperature=temperature,
                         momentum_schedule=momentum_schedule, lr_interval=lr_interval, bn=bn, bn_splits=bn_splits,
                         backbone=backbone)
@@ -160,6 +170,8 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
         self.dim, self.K, self.m, self.T = dim, queue_size, momentum, temperature
 
         net, self.feature_dim = build_backbone(backbone, cifar_stem=cifar_stem, feature_dim=feature_dim)
+        if init_from is not None:
+            init_backbone(net, init_from)  # before the key encoder is copied from the query encoder
         self.encoder_q = Encoder(net, ProjectionHead(self.feature_dim, dim, hidden_dim=hidden_dim, mlp=mlp))
         self.memory_format = memory_format(channels_last)
         self.encoder_q.to(memory_format=self.memory_format)

@@ -25,6 +25,7 @@ from moco_lightning.backbones import build_backbone, check_backbone_name
 from moco_lightning.bn import SPLIT_MODES, check_bn_mode, convert_batchnorm
 from moco_lightning.ema import MOMENTUM_SCHEDULES, MomentumUpdateAfterStep, momentum_update
 from moco_lightning.heads import Encoder, build_mlp
+from moco_lightning.init_weights import check_init_from, init_backbone
 from moco_lightning.losses import batch_positive_accuracy, moco_v3_loss
 from moco_lightning.optim import LR_INTERVALS, OPTIMIZERS, configure_optimization, global_batch_size
 from moco_lightning.scalars import device_scalar
@@ -126,6 +127,8 @@ class MoCoV3(MomentumUpdateAfterStep, L.LightningModule):
         warmup_epochs: epochs of linear warm-up from 0 (official: 10 ResNet, 40 ViT).
         channels_last: NHWC weights and image batches (:mod:`moco_lightning.speed`), as ``MoCo``'s.
         compile: ``torch.compile`` the backbones of both encoders in place, as ``MoCo``'s.
+        init_from: a weights file to start the base backbone from (the momentum encoder is its copy; projector and
+            predictor start random), as ``MoCo``'s (:mod:`moco_lightning.init_weights`).
         sync_batchnorm: the former name of ``bn`` (``True`` = ``"sync"``, ``False`` = ``"none"``), accepted so that
             checkpoints written before the rename load; the hyper-parameters record ``bn`` only.
 
@@ -133,6 +136,8 @@ class MoCoV3(MomentumUpdateAfterStep, L.LightningModule):
 
     #: The range checks of the arguments: the constructor runs them, and the training CLI on the config.
     check_args = staticmethod(check_moco_v3_args)
+    #: The check that ``init_from`` fits the backbone (names and shapes only), run by the training CLI on the config.
+    check_init_from = staticmethod(check_init_from)
 
     def __init__(
         self,
@@ -162,10 +167,12 @@ class MoCoV3(MomentumUpdateAfterStep, L.LightningModule):
         warmup_epochs: float = 10,
         channels_last: bool = False,
         compile: bool | dict[str, Any] = False,
+        init_from: str | None = None,
         *,
         sync_batchnorm: bool | None = None,
     ) -> None:
         super().__init__()
+        init_from = None if init_from is None else str(init_from)  # a str in the hyper-parameters, not a Path
         betas = tuple(float(b) for b in betas)  # plain types in checkpoints (not ListConfig)
         lr_milestones = tuple(float(e) for e in lr_milestones)
         bn = legacy_bn_setting(bn, sync_batchnorm)
@@ -180,6 +187,8 @@ class MoCoV3(MomentumUpdateAfterStep, L.LightningModule):
             backbone, cifar_stem=cifar_stem, feature_dim=feature_dim, zero_init_residual=zero_init_residual,
             image_size=image_size, patch_size=patch_size, freeze_patch_embed=freeze_patch_embed,
         )
+        if init_from is not None:
+            init_backbone(net, init_from)  # before the momentum encoder is copied from the base encoder
         vit = isinstance(net, MoCoViT)
         self.base_encoder = Encoder(net, build_mlp(3 if vit else 2, self.feature_dim, mlp_dim, dim))
         self.memory_format = memory_format(channels_last)

@@ -12,7 +12,8 @@ constructors run them: their own range checks (``check_args`` of the model and t
 one; ``trainer.devices``; ``model.queue_size`` a multiple of the global batch (``data.batch_size`` x devices x
 nodes; twice that with ``model.symmetric``); ``data.batch_size`` a multiple of ``model.bn_splits`` where split BN
 runs; ``trainer.sync_batchnorm`` off; ``trainer.precision`` not one of 16-bit weights (``16-true``,
-``bf16-true``); the dataset on disk where no download will fetch it; ``ckpt_path`` an existing file
+``bf16-true``); ``model.init_from`` a weights file that fits the backbone (the model's ``check_init_from``, on
+names and shapes); the dataset on disk where no download will fetch it; ``ckpt_path`` an existing file
 (:func:`moco_lightning.checkpointing.check_checkpoint_path`; its contents are checked next, by the training CLI).
 """
 
@@ -138,6 +139,7 @@ def check_config(cfg: DictConfig) -> None:
                 _check_keys(node, f"{section}.{name}")
     for section in ("model", "data"):
         _run_check(cfg[section], section, "check_args", prefix=f"{section}.")
+    _run_check(cfg.model, "model", "check_init_from", prefix="model.")  # the file's names and shapes, not its data
     _check_queue(cfg)
     _check_bn(cfg)
     _check_precision(cfg.trainer)

@@ -4,11 +4,13 @@
     moco-export run.ckpt --format torchvision --output r50.pth
     moco-export run.ckpt --format detectron2 --output r50_d2.pkl   # MODEL.WEIGHTS of the detection recipes
     moco-export vit.ckpt --format deit --output vit_s_deit.pth     # as MoCo v3's convert_to_deit.py
+    moco-export timm.ckpt --format timm --output r10t.pth          # backbone=timm:<name>: timm's own state dict
     moco-export other.pth.tar --trust-checkpoint                   # a file with pickled objects: trusted sources only
 
 torchvision: ``torchvision.models.resnet50().load_state_dict(torch.load("r50.pth"), strict=False)`` loads it
 with only ``fc.*`` missing. detectron2: the official MoCo key renaming (stem, res2-res5, norms, shortcuts).
-DeiT (ViT backbones of MoCo v3): ``{"model": state_dict}`` with timm's names, only ``head.*`` missing.
+DeiT (ViT backbones of MoCo v3): ``{"model": state_dict}`` with timm's names, only ``head.*`` missing. timm
+(``backbone=timm:<name>``): ``timm.create_model(name, num_classes=0).load_state_dict(torch.load("r10t.pth"))``.
 """
 
 from __future__ import annotations
@@ -18,18 +20,23 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from moco_lightning.backbones import timm_model_name
 from moco_lightning.eval.checkpoint import BackboneCheckpoint, CheckpointError, read_backbone_checkpoint
-from moco_lightning.eval.export import export_deit, export_detectron2, export_torchvision
+from moco_lightning.eval.export import export_deit, export_detectron2, export_timm, export_torchvision
 
 __all__ = ["main"]
 
-SUFFIXES = {"torchvision": "_torchvision.pth", "detectron2": "_detectron2.pkl", "deit": "_deit.pth"}
-WRITERS = {"torchvision": export_torchvision, "detectron2": export_detectron2, "deit": export_deit}
+SUFFIXES = {"torchvision": "_torchvision.pth", "detectron2": "_detectron2.pkl", "deit": "_deit.pth",
+            "timm": "_timm.pth"}
+WRITERS = {"torchvision": export_torchvision, "detectron2": export_detectron2, "deit": export_deit,
+           "timm": export_timm}
 
 
 def _formats(choice: str, ckpt: BackboneCheckpoint) -> list[str]:
     """The formats a ``--format`` choice means for this checkpoint (``auto``: every one its backbone fits)."""
     if choice == "auto":
+        if timm_model_name(ckpt.backbone):
+            return ["timm"]
         return ["deit"] if ckpt.backbone_options else ["torchvision", "detectron2"]
     return ["torchvision", "detectron2"] if choice == "both" else [choice]
 
@@ -38,15 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moco-export",
         description="Export the query backbone of a MoCo checkpoint as a torchvision state dict and/or a "
-        "detectron2 checkpoint (ResNets), or a DeiT state dict (ViTs).",
+        "detectron2 checkpoint (ResNets), a DeiT state dict (ViTs), or a timm state dict (timm backbones).",
     )
     parser.add_argument("checkpoint", type=Path, help="a moco-train .ckpt or an official MoCo checkpoint")
     parser.add_argument(
         "--format",
-        choices=["auto", "torchvision", "detectron2", "deit", "both"],
+        choices=["auto", "torchvision", "detectron2", "deit", "timm", "both"],
         default="auto",
-        help="what to write: auto (default) = torchvision and detectron2 for a ResNet, deit for a ViT; both = "
-        "torchvision and detectron2",
+        help="what to write: auto (default) = torchvision and detectron2 for a ResNet, deit for a ViT, timm for a "
+        "timm backbone; both = torchvision and detectron2",
     )
     parser.add_argument(
         "--output",

@@ -12,10 +12,11 @@ Four formats are understood:
 * an official facebookresearch/moco-v3 checkpoint: keys ``module.base_encoder.*`` (the projector, ``fc`` of a
   ResNet or ``head`` of a ViT, is dropped, as the official ``main_lincls.py`` does) and ``arch``.
 
-Only the query (base) backbone is kept for downstream use (predictor, key / momentum encoder and queue are not
-needed); the query encoder's projection head is kept beside it for :func:`load_query_encoder`, the embedding the
-contrastive loss sees (what the official CIFAR-10 demo's kNN monitor evaluates). A ViT's image and patch size are
-read from the shapes of its weights.
+The backbone is rebuilt by the name its hyper-parameters record (a torchvision ResNet, a MoCo v3 ViT or a timm
+model, ``timm:<name>``). Only the query (base) backbone is kept for downstream use (predictor, key / momentum encoder
+and queue are not needed); the query encoder's projection head is kept beside it for :func:`load_query_encoder`, the
+embedding the contrastive loss sees (what the official CIFAR-10 demo's kNN monitor evaluates). A ViT's image and
+patch size are read from the shapes of its weights.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import math
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,14 +39,14 @@ from moco_lightning.backbones import VITS, build_backbone
 from moco_lightning.heads import ProjectionHead, build_mlp
 from moco_lightning.vit import CONV_STEM_PATCH
 
-#: State-dict prefixes of the query backbone, tried in order: (prefix, keys to drop after stripping it).
-_BACKBONE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("encoder_q.backbone.", ()),  # moco_lightning.MoCo
-    ("base_encoder.backbone.", ()),  # moco_lightning.MoCoV3
-    ("module.encoder_q.", ("fc.",)),  # official facebookresearch/moco main_moco.py (DDP-wrapped)
-    ("encoder_q.", ("fc.",)),  # official code saved without the DDP wrapper
-    ("module.base_encoder.", ("fc.", "head.")),  # official facebookresearch/moco-v3 main_moco.py (DDP-wrapped)
-    ("base_encoder.", ("fc.", "head.")),  # official v3 code saved without the DDP wrapper
+#: State-dict prefixes of the query backbone, tried in order: (prefix, keys to drop after stripping it, the format).
+BACKBONE_PREFIXES: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("encoder_q.backbone.", (), "moco-lightning MoCo checkpoint"),
+    ("base_encoder.backbone.", (), "moco-lightning MoCo v3 checkpoint"),
+    ("module.encoder_q.", ("fc.",), "official MoCo v1/v2 checkpoint"),  # facebookresearch/moco main_moco.py (DDP)
+    ("encoder_q.", ("fc.",), "MoCo v1/v2 checkpoint"),  # official code saved without the DDP wrapper
+    ("module.base_encoder.", ("fc.", "head."), "official MoCo v3 checkpoint"),  # facebookresearch/moco-v3 (DDP)
+    ("base_encoder.", ("fc.", "head."), "MoCo v3 checkpoint"),  # official v3 code saved without the DDP wrapper
 )
 #: State-dict prefixes of the query encoder's projection head (v1/v2 linear or MLP, v3 MLP with BN), in order.
 _HEAD_PREFIXES: tuple[str, ...] = ("encoder_q.head.", "base_encoder.head.", "module.encoder_q.fc.", "encoder_q.fc.",
@@ -93,8 +95,11 @@ class UnsafeCheckpointError(CheckpointError):
     """A checkpoint that holds pickled Python objects beyond tensors and plain containers, loaded without opt-in."""
 
 
-def _torch_load(path: Path, allow_pickle: bool = False) -> Any:
+def load_checkpoint_file(path: Path, allow_pickle: bool = False, *, mmap: bool = False) -> Any:
     """Load a checkpoint on the CPU with ``weights_only=True``; a full pickle only when ``allow_pickle``.
+
+    With ``mmap`` the tensors are memory-mapped, read from disk only when used (files in the zip format of
+    ``torch.save`` since PyTorch 1.6; older files are read whole).
 
     Official MoCo and MoCo v3 checkpoints (``epoch``, ``arch``, ``state_dict``, ``optimizer``, v3's ``scaler``)
     and this project's hold only tensors, numbers, strings and containers, which ``weights_only`` loads. The one
@@ -106,11 +111,12 @@ def _torch_load(path: Path, allow_pickle: bool = False) -> Any:
             is false.
 
     """
+    mmap = mmap and zipfile.is_zipfile(path)
     if allow_pickle:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         what = f"such as {found.group(1)}" if found else "that torch.load(weights_only=True) refuses"
@@ -142,7 +148,7 @@ def read_backbone_checkpoint(checkpoint: str | Path | Mapping[str, Any], *,
             raise FileNotFoundError(
                 f"checkpoint {str(file)!r} does not exist; pass checkpoint=<path to a .ckpt written by moco-train>"
             )
-        path, ckpt = str(file), _torch_load(file, allow_pickle)
+        path, ckpt = str(file), load_checkpoint_file(file, allow_pickle)
 
     state = ckpt.get("state_dict") if isinstance(ckpt, Mapping) else None
     if not isinstance(state, Mapping):
@@ -152,7 +158,7 @@ def read_backbone_checkpoint(checkpoint: str | Path | Mapping[str, Any], *,
             "pass the .ckpt file that moco-train saved (e.g. outputs/.../checkpoints/last.ckpt), "
             "not an exported backbone"
         )
-    for prefix, dropped in _BACKBONE_PREFIXES:
+    for prefix, dropped, _ in BACKBONE_PREFIXES:
         backbone_state = {
             k[len(prefix) :]: v
             for k, v in state.items()

@@ -19,6 +19,9 @@
   dict minus ``head.*``, saved as ``{"model": state_dict}``: what the official MoCo v3 ``convert_to_deit.py``
   writes. ``timm``'s ``VisionTransformer(embed_dim=384, depth=12, num_heads=12)`` (ViT-S of MoCo v3: 12 heads,
   where DeiT-S has 6) loads it with ``strict=False``, only ``head.*`` missing.
+* timm: a timm backbone (``backbone=timm:<name>``) is the timm model built with ``num_classes=0``, so its state dict
+  is timm's own without the classifier: ``timm.create_model(name, num_classes=0).load_state_dict(sd)`` loads it
+  strictly (``timm.create_model(name)`` with ``strict=False``, only the classifier missing).
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ from typing import Any
 import torch
 from torchvision import models
 
-from moco_lightning.backbones import use_cifar_stem
-from moco_lightning.eval.checkpoint import BackboneCheckpoint, CheckpointError, load_backbone
+from moco_lightning.backbones import timm_model_name, use_cifar_stem
+from moco_lightning.eval.checkpoint import BackboneCheckpoint, CheckpointError, load_backbone, read_backbone_checkpoint
 from moco_lightning.vit import MoCoViT
 
 #: torchvision ResNet constructors by name; export targets.
@@ -61,6 +64,7 @@ def torchvision_state_dict(
     module, _, ckpt = load_backbone(checkpoint)
     if not isinstance(module, models.ResNet):
         hint = "export it with format deit" if isinstance(module, MoCoViT) else \
+            "export it with format timm" if timm_model_name(ckpt.backbone) else \
             "save module.encoder_q.backbone.state_dict() yourself instead"
         raise CheckpointError(
             f"checkpoint {ckpt.path} has a {type(module).__name__} backbone; torchvision/detectron2 export "
@@ -84,6 +88,25 @@ def deit_state_dict(
             f"checkpoint {ckpt.path} has a {type(module).__name__} backbone; the DeiT export is for ViT backbones "
             "(export a ResNet with format torchvision or detectron2)"
         )
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}, ckpt
+
+
+def timm_state_dict(
+    checkpoint: str | Path | Mapping[str, Any] | BackboneCheckpoint,
+) -> tuple[dict[str, torch.Tensor], BackboneCheckpoint]:
+    """Return a timm backbone of a pretraining checkpoint as the timm model's state dict (no classifier).
+
+    Raises:
+        CheckpointError: if the checkpoint is not a MoCo checkpoint, or its backbone is not a timm model.
+
+    """
+    ckpt = checkpoint if isinstance(checkpoint, BackboneCheckpoint) else read_backbone_checkpoint(checkpoint)
+    if timm_model_name(ckpt.backbone) is None:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} has the backbone {ckpt.backbone or 'of a custom module'}; the timm export is for "
+            "timm backbones (backbone=timm:<name>): export a ResNet with format torchvision, a ViT with format deit"
+        )
+    module, _, ckpt = load_backbone(ckpt)
     return {k: v.detach().clone() for k, v in module.state_dict().items()}, ckpt
 
 
@@ -173,3 +196,16 @@ def export_deit(checkpoint: str | Path | Mapping[str, Any] | BackboneCheckpoint,
     torch.save({"model": state}, output)
     return output
 
+
+
+def export_timm(checkpoint: str | Path | Mapping[str, Any] | BackboneCheckpoint, output: str | Path) -> Path:
+    """Write a timm backbone as the timm model's state dict (``torch.save``) and return the path.
+
+    Load it with ``timm.create_model(name, num_classes=0).load_state_dict(torch.load(path))`` (strict), or into
+    ``timm.create_model(name, num_classes=N)`` with ``strict=False``: only the new classifier is missing.
+    """
+    state, _ = timm_state_dict(checkpoint)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, output)
+    return output
