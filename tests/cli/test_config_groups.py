@@ -80,7 +80,8 @@ def test_every_group_has_options():
     assert {"csv", "tensorboard", "wandb", "many"} <= set(group_options(CONFIG_PATH, "logger"))
 
 
-TRAIN_OPTIONS = [(g, o) for g, o in OPTIONS if g != "linear_protocol"]  # linear_protocol: of eval_linear.yaml
+# linear_protocol and finetune_recipe: groups of eval_linear.yaml and eval_finetune.yaml
+TRAIN_OPTIONS = [(g, o) for g, o in OPTIONS if g not in ("linear_protocol", "finetune_recipe")]
 
 
 @pytest.mark.parametrize(("group", "option"), TRAIN_OPTIONS, ids=[f"{g}/{o}" for g, o in TRAIN_OPTIONS])

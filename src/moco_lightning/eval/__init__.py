@@ -1,4 +1,4 @@
-"""Evaluation of pretrained encoders: kNN monitor and metric, online and offline linear probes, export."""
+"""Evaluation of pretrained encoders: kNN monitor and metric, online and offline linear probes, fine-tuning, export."""
 
 from moco_lightning.eval.checkpoint import (
     BackboneCheckpoint,
@@ -19,6 +19,7 @@ from moco_lightning.eval.export import (
     torchvision_model,
     torchvision_state_dict,
 )
+from moco_lightning.eval.finetune import FineTuner, export_classifier, finetune
 from moco_lightning.eval.knn import KNNMonitor, extract_features, knn_accuracy, weighted_knn_predict
 from moco_lightning.eval.linear import LinearProbe, linear_eval
 from moco_lightning.eval.linear_features import feature_probe, probe_features
@@ -28,6 +29,7 @@ __all__ = [
     "BackboneCheckpoint",
     "CheckpointError",
     "EmbeddingEncoder",
+    "FineTuner",
     "KNNMonitor",
     "LinearProbe",
     "OnlineLinearProbe",
@@ -35,11 +37,13 @@ __all__ = [
     "deit_state_dict",
     "detectron2_checkpoint",
     "detectron2_key",
+    "export_classifier",
     "export_deit",
     "export_detectron2",
     "export_torchvision",
     "extract_features",
     "feature_probe",
+    "finetune",
     "knn_accuracy",
     "linear_eval",
     "load_backbone",
