@@ -178,3 +178,15 @@ def test_auto_workers_share_the_cpus_when_the_processes_are_not_slurm_tasks(monk
     slurm_env(monkeypatch, 80, **env)
     assert slurm_task_cpus() is None
     assert auto_workers(8) == 9  # 80 CPUs / 8 processes - 1
+
+
+def test_loaders_built_before_a_trainer_pin_for_the_device_the_evaluation_names():
+    from moco_lightning.data import DigitsDataModule
+
+    datamodule = DigitsDataModule(image_size=8, num_workers=0)
+    datamodule.setup("fit")
+    assert not datamodule.eval_val_dataloader().pin_memory  # no trainer, no CUDA in use
+    datamodule.batches_device = torch.device("cuda", 0)  # what linear_eval / fine-tuning set from their trainer
+    assert datamodule.eval_val_dataloader().pin_memory
+    datamodule.pin_memory = False  # the setting wins
+    assert not datamodule.eval_val_dataloader().pin_memory

@@ -296,6 +296,9 @@ class MoCoDataModule(LightningDataModule):
         self._pretrain_dataset: Dataset | None = None
         self._eval_datasets: dict[tuple[str, bool], Dataset] = {}
         self.labelled_subset: np.ndarray | None = None
+        #: where the batches go when loaders are built before a Trainer attaches itself (the evaluations build
+        #: theirs first): decides ``pin_memory=None`` as the Trainer's device would
+        self.batches_device: torch.device | None = None
         self._batch_augment: BatchTwoViewAugmentation | None = None
         self._augment_generator: torch.Generator | None = None
 
@@ -322,6 +325,7 @@ class MoCoDataModule(LightningDataModule):
         if self.pin_memory_setting is not None:
             return self.pin_memory_setting
         device = getattr(getattr(getattr(self, "trainer", None), "strategy", None), "root_device", None)
+        device = device if isinstance(device, torch.device) else self.batches_device
         if isinstance(device, torch.device):
             return device.type == "cuda"
         return torch.cuda.is_initialized()

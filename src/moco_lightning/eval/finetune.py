@@ -321,6 +321,8 @@ def train_finetuner(model: FineTuner, datamodule: Any, trainer: L.Trainer,
         epoch was not validated (``check_val_every_n_epoch`` > 1), it is validated here.
 
     """
+    if hasattr(datamodule, "batches_device"):  # the loaders are built before fit: pin for the trainer's device
+        datamodule.batches_device = trainer.strategy.root_device
     train_loader = datamodule.eval_train_dataloader(augment=True)
     val_loader = datamodule.eval_val_dataloader()
     trainer.fit(model, train_dataloaders=train_loader, val_dataloaders=val_loader,

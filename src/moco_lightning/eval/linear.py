@@ -258,6 +258,8 @@ def linear_eval(
         kwargs = {"max_epochs": epochs, "logger": False, "enable_checkpointing": False}
         kwargs.update(trainer_kwargs or {})
         trainer = L.Trainer(**kwargs)
+    if hasattr(datamodule, "batches_device"):  # the loaders are built before fit: pin for the trainer's device
+        datamodule.batches_device = trainer.strategy.root_device
     train_loader = _train_loader(datamodule, augment_train)
     if scale_lr:
         lr = scaled_lr(lr, train_loader.batch_size * trainer.world_size * trainer.accumulate_grad_batches)
