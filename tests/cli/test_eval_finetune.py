@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -24,6 +23,7 @@ from moco_lightning.cli import eval_finetune as cli
 from moco_lightning.cli.config_checks import ConfigError
 from moco_lightning.data import DigitsDataModule
 from moco_lightning.data.labels import balanced_subset, dataset_labels
+from threads import one_thread
 
 REPO = Path(__file__).resolve().parents[2]
 #: 8 px digits, one quiet CPU epoch: 142 labelled images at label_fraction=0.1 (3 steps), 360 to validate
@@ -31,20 +31,9 @@ TINY = ["data.image_size=8", "label_fraction=0.1", "trainer.max_epochs=1", "trai
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: inputs this small gain nothing from two, and lose 10x to a busy machine's other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def _one_thread_per_test() -> Iterator[None]:
-    with _one_thread():
+    with one_thread():
         yield
 
 
@@ -93,7 +82,7 @@ def test_the_random_backbone_takes_the_stem_of_the_image_size():
 def finetuned(checkpoint, tmp_path_factory) -> tuple[dict, L.Trainer, Path]:
     """One epoch of fine-tuning the checkpoint on 10 % of the labels, run in this process: result, Trainer, folder."""
     run = tmp_path_factory.mktemp("finetuned")
-    with _one_thread():
+    with one_thread():
         result, trainer = cli.finetune_from_config(_compose([f"checkpoint={checkpoint}", *TINY,
                                                              f"paths.output_dir={run}"]))
     return result, trainer, run

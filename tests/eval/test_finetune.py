@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import lightning as L
 import pytest
@@ -17,22 +16,12 @@ from torchvision import models
 from moco_lightning.backbones import build_backbone
 from moco_lightning.eval import FineTuner, finetune, torchvision_model
 from moco_lightning.eval.finetune import HISTORY_KEY, export_classifier, resnet_arch, train_finetuner
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: inputs this small gain nothing from two, and lose 10x to a busy machine's other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+from threads import one_thread
 
 
 @pytest.fixture(autouse=True)
 def _one_thread_per_test() -> Iterator[None]:
-    with _one_thread():
+    with one_thread():
         yield
 
 
@@ -67,7 +56,7 @@ def fitted() -> tuple[FineTuner, dict, _Watch, dict]:
     model = FineTuner(backbone, dim, NUM_CLASSES, lr=0.1, backbone_lr_factor=0.1, warmup_epochs=1)
     watch = _Watch()
     trainer = tiny_trainer(max_epochs=2, callbacks=[watch], num_sanity_val_steps=0)
-    with _one_thread():
+    with one_thread():
         result = train_finetuner(model, BlobsDataModule(), trainer)
     return model, result, watch, before
 
