@@ -296,6 +296,7 @@ class MoCoDataModule(LightningDataModule):
         self._pretrain_dataset: Dataset | None = None
         self._eval_datasets: dict[tuple[str, bool], Dataset] = {}
         self.labelled_subset: np.ndarray | None = None
+        self._labelled_train: Dataset | None = None
         #: where the batches go when loaders are built before a Trainer attaches itself (the evaluations build
         #: theirs first): decides ``pin_memory=None`` as the Trainer's device would
         self.batches_device: torch.device | None = None
@@ -445,8 +446,10 @@ class MoCoDataModule(LightningDataModule):
         return self._pretrain_dataset
 
     def labelled_train_dataset(self) -> Dataset:
-        """All the labelled training images as ``(image, label)`` without transform (to choose a subset from)."""
-        return self._build_eval_dataset("train")
+        """All the labelled training images as ``(image, label)`` without transform (built once; a subset's base)."""
+        if self._labelled_train is None:
+            self._labelled_train = self._build_eval_dataset("train")
+        return self._labelled_train
 
     def use_labelled_subset(self, indices: Sequence[int] | np.ndarray | None) -> None:
         """Restrict the labelled training images (``eval_train_dataloader``) to ``indices``; ``None``: all of them.
@@ -464,10 +467,12 @@ class MoCoDataModule(LightningDataModule):
         key = (split, augment)
         if key not in self._eval_datasets:
             base = next((ds.base for (s, _), ds in self._eval_datasets.items() if s == split), None)
-            if base is None:
-                base = self._build_eval_dataset(split)
-                if split == "train" and self.labelled_subset is not None:
+            if base is None and split == "train":
+                base = self.labelled_train_dataset()
+                if self.labelled_subset is not None:
                     base = Subset(base, self.labelled_subset.tolist())
+            elif base is None:
+                base = self._build_eval_dataset(split)
             transform = self.linear_train_transform if augment else self.eval_transform
             # the deterministic view is the same every epoch: kept in memory when it fits (not the augmented one)
             self._eval_datasets[key] = TransformedDataset(base, transform, cache=not augment)
