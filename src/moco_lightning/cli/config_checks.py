@@ -26,6 +26,7 @@ import importlib
 import inspect
 import os
 import re
+import sys
 import types
 import typing
 from collections.abc import Sequence
@@ -50,7 +51,7 @@ from moco_lightning.cli import count_devices
 from moco_lightning.ema import check_weight_precision
 
 __all__ = ["ConfigError", "check_accelerator", "check_command_line", "check_config", "count_processes",
-           "global_batch_size", "group_options"]
+           "exit_on_bad_command_line", "global_batch_size", "group_options"]
 
 #: Type hints OmegaConf checks by itself (:func:`_check_keys`), and the sequence hints it checks as lists.
 _PRIMITIVES = (bool, int, float, str)
@@ -122,6 +123,15 @@ def check_command_line(arguments: Sequence[str], config_dir: str | os.PathLike[s
         hint = f"did you mean {f'{parent_key}.' if parent_key else ''}{close[0]}?" if close else (
             f"its settings are {settings}" if settings else f"{parent_key} is empty until a key is added")
         raise ConfigError(f"{key} is not a setting of this config; {hint} (to add a new key on purpose: +{key}=...)")
+
+
+def exit_on_bad_command_line(config_dir: str | os.PathLike[str], config_name: str) -> None:
+    """:func:`check_command_line` on ``sys.argv``: print its error as ``error: ...`` and exit with status 2."""
+    try:
+        check_command_line(sys.argv[1:], config_dir, config_name)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 # ---------------------------------------------------------------------------------------------- composed config

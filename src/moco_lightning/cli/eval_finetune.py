@@ -37,7 +37,7 @@ from moco_lightning.checkpointing import (
     read_training_checkpoint,
 )
 from moco_lightning.cli import CONFIG_PATH, write_results
-from moco_lightning.cli.config_checks import ConfigError, check_command_line
+from moco_lightning.cli.config_checks import ConfigError, exit_on_bad_command_line
 from moco_lightning.cli.eval_linear import per_device_batch
 from moco_lightning.cli.labelled_subset import apply_labelled_subset
 from moco_lightning.cli.pretraining_data import adopt_pretraining_data
@@ -267,11 +267,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def main() -> None:
     """Console entry point ``moco-finetune``: check the command line's groups and keys, then run Hydra."""
-    try:
-        check_command_line(sys.argv[1:], CONFIG_PATH, "eval_finetune")
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_bad_command_line(CONFIG_PATH, "eval_finetune")
     _hydra_main()
 
 

@@ -51,8 +51,8 @@ from moco_lightning.cli import CONFIG_PATH, RUN_ERROR_FILE
 from moco_lightning.cli.config_checks import (
     ConfigError,
     check_accelerator,
-    check_command_line,
     check_config,
+    exit_on_bad_command_line,
 )
 from moco_lightning.data import DatasetError, DatasetNotAvailableError
 from moco_lightning.eval.knn import has_labels
@@ -461,11 +461,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Console entry point: check the group options named on the command line, then run Hydra."""
-    try:
-        check_command_line(sys.argv[1:], CONFIG_PATH, "train")
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_bad_command_line(CONFIG_PATH, "train")
     _hydra_main()
 
 
