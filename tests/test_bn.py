@@ -66,23 +66,50 @@ def test_split_bn_gradients_match_per_group_bn():
 
 
 def test_split_bn_refuses_a_batch_that_is_not_a_multiple_of_the_groups():
-    with pytest.raises(ValueError, match="multiple of bn_splits=4"):
+    with pytest.raises(ValueError, match="multiple of num_splits=4"):
         SplitBatchNorm2d(3, num_splits=4)(torch.randn(6, 3, 2, 2))
 
 
-def test_split_bn_accepts_channels_last_inputs():
+def test_split_bn_of_channels_last_inputs_equals_the_contiguous_path():
     torch.manual_seed(0)
-    x = torch.randn(8, 3, 4, 4)
-    grad = torch.randn(8, 3, 4, 4)
+    x = torch.randn(8, 3, 4, 5) * 3 + 1
+    grad = torch.randn(8, 3, 4, 5)
     results = []
     for layout in (torch.contiguous_format, torch.channels_last):
-        split = SplitBatchNorm2d(3, num_splits=2)
+        split = SplitBatchNorm2d(3, num_splits=2, momentum=0.3)
+        with torch.no_grad():
+            split.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+            split.bias.copy_(torch.tensor([-1.0, 0.0, 1.0]))
         inp = x.clone(memory_format=layout).requires_grad_()
         out = split(inp)
         out.backward(grad)
-        results.append((out, inp.grad, split.weight.grad, split.running_var))
-    for got, expected in zip(results[1], results[0]):  # the same values and gradients in either layout
-        torch.testing.assert_close(got, expected)
+        results.append((out, inp.grad, split.weight.grad, split.bias.grad, split.running_mean, split.running_var))
+    for got, expected in zip(results[1], results[0], strict=True):  # the same values and gradients in either layout
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_split_bn_keeps_channels_last_activations_channels_last():
+    split = SplitBatchNorm2d(4, num_splits=2)
+    x = torch.randn(6, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    out = split(x)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert split(torch.randn(6, 4, 3, 3)).is_contiguous()  # and contiguous ones contiguous
+
+
+def test_split_bn_channels_last_path_copies_no_activation():
+    recorded = []
+
+    class Copies(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.clone.default, torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+                recorded.append((func, tuple(args[0].shape)))
+            return out
+
+    x = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    with Copies():
+        SplitBatchNorm2d(8, num_splits=2)(x)
+    assert not [r for r in recorded if r[1] == tuple(x.shape)], recorded  # no full-size copy of the batch
 
 
 def test_convert_keeps_parameters_and_buffers_and_only_swaps_plain_bn():

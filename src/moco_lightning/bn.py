@@ -1,21 +1,16 @@
 """How the encoders' batch normalisation sees a batch, so that BN statistics cannot leak the positive key.
 
-With plain BN, the key encoder normalises the keys of a batch with statistics computed from those same images,
-and the query encoder does the same for their other views: the model can lower the loss by matching batch
-statistics instead of learning a representation (He et al. 2019, Sec. 3.3). The modes, one setting of the
-module (``bn``):
+With plain BN a key is normalised with statistics of the same images whose other views are the queries, and the
+model can lower the loss by matching batch statistics (He et al. 2019, Sec. 3.3). The modes (``bn``):
 
 * ``"shuffle"`` (the paper, many processes): the key images of all processes are gathered, shuffled and split
-  again before the key encoder, so each process normalises its keys with statistics of other images than its
-  queries (:func:`moco_lightning.distributed.shuffle_batch`). On one process it does nothing.
-* ``"split"`` (one device, the official CIFAR-10 demo): every BN layer of both encoders normalises ``bn_splits``
-  groups of the batch separately (:class:`SplitBatchNorm2d`, emulating ``bn_splits`` GPUs) and the key batch is
-  shuffled on the device before the key encoder, so a query and its key fall into different groups.
-* ``"sync"`` (MoCo v3): statistics over the global batch of all processes (``SyncBatchNorm``).
-* ``"split_noshuffle"``: the groups of ``"split"`` without the shuffle, so every query and its key share a group:
-  the paper's leaking baseline (per-GPU BN of a few dozen images, no shuffle) emulated on one device (an ablation).
-* ``"none"``: plain per-process BN, the leak included (an ablation; on one device the whole batch is one group, so
-  its statistics leak less than the paper's per-GPU groups).
+  again before the key encoder (:func:`moco_lightning.distributed.shuffle_batch`); on one process it does nothing.
+* ``"split"`` (one device, the official CIFAR-10 demo): every BN layer normalises ``bn_splits`` groups separately
+  (:class:`SplitBatchNorm2d`, emulating ``bn_splits`` GPUs) and the keys are shuffled on the device first.
+* ``"sync"`` (MoCo v3): statistics over the global batch (``SyncBatchNorm``).
+* ``"split_noshuffle"``: ``"split"``'s groups without the shuffle: the paper's leaking baseline (an ablation).
+* ``"none"``: plain per-process BN, the leak included (an ablation; one device's whole batch leaks less than the
+  paper's per-GPU groups).
 
 ``"auto"`` (the default) picks ``"shuffle"`` when there is more than one process and ``"split"`` on one.
 """
@@ -61,17 +56,17 @@ def check_bn_mode(mode: str, modes: tuple[str, ...] = BN_MODES, model: str = "Mo
 def check_no_lightning_sync_batchnorm(sync_batchnorm: bool) -> None:
     """Refuse Lightning's ``sync_batchnorm=True``: it converts every BatchNorm and undoes MoCo's own BN handling."""
     if sync_batchnorm:
-        raise ValueError("trainer.sync_batchnorm=true converts every BatchNorm, which undoes MoCo's own BN handling; "
-                         "set trainer.sync_batchnorm=false and model.bn=sync (or keep model.bn=auto: shuffle BN on "
+        raise ValueError("the Trainer's sync_batchnorm=True converts every BatchNorm, which undoes MoCo's own BN "
+                         "handling; set sync_batchnorm=False and the module's bn=sync (or keep bn=auto: shuffle BN on "
                          "many processes)")
 
 
-def check_split_batch(batch_size: int, bn_splits: int, reason: str = "model.bn=split") -> None:
+def check_split_batch(batch_size: int, bn_splits: int, reason: str = "bn=split") -> None:
     """Split BN normalises ``batch_size / bn_splits`` images per group: refuse a batch that does not divide."""
     if batch_size % bn_splits != 0:
-        raise ValueError(f"data.batch_size={batch_size} must be a multiple of model.bn_splits={bn_splits} ({reason}: "
-                         "each of the groups normalises batch/bn_splits images); change data.batch_size or "
-                         "model.bn_splits")
+        raise ValueError(f"batch_size={batch_size} must be a multiple of bn_splits={bn_splits} ({reason}: "
+                         "each of the groups normalises batch_size / bn_splits images); change batch_size or "
+                         "bn_splits")
 
 
 def resolve_bn_mode(mode: str, world_size: int) -> str:
@@ -96,7 +91,8 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm that normalises ``num_splits`` groups of the batch separately in training mode.
 
     Sample ``n`` belongs to group ``n % num_splits`` (the batch viewed as ``(N / S, S·C, H, W)``, the official
-    CIFAR-10 demo's trick: one ``batch_norm`` call, no copy for contiguous inputs). Each group updates its own copy
+    CIFAR-10 demo's trick: one ``batch_norm`` call, no copy for contiguous inputs; channels-last inputs are normalised
+    in place of layout, NHWC in and NHWC out, with per-group statistics). Each group updates its own copy
     of the running statistics and the copies are averaged, so the running statistics are those of ``num_splits``
     GPUs of ``N / S`` images each. In eval mode it is an ordinary BatchNorm2d; its state dict is BatchNorm2d's.
 
@@ -110,7 +106,7 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     def __init__(self, num_features: int, num_splits: int = DEFAULT_BN_SPLITS, **kwargs: object) -> None:
         super().__init__(num_features, **kwargs)  # type: ignore[arg-type]
         if num_splits < 1:
-            raise ValueError(f"bn_splits must be a positive number of groups, got {num_splits}")
+            raise ValueError(f"num_splits={num_splits} must be a positive number of BN groups")
         self.num_splits = num_splits
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -121,15 +117,17 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         s = self.num_splits
         if n % s != 0:
             raise ValueError(
-                f"split BatchNorm needs a batch that is a multiple of bn_splits={s}, got a batch of {n}; "
-                "change data.batch_size or model.bn_splits"
+                f"split BatchNorm needs a batch that is a multiple of num_splits={s}, got a batch of {n}; "
+                "change the batch size or num_splits"
             )
         factor = _momentum_factor(self)
+        if _is_channels_last(input):
+            return self._forward_channels_last(input, factor)
         running_mean = self.running_mean.repeat(s) if self.running_mean is not None else None
         running_var = self.running_var.repeat(s) if self.running_var is not None else None
         weight = self.weight.repeat(s) if self.weight is not None else None
         bias = self.bias.repeat(s) if self.bias is not None else None
-        grouped = input.contiguous().view(n // s, s * c, h, w)  # channels_last inputs are copied once here
+        grouped = input.contiguous().view(n // s, s * c, h, w)  # no copy: contiguous inputs (and others: one copy)
         out = F.batch_norm(grouped, running_mean, running_var, weight, bias, True, factor, self.eps)
         if running_mean is not None and running_var is not None:
             with torch.no_grad():
@@ -137,9 +135,44 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
                 self.running_var.copy_(running_var.view(s, c).mean(0))
         return out.view(n, c, h, w)
 
+    def _forward_channels_last(self, input: torch.Tensor, factor: float) -> torch.Tensor:
+        """Training-mode split BN of a channels-last (NHWC) batch, output channels-last, with no layout copy.
+
+        In NHWC memory the group and the channel are not adjacent, so the ``(N / S, S·C, H, W)`` view of the
+        contiguous path does not exist and ``batch_norm`` would need an NCHW copy (and the next convolution a copy
+        back). Here the batch is viewed as ``(N / S, S, C, H, W)`` (a view in any layout), the statistics of each
+        (group, channel) are reduced over the images of the group and the pixels, and the normalisation is one
+        multiply-add, which keeps the input's layout. Equal to the contiguous path up to float rounding.
+        """
+        n, c, h, w = input.shape
+        s = self.num_splits
+        grouped = input.view(n // s, s, c, h, w)  # sample n is in group n % s, as in the contiguous path
+        stats = grouped if grouped.dtype in (torch.float32, torch.float64) else grouped.float()  # half: fp32 stats
+        var, mean = torch.var_mean(stats, dim=(0, 3, 4), correction=0)  # (S, C) each
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        dtype = input.dtype if input.dtype in (torch.float32, torch.float64) else scale.dtype
+        out = torch.addcmul(shift.view(1, s, c, 1, 1).to(dtype), grouped.to(dtype), scale.view(1, s, c, 1, 1).to(dtype))
+        if self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                count = n // s * h * w
+                unbiased = var * (count / max(count - 1, 1))
+                self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(unbiased.mean(0).to(self.running_var.dtype), factor)
+        return out.to(input.dtype).view(n, c, h, w)
+
     def extra_repr(self) -> str:
         """Shown in ``repr``."""
         return f"{super().extra_repr()}, num_splits={self.num_splits}"
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """Whether a 4-D tensor is stored NHWC and not also NCHW-contiguous (where the grouped view needs no copy)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 class _AllReduceSum(torch.autograd.Function):

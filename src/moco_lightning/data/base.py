@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import warnings
 from collections.abc import Callable, Sequence
@@ -11,13 +10,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from lightning.fabric.plugins.environments import TorchElasticEnvironment
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
+from moco_lightning.cpus import auto_workers, slurm_task_cpus  # the CPUs a process has: counted in one place
 from moco_lightning.data.batch_augment import BatchTwoViewAugmentation, build_batch_augmentation
+from moco_lightning.lightning_internals import batches_fetched
 from moco_lightning.transforms import (
     AUGMENTATIONS,
     DATASET_STATS,
@@ -44,59 +44,6 @@ def batch_seed(seed: int, rank: int, index: int) -> int:
     """
     digest = hashlib.blake2b(f"moco-lightning/{seed}/{rank}/{index}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little")
-
-
-def slurm_task_cpus() -> int | None:
-    """The CPUs of this process's own SLURM task, when SLURM started one task per training process; else ``None``.
-
-    That is a process started by ``srun`` (a job step) in a job of several tasks, which Lightning's
-    ``SLURMEnvironment`` takes its ranks from: the task's share is its CPUs per task (``SLURM_CPUS_PER_TASK``,
-    no more than the CPUs the process may use), or the CPUs it may use as they are. Not in an interactive
-    allocation (job name ``bash`` or ``interactive``, as Lightning decides), a batch script run without
-    ``srun``, or under ``torchrun`` (which Lightning prefers to SLURM), where the processes of the machine are
-    not SLURM's tasks and share the CPUs.
-    """
-    env = os.environ
-    if "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env:
-        return None  # not a task started by srun
-    if TorchElasticEnvironment.detect():
-        return None  # torchrun started the processes, possibly several in one task
-    if env.get("SLURM_JOB_NAME") in ("bash", "interactive"):
-        return None  # Lightning's interactive mode: it starts the processes itself
-    try:
-        if int(env.get("SLURM_NTASKS", "1")) <= 1:
-            return None  # one task: the processes of the machine, if several, are Lightning's own
-    except ValueError:
-        return None
-    cores = _usable_cores()
-    try:
-        per_task = int(env.get("SLURM_CPUS_PER_TASK", ""))
-    except ValueError:
-        return cores
-    return max(1, min(per_task, cores))
-
-
-def _usable_cores() -> int:
-    """The CPU cores this process may use (its affinity mask; the machine's where there is none)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-def auto_workers(processes_on_this_machine: int = 1) -> int:
-    """``num_workers="auto"``: the CPU cores this process may use, less one, shared by the processes of the machine.
-
-    One core is the training process's own; with a single core there is no worker. When SLURM started each
-    training process as its own task (:func:`slurm_task_cpus`), the CPUs of that task are the process's alone
-    and are not divided again.
-    """
-    task_cpus = slurm_task_cpus()
-    if task_cpus is not None:
-        cores, processes = task_cpus, 1
-    else:
-        cores, processes = _usable_cores(), max(1, processes_on_this_machine)
-    return max(0, cores // processes - 1) if cores > 1 else 0
 
 
 def seed_worker(worker_id: int) -> None:
@@ -236,9 +183,10 @@ class MoCoDataModule(LightningDataModule):
 
     Args:
         batch_size: pretraining batch size per device (per process).
-        num_workers: loader worker processes per device, or ``"auto"``: the CPU cores this process may use
-            (``os.sched_getaffinity``) divided by the training processes of this machine, less one; under SLURM
-            with one task per process, the CPUs of the process's own task less one (:func:`auto_workers`).
+        num_workers: loader worker processes per device, or ``"auto"``: the CPUs this process may use (affinity
+            mask and cgroup quota, :func:`moco_lightning.cpus.usable_cpus`) divided by the training processes of
+            this machine, less one; under SLURM with one task per process, the CPUs of the process's own task less
+            one (:func:`auto_workers`).
         pin_memory: pin host memory for faster GPU transfer; ``None`` = when the batches go to a CUDA device
             (the trainer's device, decided as each loader is built; see :attr:`pin_memory`).
         persistent_workers: keep workers alive between epochs; ``None`` = when ``num_workers > 0``.
@@ -355,9 +303,9 @@ class MoCoDataModule(LightningDataModule):
         """Raise :class:`DatasetError` naming ``what`` when the data has no labels (an unlabelled image folder)."""
         if not self.has_labels:
             folder = getattr(self, "data_dir", "the data")
-            raise DatasetError(f"{what} needs labelled images, but data.data_dir={folder!r} has no class folders; "
+            raise DatasetError(f"{what} needs labelled images, but data_dir={folder!r} has no class folders; "
                                "arrange the images as <folder>/<class name>/<image> (two classes or more), or give "
-                               "a labelled folder with data.data_dir=...")
+                               "a labelled folder as data_dir=...")
 
     # ------------------------------------------------------------------ subclass hooks
     def _build_pretrain_dataset(self) -> Dataset:
@@ -379,6 +327,10 @@ class MoCoDataModule(LightningDataModule):
         view_1, view_2 = build_view_transforms(self.augmentation, self.image_size, self.mean, self.std,
                                                **self.augmentation_kwargs)
         return TwoViewTransform(view_1, view_2)
+
+    def _pretrain_item_transform(self) -> Callable[[Any], Any]:
+        """What the pretraining dataset applies to each item its base yields (``pretrain_transform`` here)."""
+        return self.pretrain_transform
 
     @property
     def batch_augment(self) -> BatchTwoViewAugmentation:
@@ -415,7 +367,7 @@ class MoCoDataModule(LightningDataModule):
         trainer = self.trainer
         if self.batch_augmentation and trainer is not None and trainer.training:
             # batches fetched before this one over the whole run; restored from the checkpoint on resume
-            index = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+            index = batches_fetched(trainer)
             return self.augment_batch(batch, index)
         return batch
 
@@ -434,7 +386,7 @@ class MoCoDataModule(LightningDataModule):
         """Build the pretraining set (once); sets ``num_train_samples`` and ``num_classes``."""
         if self._pretrain_dataset is None:
             base = self._build_pretrain_dataset()
-            self._pretrain_dataset = TransformedDataset(base, self.pretrain_transform)
+            self._pretrain_dataset = TransformedDataset(base, self._pretrain_item_transform())
             self.num_train_samples = len(self._pretrain_dataset)
 
     @property
@@ -512,8 +464,8 @@ class MoCoDataModule(LightningDataModule):
         if per_device < self.batch_size:
             raise DatasetError(
                 f"{type(self).__name__}: the pretraining set has {len(dataset)} images "  # type: ignore[arg-type]
-                f"({per_device} per device over {world} device(s)), fewer than data.batch_size={self.batch_size}; "
-                "with drop_last=True no batch would be produced. Lower data.batch_size or use more data.")
+                f"({per_device} per device over {world} device(s)), fewer than batch_size={self.batch_size}; "
+                "with drop_last=True no batch would be produced. Lower batch_size or use more data.")
         # the order of epoch e is a function of (seed, e), and the loader's position is saved in checkpoints
         rank, _ = self._rank_and_world()
         sampler = StatefulDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)

@@ -12,7 +12,7 @@ How it is built:
   build_view_transforms` builds (:func:`batch_view_from_transform`), so both paths read their numbers (crop scale,
   jitter strengths, probabilities) from one place.
 * Parameters are drawn on the host, per image, with the distributions of torchvision's ``make_params`` (vectorised),
-  from a ``torch.Generator`` the datamodule seeds per process. Which images an operation touches is therefore known
+  from a ``torch.Generator`` the datamodule seeds per batch. Which images an operation touches is therefore known
   on the host: an operation applied with probability p computes only on the images that drew it, and nothing here
   reads a device tensor back (no host-device synchronisation). Parameters travel to the device with
   ``non_blocking`` copies (from pinned memory on CUDA).
@@ -41,7 +41,8 @@ Differences to the per-image path, checked one by one against torchvision / PIL 
   (2 ceil(3 sigma) + 1): the extra taps of the batched kernel carry weights below 1e-3 (max difference 2e-4). The
   official code blurs PIL images with ``ImageFilter.GaussianBlur(radius=sigma)``, PIL's approximation of a
   Gaussian of standard deviation sigma by box filters, which the per-image PIL path keeps.
-* Solarize: pixels at or above the fixed threshold 0.5 are inverted (kornia's ``solarize(x, 0.5)``), as PIL's
+* Solarize: pixels at or above the fixed threshold 0.5 are inverted (kornia's ``solarize(x, 0.5)`` formula, with
+  the threshold a kernel argument rather than a tensor copied to the device at each call), as PIL's
   ``solarize(threshold=128)`` on uint8 images and torchvision's ``solarize(0.5)`` on floats. kornia's
   ``RandomSolarize`` could do the same (``thresholds=(0.5, 0.5), additions=0.0``: its defaults draw the threshold
   around 0.5 and add a random shift), but it draws from the global generator, not the datamodule's.
@@ -52,9 +53,9 @@ Differences to the per-image path, checked one by one against torchvision / PIL 
 * Arithmetic: the batch is converted to float32 in [0, 1] first and stays float, whereas the per-image path on PIL /
   uint8 images (CIFAR, STL-10, ImageNet) rounds to uint8 after every operation (differences up to a few uint8
   steps), and PIL's bilinear resize differs from torch's at sub-pixel level.
-* Randomness: the parameters come from the datamodule's own generator (seeded with ``seed + 1000 x rank``), not
-  from the loader workers' generators: the same seed gives the same views for a given batch order, whatever the
-  number of workers.
+* Randomness: the parameters come from a generator the datamodule seeds per batch from ``(seed, rank, batch
+  index)`` (:func:`moco_lightning.data.base.batch_seed`), not from the loader workers' generators: the same seed
+  gives the same views for a given batch order, whatever the number of workers, and a resumed run the same views.
 """
 
 from __future__ import annotations
@@ -70,9 +71,8 @@ from kornia.enhance import (
     adjust_contrast_with_mean_subtraction,
     adjust_hue,
     adjust_saturation_with_gray_subtraction,
-    solarize,
 )
-from kornia.filters import gaussian_blur2d
+from kornia.filters import filter2d_separable, gaussian_blur2d, get_gaussian_kernel1d
 from torch.nn import functional as F
 from torchvision.transforms import v2
 
@@ -252,8 +252,8 @@ class RandomResizedCrop(BatchOp):
         zeros = torch.zeros_like(rows[:, 0])
         theta = torch.stack([rows[:, 0], zeros, rows[:, 1], zeros, rows[:, 2], rows[:, 3]], dim=1).view(n, 2, 3)
         grid = F.affine_grid(theta, [n, channels, self.size, self.size], align_corners=False)
-        low = rows[:, [4, 6]].view(n, 1, 1, 2)
-        high = rows[:, [5, 7]].view(n, 1, 1, 2)
+        low = rows[:, 4:7:2].view(n, 1, 1, 2)  # columns 4 and 6 (x, y): a view, where a list index would copy
+        high = rows[:, 5:8:2].view(n, 1, 1, 2)  # columns 5 and 7
         grid = torch.maximum(torch.minimum(grid, high), low)
         return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -409,6 +409,8 @@ class RandomGaussianBlur(BatchOp):
 
     def __init__(self, sigma: tuple[float, float] = (0.1, 2.0), p: float = 0.5) -> None:
         self.sigma = (float(sigma[0]), float(sigma[1]))
+        if not 0 < self.sigma[0] <= self.sigma[1]:
+            raise ValueError(f"sigma={sigma} must be a range 0 < low <= high of Gaussian standard deviations")
         self.p = float(p)
 
     def kernel_size(self, size: Size) -> int:
@@ -425,12 +427,19 @@ class RandomGaussianBlur(BatchOp):
         """Apply drawn parameters to a batch on its device."""
         taps = self.kernel_size(tuple(images.shape[-2:]))
         sigma = params["sigma"][:, None].expand(-1, 2).contiguous()  # (N, 2): the same sigma along y and x
+        on_cpu = images.device.type == "cpu"
 
         def blur(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-            return gaussian_blur2d(x, (taps, taps), s.to(x.dtype), border_type="reflect")
+            if on_cpu:  # kornia's own CPU kernel
+                return gaussian_blur2d(x, (taps, taps), s.to(x.dtype), border_type="reflect")
+            # On an accelerator, the kernels gaussian_blur2d would build there, from sigma sent by to_device
+            # (pinned, non-blocking): gaussian_blur2d would check sigma > 0 by reading a device sigma back, or copy
+            # a host sigma from pageable memory. The drawn sigmas are positive (sigma[0] > 0, checked at init).
+            kernel_x = get_gaussian_kernel1d(taps, s[:, 1:2])
+            kernel_y = get_gaussian_kernel1d(taps, s[:, 0:1])
+            return filter2d_separable(x, kernel_x, kernel_y, "reflect")
 
-        # sigma stays a host tensor: kornia checks it there (sigma > 0) and copies it without waiting
-        return on_selected(images, params["applied"], blur, sigma, params_on_host=True)
+        return on_selected(images, params["applied"], blur, sigma, params_on_host=on_cpu)
 
 
 class RandomSolarize(BatchOp):
@@ -446,7 +455,9 @@ class RandomSolarize(BatchOp):
 
     def apply(self, images: torch.Tensor, params: Params) -> torch.Tensor:
         """Apply drawn parameters to a batch on its device."""
-        return on_selected(images, params["applied"], lambda x: solarize(x, self.threshold))
+        # kornia's solarize formula with the threshold as a kernel argument: kornia would copy a float threshold
+        # to the device at every call (a blocking host-to-device copy)
+        return on_selected(images, params["applied"], lambda x: torch.where(x < self.threshold, x, 1.0 - x))
 
 
 class RandomHorizontalFlip(BatchOp):
@@ -526,7 +537,7 @@ def batch_view_from_transform(transform: Any, crop: bool = True) -> BatchView:
         if isinstance(step, v2.RandomApply):
             if len(step.transforms) != 1:
                 raise ValueError(f"batch augmentation: RandomApply of {len(step.transforms)} transforms is not "
-                                 "supported; set data.batch_augmentation=false")
+                                 "supported; set batch_augmentation=False")
             p, step = float(step.p), step.transforms[0]
         if isinstance(step, v2.RandomResizedCrop):
             if crop:
@@ -553,7 +564,7 @@ def batch_view_from_transform(transform: Any, crop: bool = True) -> BatchView:
             continue
         else:
             raise ValueError(f"batch augmentation: no batched counterpart of {type(step).__name__}; set "
-                             "data.batch_augmentation=false to augment per image in the loader")
+                             "batch_augmentation=False to augment per image in the loader")
     if mean is None or std is None:
         raise ValueError("batch augmentation: the view has no Normalize step")
     return BatchView(ops, mean, std)

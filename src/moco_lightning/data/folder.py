@@ -40,9 +40,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
+from torchvision.transforms import v2
 
 from moco_lightning.data.base import DatasetError, MoCoDataModule
 from moco_lightning.data.decode import decode_image
+from moco_lightning.data.jpeg import CropDecoder, CroppedViews, check_decode, split_crop
+from moco_lightning.transforms import build_view_transforms
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -58,7 +61,7 @@ __all__ = [
     "scan_image_folder",
 ]
 
-#: How labels are read from the folder layout (``data.labels``).
+#: How labels are read from the folder layout (the ``labels`` argument).
 LABEL_MODES: tuple[str, ...] = ("auto", "none")
 
 #: extensions (lower case) recognised as images: torchvision's ``IMG_EXTENSIONS``.
@@ -79,7 +82,7 @@ def _visible_image(root: str) -> Callable[[str], bool]:
                          and not any(part.startswith(".") for part in path[start:].split(os.sep)))
 
 
-def check_folder(root: str | os.PathLike[str], setting: str = "data.data_dir") -> str:
+def check_folder(root: str | os.PathLike[str], setting: str = "data_dir") -> str:
     """``root`` with ``~`` expanded, after checking that it is a folder; ``setting`` is named in the errors.
 
     Raises:
@@ -97,7 +100,7 @@ def check_folder(root: str | os.PathLike[str], setting: str = "data.data_dir") -
     return root
 
 
-def scan_image_folder(root: str | os.PathLike[str], setting: str = "data.data_dir", labels: str = "auto"
+def scan_image_folder(root: str | os.PathLike[str], setting: str = "data_dir", labels: str = "auto"
                       ) -> tuple[list[tuple[str, int]], list[str]]:
     """List the images of a folder: ``(samples [(path, label)], class names)``.
 
@@ -107,7 +110,7 @@ def scan_image_folder(root: str | os.PathLike[str], setting: str = "data.data_di
 
     Args:
         root: the folder.
-        setting: the config key that holds ``root``, named in error messages.
+        setting: the argument that holds ``root`` (``data_dir``, ``val_dir``), named in error messages.
         labels: ``"auto"`` (class folders when there are two or more) or ``"none"`` (ignore the folder names).
 
     Raises:
@@ -118,7 +121,7 @@ def scan_image_folder(root: str | os.PathLike[str], setting: str = "data.data_di
     """
     root = check_folder(root, setting)
     if labels not in LABEL_MODES:
-        raise ValueError(f"data.labels={labels!r}: choose one of {', '.join(LABEL_MODES)}")
+        raise ValueError(f"labels={labels!r}: choose one of {', '.join(LABEL_MODES)}")
     entries = sorted((e for e in os.scandir(root) if not e.name.startswith(".")), key=lambda e: e.name)
     if not entries:
         raise DatasetError(f"{setting}={root!r} is an empty folder. {_LAYOUT_HELP}.")
@@ -251,14 +254,20 @@ class ImageFolderDataset(Dataset):
     Args:
         samples: a :class:`FileIndex`, or ``[(path, label)]`` (e.g. from :func:`scan_image_folder`).
         classes: class names (empty for an unlabelled folder).
+        decoder: what an item's image is made from its path; ``None`` = the whole image, upright, RGB
+            (:func:`~moco_lightning.data.decode.decode_image`). The pretraining set of ``decode="draft"`` gives a
+            :class:`~moco_lightning.data.jpeg.CropDecoder` (the views' random resized crops, taken while decoding).
+            An error it raises marks the file unreadable, as a failed decode does.
 
     """
 
-    def __init__(self, samples: FileIndex | Sequence[tuple[str, int]], classes: Sequence[str] = ()) -> None:
+    def __init__(self, samples: FileIndex | Sequence[tuple[str, int]], classes: Sequence[str] = (),
+                 decoder: Callable[[str], Any] | None = None) -> None:
         self.index = samples if isinstance(samples, FileIndex) else FileIndex.from_samples(samples)
         if not len(self.index):
             raise ValueError("ImageFolderDataset needs at least one image")
         self.classes = list(classes)
+        self.decoder = decoder
         # Shared between loader workers (inherited by fork, pickled at spawn): 1 = known unreadable.
         self._bad = multiprocessing.Array("b", len(self.index))
         self._epoch_skips = multiprocessing.Value("q", 0)
@@ -285,7 +294,8 @@ class ImageFolderDataset(Dataset):
                           "it is replaced by the next readable image of the dataset", CorruptImageWarning,
                           stacklevel=3)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        decoder = _load_rgb if self.decoder is None else self.decoder
         n = len(self.index)
         for step in range(n):
             i = (index + step) % n
@@ -296,19 +306,23 @@ class ImageFolderDataset(Dataset):
                 continue
             path, label = self.index[i]
             try:
-                return _load_rgb(path), label
+                return decoder(path), label
             except Exception as err:  # noqa: BLE001 - any decoder error means "unreadable file"
                 self._mark_bad(i, err)
                 if step == 0:
                     with self._epoch_skips.get_lock():
                         self._epoch_skips.value += 1
         raise DatasetError(f"none of the {n} images of this dataset can be decoded (first: {self.index.path(0)}); "
-                           "check the files of data.data_dir")
+                           "check the image files (data_dir)")
 
     def counting_view(self) -> ImageFolderDataset:
-        """The same files and unreadable-file flags, with a skip counter of its own (another pass over the data)."""
+        """The same files and unreadable-file flags, with a skip counter of its own (another pass over the data).
+
+        The view decodes whole images (``decoder=None``) whatever this dataset's decoder.
+        """
         view = copy.copy(self)
         view._epoch_skips = multiprocessing.Value("q", 0)
+        view.decoder = None
         return view
 
     @property
@@ -370,19 +384,61 @@ def _all_gather(report: dict[str, tuple[int, list[str]]], trainer: Trainer) -> l
 
 
 class _FolderDataModule(MoCoDataModule):
-    """Shared logic of the folder datamodules: datasets built from scans, skip counting."""
+    """Shared logic of the folder datamodules: datasets built from scans, skip counting, how pretraining decodes.
+
+    Args:
+        decode: how the pretraining loader decodes (:mod:`moco_lightning.data.jpeg`): ``"draft"`` draws the views'
+            random resized crop boxes from the file's header, then decodes a JPEG at the largest DCT reduction
+            (1/2, 1/4, 1/8) that keeps every box at least the output size, and crops; ``"exact"`` decodes every
+            image whole at full size and crops afterwards. The boxes have torchvision's distribution either way.
+            A callable ``augmentation`` (whose crop is its own) always decodes exactly; so do the evaluation loaders.
+        **kwargs: the :class:`~moco_lightning.data.MoCoDataModule` keywords.
+
+    """
 
     #: images of any size: with batch augmentation the loader decodes and takes the random resized crops
     fixed_image_size = False
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, decode: str = "draft", **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.decode = check_decode(decode)
         self._folder_datasets: list[tuple[str, ImageFolderDataset]] = []
         self.classes: list[str] = []
+        self._crop_plan: tuple[CropDecoder, CroppedViews] | None = None
+
+    def crop_plan(self) -> tuple[CropDecoder, CroppedViews] | None:
+        """``(decoder, views)`` of ``decode="draft"``: the crops taken while decoding, and the rest of each view.
+
+        ``None`` when pretraining decodes whole images (``decode="exact"``, or a callable augmentation). Built once.
+        """
+        if self.decode != "draft" or callable(self.augmentation):
+            return None
+        if self._crop_plan is None:
+            if self.batch_augmentation:  # the loader's part of the batch augmentation: the crops, as uint8 tensors
+                crops = list(self.batch_augment.loader_crops or ())
+                rests: list[Callable[[Any], Any]] = [v2.Compose([v2.ToImage(), v2.ToPureTensor()]) for _ in crops]
+            else:
+                views = build_view_transforms(self.augmentation, self.image_size, self.mean, self.std,
+                                              **self.augmentation_kwargs)
+                split = [split_crop(view) for view in views]
+                if any(part is None for part in split):  # a view that does not start with its crop
+                    return None
+                crops, rests = [part[0] for part in split], [part[1] for part in split]  # type: ignore[index]
+            self._crop_plan = (CropDecoder(crops), CroppedViews(rests))
+        return self._crop_plan
+
+    def _pretrain_item_transform(self) -> Callable[[Any], Any]:
+        """With ``decode="draft"`` the dataset's items are the crops taken while decoding: the views after them.
+
+        ``pretrain_transform`` keeps its meaning (one image in, two views out) for everything else that uses it.
+        """
+        plan = self.crop_plan()
+        return self.pretrain_transform if plan is None else plan[1]
 
     def _dataset(self, samples: FileIndex, classes: Sequence[str],
                  role: str = "evaluation") -> ImageFolderDataset:
-        dataset = ImageFolderDataset(samples, classes)
+        plan = self.crop_plan() if role == "pretraining" else None
+        dataset = ImageFolderDataset(samples, classes, decoder=None if plan is None else plan[0])
         self._folder_datasets.append((role, dataset))
         return dataset
 
@@ -437,7 +493,8 @@ class ImageFolderDataModule(_FolderDataModule):
         split_seed: random_state of that split (fixed, independent of ``seed``).
         labels: ``"auto"`` (class sub-folders, when there are two or more, are the labels) or ``"none"`` (every
             image below ``data_dir``, unlabelled, whatever the folders are called).
-        **kwargs: the :class:`~moco_lightning.data.MoCoDataModule` keywords.
+        **kwargs: ``decode`` (``"draft"`` or ``"exact"``: how pretraining decodes, see :class:`_FolderDataModule`)
+            and the :class:`~moco_lightning.data.MoCoDataModule` keywords.
 
     """
 
@@ -447,10 +504,9 @@ class ImageFolderDataModule(_FolderDataModule):
                  labels: str = "auto", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"ImageFolderDataModule: data.val_fraction must be in [0, 1), got {val_fraction!r}")
+            raise ValueError(f"ImageFolderDataModule: val_fraction={val_fraction!r} must be in [0, 1)")
         if labels not in LABEL_MODES:
-            raise ValueError(f"ImageFolderDataModule: data.labels must be one of {', '.join(LABEL_MODES)}, "
-                             f"got {labels!r}")
+            raise ValueError(f"ImageFolderDataModule: labels={labels!r} must be one of {', '.join(LABEL_MODES)}")
         self.data_dir = os.path.expanduser(str(data_dir))
         self.val_dir = os.path.expanduser(str(val_dir)) if val_dir is not None else None
         self.val_fraction = float(val_fraction)
@@ -462,9 +518,9 @@ class ImageFolderDataModule(_FolderDataModule):
     @staticmethod
     def check_files(data_dir: str, val_dir: str | None = None) -> None:
         """Before any compute: ``data_dir`` (and ``val_dir`` when given) are folders (:func:`check_folder`)."""
-        check_folder(data_dir, "data.data_dir")
+        check_folder(data_dir, "data_dir")
         if val_dir is not None:
-            check_folder(val_dir, "data.val_dir")
+            check_folder(val_dir, "val_dir")
 
     @property
     def has_labels(self) -> bool:
@@ -482,15 +538,15 @@ class ImageFolderDataModule(_FolderDataModule):
     def _scan(self) -> None:
         if self._train_samples is not None:
             return
-        found, classes = scan_image_folder(self.data_dir, "data.data_dir", self.labels)
-        check_decodable(found, "data.data_dir", self.data_dir)
+        found, classes = scan_image_folder(self.data_dir, "data_dir", self.labels)
+        check_decodable(found, "data_dir", self.data_dir)
         samples = FileIndex.from_samples(found)
         self.classes, self.num_classes = classes, len(classes)
         if self.val_dir is not None:
-            val_samples, val_classes = scan_image_folder(self.val_dir, "data.val_dir", self.labels)
+            val_samples, val_classes = scan_image_folder(self.val_dir, "val_dir", self.labels)
             if val_classes != classes:
-                raise DatasetError(f"data.val_dir={self.val_dir!r} has classes {val_classes[:5]}... but "
-                                 f"data.data_dir={self.data_dir!r} has {classes[:5]}...: both need the same class "
+                raise DatasetError(f"val_dir={self.val_dir!r} has classes {val_classes[:5]}... but "
+                                 f"data_dir={self.data_dir!r} has {classes[:5]}...: both need the same class "
                                  "sub-folders")
             self._train_samples, self._val_samples = samples, FileIndex.from_samples(val_samples)
         elif self.val_fraction > 0 and len(samples) >= 2:
@@ -525,8 +581,8 @@ class ImageFolderDataModule(_FolderDataModule):
             assert self._train_samples is not None
             return self._dataset(self._train_samples, self.classes)
         if not self._val_samples:
-            raise DatasetError(f"ImageFolderDataModule: no validation images: set data.val_dir to a folder with the "
-                             f"same class sub-folders as {self.data_dir!r}, or data.val_fraction > 0")
+            raise DatasetError(f"ImageFolderDataModule: no validation images: set val_dir to a folder with the "
+                             f"same class sub-folders as {self.data_dir!r}, or val_fraction > 0")
         return self._dataset(self._val_samples, self.classes)
 
     def setup(self, stage: str | None = None) -> None:
@@ -544,7 +600,8 @@ class ImageNetDataModule(_FolderDataModule):
 
     Args:
         data_dir: the folder that contains ``train`` and ``val``.
-        **kwargs: the :class:`~moco_lightning.data.MoCoDataModule` keywords.
+        **kwargs: ``decode`` (``"draft"`` or ``"exact"``: how pretraining decodes, see :class:`_FolderDataModule`)
+            and the :class:`~moco_lightning.data.MoCoDataModule` keywords.
 
     """
 
@@ -563,14 +620,14 @@ class ImageNetDataModule(_FolderDataModule):
             folder = os.path.join(os.path.expanduser(str(data_dir)), split)
             if not os.path.isdir(folder):
                 raise FileNotFoundError(
-                    f"ImageNetDataModule: {folder!r} does not exist. Set data.data_dir to the folder that contains "
+                    f"ImageNetDataModule: {folder!r} does not exist. Set data_dir to the folder that contains "
                     "ImageNet's train/ and val/ folders (train/<wnid>/<image>.JPEG, val/<wnid>/<image>.JPEG).")
 
     def _scan_split(self, split: str) -> tuple[FileIndex, list[str]]:
         if split not in self._scanned:
             folder = os.path.join(self.data_dir, split)
             self.check_files(self.data_dir)
-            samples, classes = scan_image_folder(folder, f"data.data_dir ({split} folder)")
+            samples, classes = scan_image_folder(folder, f"data_dir ({split} folder)")
             if not classes:
                 raise DatasetError(f"ImageNetDataModule: {folder!r} holds images without class sub-folders. Sort "
                                  "them into <wnid>/ folders (for val: the usual valprep.sh script).")
