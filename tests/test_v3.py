@@ -299,25 +299,3 @@ def test_bn_sync_normalises_over_all_processes_and_none_keeps_plain_bn(bn, conve
 def test_bn_modes_of_the_queue_are_refused_with_the_v3_values(bn):
     with pytest.raises(ValueError, match=f"bn={bn} is not a BN mode of MoCo v3; choose one of auto, sync, none"):
         tiny_v3("convnet", bn=bn)
-
-
-def test_checkpoints_written_with_sync_batchnorm_load_with_bn(tmp_path):
-    flag, expected = False, "none"  # not the default: the old flag itself must decide
-    model = tiny_v3(bn=expected)
-    trainer = tiny_trainer()
-    trainer.strategy.connect(model)
-    path = tmp_path / "old.ckpt"
-    trainer.save_checkpoint(path)
-    ckpt = torch.load(path, weights_only=False)
-    hparams = ckpt["hyper_parameters"]
-    assert hparams["bn"] == expected and "sync_batchnorm" not in hparams  # what a checkpoint records now
-    del hparams["bn"]
-    hparams["sync_batchnorm"] = flag  # what checkpoints written before the rename record
-    torch.save(ckpt, path)
-    loaded = MoCoV3.load_from_checkpoint(path)
-    assert loaded.hparams.bn == expected and "sync_batchnorm" not in loaded.hparams
-    for name, tensor in model.state_dict().items():
-        torch.testing.assert_close(loaded.state_dict()[name], tensor, msg=name)
-    assert tiny_v3("convnet", sync_batchnorm=True).hparams.bn == "sync"
-    with pytest.raises(ValueError, match="sync_batchnorm=True .* contradicts bn='none'"):
-        tiny_v3("convnet", bn="none", sync_batchnorm=True)

@@ -34,9 +34,10 @@ from moco_lightning.distributed import world_size
 from moco_lightning.ema import MOMENTUM_SCHEDULES, MomentumUpdateAfterStep, momentum_update
 from moco_lightning.heads import Encoder, ProjectionHead
 from moco_lightning.init_weights import check_init_from, init_backbone
+from moco_lightning.lightning_internals import attached_trainer, lightning_sync_batchnorm
 from moco_lightning.losses import info_nce_logits, info_nce_loss, positive_rank_accuracy
-from moco_lightning.optim import LR_INTERVALS, configure_optimization, global_batch_size
-from moco_lightning.queue import KeyQueue
+from moco_lightning.optim import LR_INTERVALS, configure_optimization
+from moco_lightning.queue import KeyQueue, check_queue_size, queue_fit_warning
 from moco_lightning.scalars import device_scalar
 from moco_lightning.speed import compile_backbones, memory_format, to_layout
 
@@ -202,7 +203,7 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
         if self.bn_mode is None:
             processes = world_size() if processes is None else processes
             self.bn_mode = resolve_bn_mode(self.hparams.bn, processes)
-            device_type = self.device.type if self._trainer is None else self.trainer.strategy.root_device.type
+            device_type = self.device.type if attached_trainer(self) is None else self.trainer.strategy.root_device.type
             for encoder in (self.encoder_q, self.encoder_k):
                 convert_batchnorm(encoder, self.bn_mode, self.hparams.bn_splits, device_type)
         return self.bn_mode
@@ -243,7 +244,7 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
 
         The keys are stamped with the optimizer step they belong to (from 1), for the key ages of the diagnostics.
         """
-        self.key_queue.enqueue(k, step=self.global_step + 1 if self._trainer is not None else None)
+        self.key_queue.enqueue(k, step=self.global_step + 1 if attached_trainer(self) is not None else None)
 
     @torch.no_grad()
     def momentum_update(self, m: float | None = None) -> None:
@@ -258,9 +259,10 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
     def step(self, im_q: torch.Tensor, im_k: torch.Tensor) -> dict[str, torch.Tensor]:
         """One MoCo step: queries, keys, the loss against the queue, then this step's keys enqueued.
 
-        Returns ``loss``, ``logits`` ``(N, 1 + K)`` (divided by T, positive in column 0), ``labels`` (zeros) and
-        the query backbone ``features``. With ``symmetric`` the two directions' losses are summed (as the official
-        demo does), ``logits`` / ``labels`` stack both directions (``2N`` rows) and both views' keys are enqueued.
+        Returns ``loss``, ``logits`` ``(N, 1 + K)`` (divided by T, positive in column 0), ``labels`` (zeros), the
+        query backbone ``features`` and the normalised queries ``q`` (of the first direction). With ``symmetric``
+        the two directions' losses are summed (as the official demo does), ``logits`` / ``labels`` stack both
+        directions (``2N`` rows) and both views' keys are enqueued.
         """
         self.configure_bn()
         im_q, im_k = to_layout(im_q, self.memory_format), to_layout(im_k, self.memory_format)
@@ -276,7 +278,7 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
             logits, labels = torch.cat([logits, logits_21]), torch.cat([labels, labels_21])
             keys = torch.cat([k1, k])
         self.dequeue_and_enqueue(keys)
-        return {"loss": loss, "logits": logits, "labels": labels, "features": features}
+        return {"loss": loss, "logits": logits, "labels": labels, "features": features, "q": q}
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One MoCo step as the official builder computes it: ``(logits, labels)``, keys enqueued (see :meth:`step`)."""
@@ -287,7 +289,8 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         """Contrast two views; ``batch`` is ``((x_q, x_k), labels)`` (labels unused by MoCo itself).
 
-        Returns the loss and, detached, for callbacks: backbone ``features``, ``labels`` and the ``logits``.
+        Returns the loss and, detached, for callbacks: backbone ``features``, ``labels``, the ``logits`` and the
+        normalised queries ``q`` of the first view.
         """
         (im_q, im_k), labels = batch[0], batch[1]
         out = self.step(im_q, im_k)
@@ -307,11 +310,12 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
             batch_size=n,
         )
         self.log("train/lr", device_scalar(self, "lr", self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=n)
-        return {"loss": loss, "features": features.detach(), "labels": labels, "logits": logits.detach()}
+        return {"loss": loss, "features": features.detach(), "labels": labels, "logits": logits.detach(),
+                "q": out["q"].detach()}
 
     def setup(self, stage: str) -> None:
         """Resolve the BN mode for the processes of this run, convert the encoders and say which mode runs."""
-        check_no_lightning_sync_batchnorm(getattr(self.trainer.strategy, "_layer_sync", None) is not None)
+        check_no_lightning_sync_batchnorm(lightning_sync_batchnorm(self.trainer))
         mode = self.configure_bn(self.trainer.world_size)
         what = {
             "shuffle": "key batch shuffled across processes (paper Sec. 3.3)",
@@ -322,9 +326,9 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
                                "its key's group, so BN statistics can leak the positive key (the paper's ablation)",
             "none": "plain per-process BN, no shuffle: BN statistics can leak the positive key",
         }[mode]
-        message = f"MoCo BN mode: {mode} (model.bn={self.hparams.bn}, {self.trainer.world_size} process(es)): {what}"
+        message = f"MoCo BN mode: {mode} (bn={self.hparams.bn}, {self.trainer.world_size} process(es)): {what}"
         if mode == "shuffle" and self.trainer.world_size == 1:
-            message += "; with one process shuffling does nothing, so BN can leak: consider model.bn=split"
+            message += "; with one process shuffling does nothing, so BN can leak: consider bn=split"
         if self.trainer.is_global_zero:
             log.info(message)
 
@@ -338,17 +342,13 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
                     "partial batch of keys into the queue; set drop_last=True"
                 )
             if self.bn_mode in SPLIT_MODES:
-                check_split_batch(loader.batch_size, self.hparams.bn_splits, f"model.bn={self.hparams.bn}: split BN")
-            keys_per_step = loader.batch_size * world_size() * (2 if self.hparams.symmetric else 1)
-            self.key_queue.check_batch(keys_per_step)
+                check_split_batch(loader.batch_size, self.hparams.bn_splits, f"bn={self.hparams.bn}: split BN")
+            symmetric = bool(self.hparams.symmetric)
+            check_queue_size(self.K, loader.batch_size, world_size(), symmetric)
             dataset_size = len(loader.dataset) if hasattr(loader.dataset, "__len__") else None
-            if dataset_size is not None and self.K >= dataset_size:
-                warnings.warn(
-                    f"queue_size={self.K} is not smaller than the training set ({dataset_size} images): "
-                    "the queue holds keys of the same images as the queries, so positives reappear among the "
-                    "negatives; use a queue_size well below the dataset size",
-                    stacklevel=2,
-                )
+            message = queue_fit_warning(self.K, loader.batch_size * world_size() * (1 + symmetric), dataset_size)
+            if message is not None:
+                warnings.warn(message, stacklevel=2)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """SGD over every trainable parameter but the key encoder's, with the lr schedule of the recipe."""
@@ -359,7 +359,3 @@ class MoCo(MomentumUpdateAfterStep, L.LightningModule):
             weight_decay=hp.weight_decay, lr_schedule=hp.lr_schedule, lr_interval=hp.lr_interval,
             lr_milestones=hp.lr_milestones, warmup_epochs=hp.warmup_epochs,
         )
-
-    def global_batch_size(self) -> int:
-        """Images per optimizer step over all processes: per-device batch × processes × accumulation."""
-        return global_batch_size(self.trainer)

@@ -27,7 +27,7 @@ from moco_lightning.ema import MOMENTUM_SCHEDULES, MomentumUpdateAfterStep, mome
 from moco_lightning.heads import Encoder, build_mlp
 from moco_lightning.init_weights import check_init_from, init_backbone
 from moco_lightning.losses import batch_positive_accuracy, moco_v3_loss
-from moco_lightning.optim import LR_INTERVALS, OPTIMIZERS, configure_optimization, global_batch_size
+from moco_lightning.optim import LR_INTERVALS, OPTIMIZERS, configure_optimization
 from moco_lightning.scalars import device_scalar
 from moco_lightning.speed import compile_backbones, memory_format, to_layout
 from moco_lightning.vit import MoCoViT
@@ -129,8 +129,6 @@ class MoCoV3(MomentumUpdateAfterStep, L.LightningModule):
         compile: ``torch.compile`` the backbones of both encoders in place, as ``MoCo``'s.
         init_from: a weights file to start the base backbone from (the momentum encoder is its copy; projector and
             predictor start random), as ``MoCo``'s (:mod:`moco_lightning.init_weights`).
-        sync_batchnorm: the former name of ``bn`` (``True`` = ``"sync"``, ``False`` = ``"none"``), accepted so that
-            checkpoints written before the rename load; the hyper-parameters record ``bn`` only.
 
     """
 
@@ -168,19 +166,15 @@ class MoCoV3(MomentumUpdateAfterStep, L.LightningModule):
         channels_last: bool = False,
         compile: bool | dict[str, Any] = False,
         init_from: str | None = None,
-        *,
-        sync_batchnorm: bool | None = None,
     ) -> None:
         super().__init__()
         init_from = None if init_from is None else str(init_from)  # a str in the hyper-parameters, not a Path
         betas = tuple(float(b) for b in betas)  # plain types in checkpoints (not ListConfig)
         lr_milestones = tuple(float(e) for e in lr_milestones)
-        bn = legacy_bn_setting(bn, sync_batchnorm)
         check_moco_v3_args(dim=dim, mlp_dim=mlp_dim, temperature=temperature, momentum=momentum,
                            momentum_schedule=momentum_schedule, optimizer=optimizer, lr_interval=lr_interval, bn=bn,
                            backbone=backbone)
-        ignore = ["sync_batchnorm", *(["backbone"] if isinstance(backbone, nn.Module) else [])]
-        self.save_hyperparameters(ignore=ignore)
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         self.T, self.m = temperature, momentum
 
         net, self.feature_dim = build_backbone(
@@ -249,12 +243,13 @@ class MoCoV3(MomentumUpdateAfterStep, L.LightningModule):
         if stage == "fit" and self.bn_mode == "sync" and self.trainer.world_size > 1:
             convert_batchnorm(self, "sync", device_type=self.trainer.strategy.root_device.type)
 
-    def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        """The symmetric loss of two views; ``batch`` is ``((x1, x2), labels)`` (labels unused by MoCo itself).
+    def step(self, x1: torch.Tensor, x2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One MoCo v3 step without the momentum update: the symmetric loss of two views.
 
-        The momentum encoder is the one updated after the previous optimizer step (see the class docstring).
+        Returns ``loss`` (``contrastive_loss(q1, k2) + contrastive_loss(q2, k1)``), the base backbone's
+        ``features`` of ``x1``, the predictions ``q1`` (with gradients) and the momentum encoder's keys ``k2``.
+        Nothing in it reads a device value back to the host.
         """
-        (x1, x2), labels = batch[0], batch[1]
         x1, x2 = to_layout(x1, self.memory_format), to_layout(x2, self.memory_format)
         features = self.base_encoder.backbone(x1)
         q1 = self.predictor(self.base_encoder.head(features))
@@ -262,12 +257,24 @@ class MoCoV3(MomentumUpdateAfterStep, L.LightningModule):
         with torch.no_grad():
             k1, k2 = self.momentum_encoder(x1), self.momentum_encoder(x2)
         loss = self.contrastive_loss(q1, k2) + self.contrastive_loss(q2, k1)
+        return {"loss": loss, "features": features, "q1": q1, "k2": k2}
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        """The symmetric loss of two views; ``batch`` is ``((x1, x2), labels)`` (labels unused by MoCo itself).
+
+        The momentum encoder is the one updated after the previous optimizer step (see the class docstring).
+        Returns the loss and, detached, for callbacks: backbone ``features``, ``labels`` and the queries ``q``
+        (predictor output of the first view, not normalised).
+        """
+        (x1, x2), labels = batch[0], batch[1]
+        out = self.step(x1, x2)
+        loss, q1 = out["loss"], out["q1"]
 
         n = x1.shape[0]
         self.log("train/loss", loss, batch_size=n)
-        self.log("train/acc_top1", batch_positive_accuracy(q1.detach(), k2), batch_size=n)
+        self.log("train/acc_top1", batch_positive_accuracy(q1.detach(), out["k2"]), batch_size=n)
         self.log("train/lr", device_scalar(self, "lr", self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=n)
-        return {"loss": loss, "features": features.detach(), "labels": labels}
+        return {"loss": loss, "features": out["features"].detach(), "labels": labels, "q": q1.detach()}
 
     def configure_optimizers(self) -> dict[str, Any]:
         """LARS / AdamW / SGD over the trainable parameters of the base encoder and the predictor, warm-up + cosine.
@@ -284,22 +291,3 @@ class MoCoV3(MomentumUpdateAfterStep, L.LightningModule):
             trust_coefficient=hp.trust_coefficient, betas=hp.betas,
         )
 
-    def global_batch_size(self) -> int:
-        """Images per optimizer step over all processes: per-device batch × processes × accumulation."""
-        return global_batch_size(self.trainer)
-
-
-def legacy_bn_setting(bn: str, sync_batchnorm: bool | None) -> str:
-    """``bn``, or the value the former ``sync_batchnorm`` flag stands for when it is given (old checkpoints).
-
-    Raises:
-        ValueError: when both are given and disagree.
-
-    """
-    if sync_batchnorm is None:
-        return bn
-    legacy = "sync" if sync_batchnorm else "none"
-    if bn not in ("sync", legacy):  # "sync" is the default: an old checkpoint's flag decides
-        raise ValueError(f"sync_batchnorm={sync_batchnorm} (the former name of bn) contradicts bn={bn!r}; "
-                         f"give bn only (bn={legacy!r})")
-    return legacy

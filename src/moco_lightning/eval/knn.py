@@ -4,16 +4,14 @@ The classifier is the one of InstDisc (Wu et al. 2018, Sec. 3.4) used by the off
 L2-normalised features, each of the ``k`` most cosine-similar memory-bank samples votes for its label with
 weight ``exp(sim / t)``; the class with the largest summed weight wins (defaults k=200, t=0.1 as in both).
 
-Under ``torch.distributed`` the memory bank is sharded: each process embeds and keeps its own part of the train
-set, the queries are gathered, every process finds each query's ``k`` nearest neighbours in its part, and the
-candidates of all processes are merged into the global top ``k``. The bank's memory per process falls with the
-number of processes; the result is the single-process one, on every process.
+Under ``torch.distributed`` the memory bank is sharded: each process keeps its part of the train set, finds every
+(gathered) query's ``k`` nearest neighbours in it, and the candidates are merged into the global top ``k``: the
+single-process result, on every process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning as L
@@ -21,36 +19,16 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
 from moco_lightning import distributed
 from moco_lightning.data.base import DatasetError
 from moco_lightning.eval.cadence import is_monitor_epoch
+from moco_lightning.eval.features import extract_features, has_labels, monitor_pass
 
 #: What the kNN monitor embeds: the query backbone's features (``embed``) or the normalised query-encoder output
 #: (``project``, the 128-d embedding of the official CIFAR-10 demo's monitor).
 FEATURES = ("backbone", "embedding")
-
-
-@contextmanager
-def eval_mode(module: torch.nn.Module | None) -> Iterator[None]:
-    """Put every submodule of ``module`` in eval mode for the block, then give each its own previous mode back."""
-    if module is None:
-        yield
-        return
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
-def has_labels(datamodule: Any) -> bool:
-    """Whether a datamodule's evaluation sets carry labels (``datamodule.has_labels``; ``True`` when it has none)."""
-    return bool(getattr(datamodule, "has_labels", True)) if datamodule is not None else True
 
 
 #: InstDisc / official MoCo CIFAR-10 demo values.
@@ -148,78 +126,6 @@ def vote(similarities: torch.Tensor, labels: torch.Tensor, num_classes: int, tem
     return scores.scatter_add_(1, labels, (similarities / temperature).exp())
 
 
-def _distributed_loader(loader: DataLoader) -> tuple[DataLoader, torch.Tensor]:
-    """Give this process its shard of ``loader``'s dataset, in order, and the dataset indices of that shard.
-
-    The :class:`DistributedSampler` pads the dataset with repeats of its first samples so every process gets
-    the same number; the returned indices let the caller put gathered features back in dataset order, where
-    the repeats land on the same slot and disappear.
-    """
-    sampler = DistributedSampler(
-        loader.dataset, num_replicas=distributed.world_size(), rank=distributed.rank(), shuffle=False
-    )
-    shard = DataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=sampler,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-    )
-    return shard, torch.tensor(list(sampler), dtype=torch.long)
-
-
-@torch.no_grad()
-def extract_features(
-    embed_fn: Callable[[torch.Tensor], torch.Tensor],
-    loader: Iterable[Any],
-    device: torch.device | str | None = None,
-    shard: bool = True,
-    gather: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embed every ``(x, y)`` batch of ``loader``; returns float32 features ``(N, D)`` and labels ``(N,)``.
-
-    Under ``torch.distributed`` with ``shard=True`` and a map-style :class:`DataLoader`, each process embeds
-    only its shard. With ``gather=True`` the features of all processes are gathered, so every process returns the
-    whole dataset in dataset order (the sampler's padding duplicates are dropped); with ``gather=False`` each
-    process returns its own shard, without duplicates (a sharded kNN bank). Call it on every process then.
-    ``embed_fn`` is called under ``torch.no_grad``; put the model in eval mode yourself.
-    """
-    device = torch.device(device) if device is not None else None
-    indices = None
-    # map-style loader with plain batching: shard it; anything else is embedded whole on every process
-    map_style = isinstance(loader, DataLoader) and hasattr(loader.dataset, "__len__") and loader.batch_size is not None
-    if shard and map_style and distributed.is_distributed():
-        num_samples = len(loader.dataset)
-        loader, indices = _distributed_loader(loader)
-    feats, labels = [], []
-    for batch in loader:
-        x, y = batch[0], batch[1]
-        if device is not None:
-            x = x.to(device, non_blocking=True)
-        feats.append(embed_fn(x).float())
-        labels.append(torch.as_tensor(y).to(feats[-1].device))
-    if not feats:
-        raise ValueError("the loader yielded no batches; check the dataset is set up and not empty")
-    features, targets = torch.cat(feats), torch.cat(labels).long()
-    if indices is None:
-        return features, targets
-    if not gather:  # this process's shard; the padding repeats the first samples after position num_samples
-        padded_positions = torch.arange(distributed.rank(), len(indices) * distributed.world_size(),
-                                        distributed.world_size())
-        keep = (padded_positions < num_samples).to(features.device)
-        return features[keep], targets[keep]
-    indices = indices.to(features.device)
-    all_feats = distributed.concat_all_gather(features)
-    all_labels = distributed.concat_all_gather(targets)
-    all_idx = distributed.concat_all_gather(indices)
-    out_feats = features.new_empty(num_samples, features.shape[1])
-    out_labels = targets.new_empty(num_samples)
-    out_feats[all_idx] = all_feats
-    out_labels[all_idx] = all_labels
-    return out_feats, out_labels
-
-
 def _resolve_bank_dtype(bank_dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
     """``"auto"``/None: float16 on GPUs (half the memory), float32 on the CPU (fp16 matmul is slow there)."""
     if bank_dtype in (None, "auto"):
@@ -280,24 +186,22 @@ def knn_accuracy(
 class KNNMonitor(Callback):
     """Log weighted-kNN accuracy of the query encoder every ``every_n_epochs`` training epochs.
 
-    At the end of a training epoch the module is put in eval mode, ``pl_module.embed`` (``features="backbone"``)
-    or ``pl_module.project`` (``features="embedding"``) embeds ``trainer.datamodule.eval_train_dataloader()``
-    (the memory bank) and ``eval_val_dataloader()`` (the queries), and ``val/knn_top1`` / ``val/knn_top5``
-    (fractions) are logged; the train/eval mode of every submodule is restored afterwards. Under DDP each process
-    keeps its part of the bank and every process computes (and logs) the same numbers. Memory per process: the
-    bank is ``N / processes x D`` in ``bank_dtype`` (float16 on GPU: 1.28M x 2048 ImageNet features take 5.2 GB
-    in all, 0.66 GB per GPU on 8 GPUs), plus all queries and a similarity block of ``chunk_size x N / processes``.
+    At the end of a training epoch, in eval mode, ``pl_module.embed`` (``features="backbone"``) or
+    ``pl_module.project`` (``features="embedding"``) embeds ``trainer.datamodule.eval_train_dataloader()`` (the
+    memory bank) and ``eval_val_dataloader()`` (the queries); ``{prefix}_top1`` / ``_top5`` (fractions) are
+    logged, the same on every process. Memory per process: the bank, ``N / processes x D`` in ``bank_dtype``, all
+    queries and a similarity block of ``chunk_size x N / processes``.
 
     Args:
         every_n_epochs: run after epochs ``n-1, 2n-1, ...`` and always after the last one.
         features: ``"backbone"`` (the query backbone, what downstream tasks use) or ``"embedding"`` (the
             normalised output of the query encoder, as the official CIFAR-10 demo's monitor).
-        k: neighbours that vote (InstDisc / official MoCo demo: 200).
-        temperature: temperature of the votes' weights (InstDisc / official MoCo demo: 0.1).
-        bank_dtype: "auto" (float16 on GPU, float32 on CPU), "float16" or "float32".
-        chunk_size: queries per block of the similarity computation.
-        bank_chunk_size: bank rows per block of the similarity computation (None: the whole bank at once).
-        prefix: metric name prefix; logs ``{prefix}_top1`` and ``{prefix}_top5``.
+        k: neighbours that vote; temperature: of the votes' weights; bank_dtype, chunk_size, bank_chunk_size: as
+            :func:`knn_accuracy` takes them.
+        prefix: metric name prefix.
+        at_start: also evaluate the encoder at initialisation, before the first step of a fresh run (not on
+            resume): kept in :attr:`initial` and logged once as ``{prefix}_top1_init`` / ``{prefix}_top5_init``
+            with the first epoch's numbers; the health monitor compares later passes with it.
 
     """
 
@@ -311,21 +215,20 @@ class KNNMonitor(Callback):
         chunk_size: int = 256,
         bank_chunk_size: int | None = None,
         prefix: str = "val/knn",
+        at_start: bool = False,
     ) -> None:
         if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}; set callbacks.knn.every_n_epochs")
+            raise ValueError(f"every_n_epochs={every_n_epochs} must be >= 1; set every_n_epochs")
         if features not in FEATURES:
-            raise ValueError(f"features must be one of {FEATURES}, got {features!r}; set callbacks.knn.features")
-        self.every_n_epochs = every_n_epochs
-        self.features = features
-        self.k = k
-        self.temperature = temperature
-        self.bank_dtype = bank_dtype
-        self.chunk_size = chunk_size
-        self.bank_chunk_size = bank_chunk_size
-        self.prefix = prefix
+            raise ValueError(f"features={features!r} must be one of {FEATURES}; set features")
+        self.every_n_epochs, self.features, self.prefix, self.at_start = every_n_epochs, features, prefix, at_start
+        self.knn_kwargs = {"k": k, "temperature": temperature, "bank_dtype": bank_dtype, "chunk_size": chunk_size,
+                           "bank_chunk_size": bank_chunk_size}
         self.last: dict[str, float] = {}
         self._told = False
+        self.initial: dict[str, float] = {}  # kNN of the encoder at initialisation (with at_start)
+        self.passes = 0  # kNN passes during training (of this process's run)
+        self._initial_logged = False
 
     def compute(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Embed the datamodule's eval loaders with ``pl_module.embed`` in eval mode; return kNN accuracy."""
@@ -340,43 +243,58 @@ class KNNMonitor(Callback):
         if not hasattr(pl_module, method):
             raise RuntimeError(f"KNNMonitor(features={self.features!r}) needs pl_module.{method}(x); "
                                f"{type(pl_module).__name__} has none")
-        plugin = getattr(trainer, "precision_plugin", None)
-        context = plugin.forward_context() if plugin is not None else nullcontext()
-        # a private RNG state: creating the loader iterators draws seeds from the global generator, and the
-        # monitor must not change the random stream (augmentations, shuffles) of the pretraining run
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         distributed.broadcast_batchnorm_statistics(pl_module)  # one model on every process: rank 0's
-        with eval_mode(pl_module), context, torch.random.fork_rng(devices=devices):
-            return knn_accuracy(
-                getattr(pl_module, method),
-                dm.eval_train_dataloader(),
-                dm.eval_val_dataloader(),
-                num_classes=getattr(dm, "num_classes", None),
-                k=self.k,
-                temperature=self.temperature,
-                device=pl_module.device,
-                bank_dtype=self.bank_dtype,
-                chunk_size=self.chunk_size,
-                bank_chunk_size=self.bank_chunk_size,
-            )
+        with monitor_pass(trainer, pl_module):
+            return knn_accuracy(getattr(pl_module, method), dm.eval_train_dataloader(), dm.eval_val_dataloader(),
+                                num_classes=getattr(dm, "num_classes", None), device=pl_module.device,
+                                **self.knn_kwargs)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """With ``at_start``, evaluate the encoder at initialisation (a fresh run only: step 0)."""
+        if not self.at_start or trainer.global_step != 0 or not has_labels(trainer.datamodule):
+            return
+        try:
+            self.initial = self.compute(trainer, pl_module)
+        except DatasetError:
+            return  # said once by the first epoch's pass
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Run the kNN evaluation when due and log ``{prefix}_top1`` and ``{prefix}_top5``."""
         if not is_monitor_epoch(trainer, self.every_n_epochs):
             return
         if not has_labels(trainer.datamodule):
-            if not self._told:
-                self._told = True
-                rank_zero_info(f"kNN monitor: the images have no labels (no class folders): {self.prefix}_top1 is "
-                               "not computed")
-            return
+            return self._say_once("the images have no labels (no class folders):")
         try:
             self.last = self.compute(trainer, pl_module)
         except DatasetError as err:  # the data cannot be evaluated (no validation images...)
-            if not self._told:
-                self._told = True
-                rank_zero_info(f"kNN monitor: skipped ({err}); {self.prefix}_top1 is not computed")
-            return
+            return self._say_once(f"skipped ({err});")
+        self.passes += 1
+        if self.initial and not self._initial_logged:
+            self._initial_logged = True
+            for name, value in self.initial.items():
+                pl_module.log(f"{self.prefix}_{name}_init", value, on_epoch=True, sync_dist=True)
         for name, value in self.last.items():
             # identical on every process (features are gathered); sync_dist only silences Lightning's DDP warning
             pl_module.log(f"{self.prefix}_{name}", value, on_epoch=True, prog_bar=name == "top1", sync_dist=True)
+
+
+    def _say_once(self, why: str) -> None:
+        if not self._told:
+            self._told = True
+            rank_zero_info(f"kNN monitor: {why} {self.prefix}_top1 is not computed")
+
+
+def monitor_every_n_epochs(trainer: L.Trainer, every_n_epochs: int | None = None) -> int | None:
+    """The cadence of an epoch-end monitor: ``every_n_epochs`` if given, else that of the trainer's kNN monitor.
+
+    ``None`` (run only after the last epoch) when neither is set. The diagnostics and the embedding map pass it to
+    :func:`~moco_lightning.eval.cadence.is_monitor_epoch`.
+    """
+    if every_n_epochs is not None:
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1 or None (the kNN monitor's), got {every_n_epochs}")
+        return every_n_epochs
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, KNNMonitor):
+            return callback.every_n_epochs
+    return None
