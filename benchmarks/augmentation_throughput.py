@@ -4,7 +4,7 @@ Measures the MoCo v2 ("aug+") pretraining transform on synthetic RGB PIL images,
 32 px crops of 32x32 images (CIFAR-like) and 224 px crops of 500x375 images (a typical ImageNet photo).
 Prints a table and writes JSON. Not a test.
 
-    python benchmarks/augmentation_throughput.py --images 500 --out benchmarks/results/augmentation_throughput.json
+    python benchmarks/augmentation_throughput.py --images 500 --record   # updates benchmarks/results/
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import argparse
 import json
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision
+from common import add_output_arguments, output_path
 from PIL import Image
 
 from moco_lightning.transforms import TwoViewTransform, build_view_transforms
@@ -47,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000, help="images per case (each gives two views)")
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--out", default="benchmarks/results/augmentation_throughput.json")
+    add_output_arguments(parser, "augmentation_throughput.json")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one loader worker = one process with one thread
     torch.manual_seed(0)
@@ -62,7 +62,7 @@ def main() -> None:
                                "machine": platform.machine(), "processor": platform.processor(),
                                "torch_threads": torch.get_num_threads()},
                "command": f"python benchmarks/augmentation_throughput.py --images {args.images}"}
-    out = Path(args.out)
+    out = output_path(args, "augmentation_throughput.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {out}")

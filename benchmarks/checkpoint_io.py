@@ -5,7 +5,7 @@ about 135 MB) with each writer in turn, interleaved, and reports the median seco
 each needs beyond the checkpoint itself (Lightning's writer serialises the whole file into memory first).
 Prints a table and writes JSON. Not a test.
 
-    python benchmarks/checkpoint_io.py --repeats 5 --out benchmarks/results/checkpoint_io.json
+    python benchmarks/checkpoint_io.py --repeats 5 --record   # updates benchmarks/results/checkpoint_io.json
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import tracemalloc
 from pathlib import Path
 
 import torch
+from common import add_output_arguments, output_path
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from moco_lightning import MoCo
@@ -38,7 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--folder", type=str, default=None, help="where to write (default: a temporary folder)")
-    parser.add_argument("--out", type=str, default="benchmarks/results/checkpoint_io.json")
+    add_output_arguments(parser, "checkpoint_io.json")
     args = parser.parse_args()
 
     checkpoint = moco_checkpoint()
@@ -67,9 +68,10 @@ def main() -> None:
         print(f"{name:<32}{statistics.median(s):>15.3f}{min(s):>8.3f}{max(s):>8.3f}{peak[name]:>15.0f}")
     result = {"size_mb": size_mb, "repeats": args.repeats, "load_average": load, "machine": platform.platform(),
               "torch": torch.__version__, "seconds": seconds, "peak_extra_mb": peak}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"results: {args.out}")
+    out = output_path(args, "checkpoint_io.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"results: {out}")
 
 
 if __name__ == "__main__":

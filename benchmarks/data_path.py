@@ -17,17 +17,15 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from common import write_results
+from common import add_output_arguments, output_path, write_results
 from PIL import Image
 
 from moco_lightning.data.batch_augment import build_batch_augmentation
 from moco_lightning.transforms import CIFAR10_MEAN, CIFAR10_STD, TwoViewTransform, build_view_transforms
 
-ROOT = Path(__file__).resolve().parents[1]
 CASES = {"32 px (CIFAR, from 32x32)": (32, (32, 32), True), "224 px (ImageNet, from 500x375)": (224, (500, 375), False)}
 
 
@@ -73,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="threads of the batched part (the training process)")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/data_path.json"))
+    add_output_arguments(parser, "data_path.json")
     args = parser.parse_args()
     results = {}
     for name, (size, source, crop_on_device) in CASES.items():
@@ -87,7 +85,7 @@ def main() -> None:
     print("(images per second, two views each)")
     payload = {"benchmark": "data_path", "augmentation": "v2", "results": results,
                "command": f"python benchmarks/data_path.py --threads {args.threads} --batch {args.batch}"}
-    write_results(payload, args.out)
+    write_results(payload, output_path(args, "data_path.json"))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import write_results
+from common import add_output_arguments, output_path, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 KNN_ROW = re.compile(r"^\s+(raw pixels|encoder at init|trained encoder)\s+([\d.]+) %", re.MULTILINE)
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each variant, alternating")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of every run")
     parser.add_argument("--work", default=None, help="folder for the exported commit and the run outputs")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/default_run.json"))
+    add_output_arguments(parser, "default_run.json")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both variants (e.g. trainer.max_epochs=2)")
     args = parser.parse_args()
 
@@ -118,7 +118,7 @@ def main() -> None:
                "speedup_cpu_time": round(speedup_cpu, 3),
                "command": " ".join(["python benchmarks/default_run.py", f"--old {args.old}",
                                     f"--repeats {args.repeats}", f"--threads {args.threads}", *args.overrides])}
-    write_results(payload, args.out)
+    write_results(payload, output_path(args, "default_run.json"))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ all of them alike), with the load average before and after:
 3. seconds of the epoch-end work on the digits validation set: alignment / uniformity, the embedding map (t-SNE),
    next to the kNN monitor itself.
 
-Prints tables and writes benchmarks/results/diagnostics_cost.json. Not a test.
+Prints tables and writes JSON (--record: benchmarks/results/diagnostics_cost.json). Not a test.
 """
 
 from __future__ import annotations
@@ -27,12 +27,11 @@ import platform
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
 import torch
-from common import time_call
+from common import add_output_arguments, output_path, time_call
 from lightning.pytorch.callbacks import Callback
 
 from moco_lightning import MoCo
@@ -57,7 +56,7 @@ class StepTimer(Callback):
 
 
 def digits_model(queue_size: int = 64) -> MoCo:
-    """The default run's module (conf/recipe/digits_resnet18.yaml)."""
+    """The default run's module (conf/recipe/moco/digits_resnet18.yaml)."""
     return MoCo("resnet18", cifar_stem=False, dim=128, mlp=True, queue_size=queue_size, momentum=0.99,
                 temperature=0.4, lr=0.12, scale_lr=True, lr_schedule="cosine", lr_interval="step")
 
@@ -116,7 +115,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25, help="training steps per fit")
     parser.add_argument("--skip", type=int, default=5, help="first steps of each fit not counted")
     parser.add_argument("--image-size", type=int, default=16)
-    parser.add_argument("--out", default="benchmarks/results/diagnostics_cost.json")
+    add_output_arguments(parser, "diagnostics_cost.json")
     args = parser.parse_args()
     load_before = os.getloadavg()
     data = DigitsDataModule(batch_size=64, image_size=args.image_size)
@@ -152,7 +151,7 @@ def main() -> None:
     print("\n| epoch-end job (digits val) | seconds (median) |\n|---|---|")
     for name, seconds in end.items():
         print(f"| {name} | {seconds} |")
-    out = Path(args.out)
+    out = output_path(args, "diagnostics_cost.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "benchmark": "diagnostics_cost", "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -10,10 +10,10 @@ import argparse
 import copy
 import json
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
+from common import add_output_arguments, output_path
 
 from moco_lightning import MoCo
 from moco_lightning.data import DigitsDataModule
@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--aug-kwargs", default="{}", help="JSON dict passed to the augmentation builder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/results/digits_recipes.jsonl")
+    add_output_arguments(p, "digits_recipes.jsonl")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     L.seed_everything(args.seed, verbose=False)
@@ -67,8 +67,9 @@ def main() -> None:
     print(f"| {args.image_size} px | ep {args.epochs} | lr {args.lr} | K {args.queue_size} | T {args.temperature} | "
           f"aug {args.augmentation} {args.aug_kwargs} | trained {100 * trained:.1f} | init {100 * init:.1f} | "
           f"raw {100 * raw:.1f} | {seconds:.0f} s |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
+    out = output_path(args, "digits_recipes.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
         f.write(json.dumps(record) + "\n")
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/ema_update.py --backbone resnet50 --repeats 20
 
-Prints a table and writes benchmarks/results/ema_update.json. Not a test.
+Prints a table and writes JSON (--record: benchmarks/results/ema_update.json). Not a test.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import copy
 import json
 import platform
 import time
-from pathlib import Path
 
 import torch
+from common import add_output_arguments, output_path
 
 from moco_lightning.backbones import build_backbone
 from moco_lightning.ema import momentum_update
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="benchmarks/results/ema_update.json")
+    add_output_arguments(parser, "ema_update.json")
     args = parser.parse_args()
 
     online, _ = build_backbone(args.backbone)
@@ -70,7 +70,7 @@ def main() -> None:
     for row in rows:
         print(f"| {row['method']} | {row['ms_per_update']} |")
     print(f"max |foreach - loop| after one update: {max_diff:.2e}")
-    out = Path(args.out)
+    out = output_path(args, "ema_update.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "ema_update", "backbone": args.backbone, "device": args.device,
                                "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -22,15 +22,13 @@ import gc
 import time
 import tracemalloc
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
-from common import write_results
+from common import add_output_arguments, output_path, write_results
 from torch.utils.data import DataLoader, Dataset
 
 from moco_lightning.data.folder import FileIndex, ImageFolderDataset
 
-ROOT = Path(__file__).resolve().parents[1]
 MB = 2**20
 
 
@@ -119,7 +117,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--root", default="/datasets/imagenet/train", help="the folder the paths start with")
     parser.add_argument("--workers", type=int, default=80, help="workers for the total (8 processes x 10)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/folder_index_memory.json"))
+    add_output_arguments(parser, "folder_index_memory.json")
     args = parser.parse_args()
 
     tracemalloc.start()
@@ -144,7 +142,7 @@ def main() -> None:
         print(f"{r['form']:26} {r['index_in_parent_mb']:>13.1f} MB {r['worker_private_dirty_growth_mb']:>20.1f} MB "
               f"{r['worker_pss_growth_mb']:>6.1f} MB {r[total]:>11.2f} GB {r['seconds_to_read_all']:>7.2f} s")
     write_results({"images": args.images, "classes": args.classes, "root": args.root, "workers": args.workers,
-                   "rows": rows}, args.out)
+                   "rows": rows}, output_path(args, "folder_index_memory.json"))
 
 
 if __name__ == "__main__":

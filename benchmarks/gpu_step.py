@@ -26,6 +26,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from common import add_output_arguments, output_path
 from torch.profiler import ProfilerActivity, profile
 
 from moco_lightning import MoCo
@@ -205,7 +206,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/gpu_step.json"))
+    add_output_arguments(parser, "gpu_step.json")
     parser.add_argument("--results-md", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -217,9 +218,9 @@ def main() -> None:
     results = [run_variant(name, name == "compile", args, device) for name in args.variants.split(",")]
     command = "python benchmarks/gpu_step.py" + ("" if device.type == "cuda" else f" --device {args.device} ...")
     payload = {"benchmark": "gpu_step", "hardware": hardware(device), "date": datetime.datetime.now().isoformat(),
-               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "results_md")},
+               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "record", "results_md")},
                "results": results}
-    out = Path(args.out)
+    out = output_path(args, "gpu_step.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {out}")

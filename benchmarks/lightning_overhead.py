@@ -14,17 +14,14 @@ import argparse
 import os
 import statistics
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
-from common import bare_step, write_results
+from common import add_output_arguments, bare_step, output_path, write_results
 from torch.utils.data import DataLoader, Dataset
 
 from moco_lightning import MoCo
 from moco_lightning.optim import build_optimizer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Batches(Dataset):
@@ -43,7 +40,7 @@ class Batches(Dataset):
 
 def make_model(args) -> MoCo:
     torch.manual_seed(0)
-    # the digits recipe (conf/recipe/digits_resnet18.yaml) with a constant lr, so both paths do the same updates
+    # the digits recipe (conf/recipe/moco/digits_resnet18.yaml) with a constant lr, so both paths do the same updates
     return MoCo(args.backbone, cifar_stem=args.cifar_stem, dim=128, mlp=True, queue_size=args.queue, momentum=0.99,
                 temperature=0.4, lr=0.03, weight_decay=1e-4, lr_schedule="constant",
                 channels_last=args.channels_last, bn=args.bn)
@@ -102,7 +99,7 @@ def main() -> None:
     parser.add_argument("--bn", default="none", choices=["split", "none"],
                         help="MoCo's BN mode (none: the default run's on one device)")
     parser.add_argument("--work", default="/tmp/lightning_overhead")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/lightning_overhead.json"))
+    add_output_arguments(parser, "lightning_overhead.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -131,7 +128,7 @@ def main() -> None:
                "ratio_median": {kind: statistics.median(values) for kind, values in ratios.items()},
                "command": f"python benchmarks/lightning_overhead.py --threads {args.threads} "
                           f"--repeats {args.repeats} --steps {args.steps}"}
-    write_results(payload, args.out)
+    write_results(payload, output_path(args, "lightning_overhead.json"))
 
 
 if __name__ == "__main__":

@@ -14,15 +14,13 @@ import argparse
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from common import bare_step, write_results
+from common import add_output_arguments, bare_step, output_path, write_results
 
 from moco_lightning import MoCo
 from moco_lightning.optim import build_optimizer
 
-ROOT = Path(__file__).resolve().parents[1]
 # name: (CIFAR stem, image size, timed steps, BN mode of that recipe on one device)
 CASES = {"ImageNet stem, 16 px, plain BN (default run)": (False, 16, 8, "none"),
          "CIFAR stem, 32 px, split BN (CIFAR demo)": (True, 32, 2, "split")}
@@ -40,7 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/memory_format.json"))
+    add_output_arguments(parser, "memory_format.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = {}
@@ -67,7 +65,7 @@ def main() -> None:
               f"load {os.getloadavg()[0]:.1f}", flush=True)
     payload = {"benchmark": "memory_format", "threads": args.threads, "results": results,
                "command": f"python benchmarks/memory_format.py --threads {args.threads} --repeats {args.repeats}"}
-    write_results(payload, args.out)
+    write_results(payload, output_path(args, "memory_format.json"))
 
 
 if __name__ == "__main__":

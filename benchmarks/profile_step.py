@@ -14,18 +14,15 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-from pathlib import Path
 
 import lightning as L
 import torch
-from common import write_results
+from common import add_output_arguments, output_path, write_results
 from hydra import compose, initialize_config_dir
 from torch.profiler import ProfilerActivity, profile
 
 from moco_lightning.cli import CONFIG_PATH
 from moco_lightning.cli.train import build
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class ProfileOneStep(L.Callback):
@@ -49,7 +46,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--step", type=int, default=6, help="the optimizer step to profile (after warm-up)")
     parser.add_argument("--top", type=int, default=15)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/profile_step.json"))
+    add_output_arguments(parser, "profile_step.json")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -81,7 +78,7 @@ def main() -> None:
                "step": args.step, "total_self_cpu_ms": round(total_us / 1e3, 1), "top": table,
                "command": " ".join(["python benchmarks/profile_step.py", f"--threads {args.threads}",
                                     *args.overrides])}
-    write_results(payload, args.out)
+    write_results(payload, output_path(args, "profile_step.json"))
 
 
 if __name__ == "__main__":

@@ -15,11 +15,10 @@ import argparse
 import os
 import statistics
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
-from common import write_results
+from common import add_output_arguments, output_path, write_results
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -27,8 +26,6 @@ from torch.utils.data import DataLoader, Dataset
 from moco_lightning import MoCo
 from moco_lightning.backbones import build_backbone
 from moco_lightning.optim import build_optimizer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Supervised(L.LightningModule):
@@ -112,7 +109,7 @@ def main() -> None:
                         help="MoCo's BN mode: split (8 groups, the official CIFAR demo; one process's default) or "
                              "none (the plain BN of the supervised step)")
     parser.add_argument("--work", default="/tmp/step_overhead")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/step_overhead.json"))
+    add_output_arguments(parser, "step_overhead.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -151,7 +148,7 @@ def main() -> None:
                "ratio_median": {kind: statistics.median(values) for kind, values in ratios.items()},
                "command": f"python benchmarks/step_overhead.py --threads {args.threads} --repeats {args.repeats} "
                           f"--steps {args.steps}"}
-    write_results(payload, args.out)
+    write_results(payload, output_path(args, "step_overhead.json"))
 
 
 if __name__ == "__main__":

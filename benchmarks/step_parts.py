@@ -11,23 +11,20 @@ the momentum update, the enqueue). Prints a table and writes JSON. Not a test.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
-from common import bare_step, time_call, write_results
+from common import add_output_arguments, bare_step, output_path, time_call, write_results
 from torch.nn import functional as F
 
 from moco_lightning import MoCo
 from moco_lightning.optim import build_optimizer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/step_parts.json"))
+    add_output_arguments(parser, "step_parts.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -70,7 +67,7 @@ def main() -> None:
     payload = {"benchmark": "step_parts", "threads": args.threads, "ms_median": results,
                "limit_ratio": round(limit, 3),
                "command": f"python benchmarks/step_parts.py --threads {args.threads}"}
-    write_results(payload, args.out)
+    write_results(payload, output_path(args, "step_parts.json"))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ that crosses it). The training images are the datamodule's labelled training set
 view (``--augment linear``, default) or one view of the pretraining augmentation (``--augment pretrain``), shuffled,
 ``data.batch_size`` per step. Afterwards (not counted in the budget) it reports the classifier's top-1 on the
 evaluation set and the weighted-kNN top-1 of its backbone features (:func:`moco_lightning.eval.knn.knn_accuracy`,
-k 200, t 0.1, as the kNN monitor), prints a table and writes JSON. Not a test.
+k 200, t 0.1, as the kNN monitor), prints a table and writes JSON (to a new folder under
+``outputs/benchmarks/``; ``--record`` updates ``benchmarks/results/supervised_reference_<dataset>.json``). Not a test.
 
     python benchmarks/supervised_reference.py data=digits --minutes 2
     python benchmarks/supervised_reference.py data=fashion_mnist experiment=fashion_mnist --minutes 30
@@ -21,11 +22,10 @@ import argparse
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-from common import write_results
+from common import add_output_arguments, output_path, write_results
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -35,10 +35,9 @@ from torch.utils.data import DataLoader
 
 from moco_lightning.backbones import build_backbone
 from moco_lightning.cli import CONFIG_PATH
-from moco_lightning.eval.knn import eval_mode, knn_accuracy
+from moco_lightning.eval.features import eval_mode
+from moco_lightning.eval.knn import knn_accuracy
 from moco_lightning.optim import build_optimizer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -136,8 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None,
-                        help="JSON path (default benchmarks/results/supervised_reference_<dataset>.json)")
+    add_output_arguments(parser, "supervised_reference_<dataset>.json")
     args, overrides = parser.parse_known_args(argv)
     flags = [o for o in overrides if "=" not in o]
     if flags:
@@ -190,8 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"  {'train loss first / last':<28}{train['first_loss']:.3f} / {train['last_loss']:.3f}")
     print(f"  {'classifier top-1':<28}{100 * scores['classifier_top1']:.1f} %")
     print(f"  {'kNN top-1 (k 200, t 0.1)':<28}{100 * scores['knn_top1']:.1f} %")
-    out = args.out or ROOT / "benchmarks" / "results" / f"supervised_reference_{dataset}.json"
-    write_results(payload, out)
+    write_results(payload, output_path(args, f"supervised_reference_{dataset}.json"))
     return payload
 
 

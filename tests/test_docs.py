@@ -6,6 +6,7 @@ mkdocstrings cannot parse is a warning, so ``mkdocs build --strict`` fails and s
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import re
@@ -134,3 +135,87 @@ def test_docstring_roles_become_links_code_or_a_warning(caplog: pytest.LogCaptur
         "[`KeyQueue`][moco_lightning.queue.KeyQueue], `torch.nn.Module`, `moco_lightning.losses.gone`"
     )
     assert ["moco_lightning.losses.gone" in record.getMessage() for record in caplog.records] == [True]
+
+
+#: Where the documentation names config files: the README, the pages, the notebooks, the configs' own comments and
+#: the benchmarks (their notes and RESULTS.md).
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "notebooks").glob("*.ipynb")),
+             *sorted((ROOT / "conf").rglob("*.yaml")), *sorted((ROOT / "benchmarks").glob("*.md")),
+             *sorted((ROOT / "benchmarks").glob("*.py"))]
+#: A config file's path as the documentation writes it; templates (``conf/recipe/<family>/...``) do not match.
+CONF_PATH = re.compile(r"(?<![\w/.])conf/[\w./-]+?\.yaml\b")
+
+
+def test_every_config_file_the_documentation_names_exists() -> None:
+    named = {(path.relative_to(ROOT).as_posix(), found) for path in DOC_FILES
+             for found in CONF_PATH.findall(path.read_text(encoding="utf-8"))}
+    assert len(named) > 20  # the pattern finds what the pages name (recipes, experiments, groups)
+    missing = sorted(f"{where}: {found}" for where, found in named if not (ROOT / found).is_file())
+    assert not missing, f"these config files do not exist (moved?): {missing}"
+
+
+def test_configuration_page_lists_every_default_callback_in_order() -> None:
+    """docs/configuration.md's config tree names the callbacks of conf/callbacks/default.yaml, all and in order."""
+    default = yaml.safe_load((ROOT / "conf" / "callbacks" / "default.yaml").read_text(encoding="utf-8"))["defaults"]
+    page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    listed = re.search(r"^  callbacks/ +default = (.+?) \(conf/callbacks/default\.yaml", page, re.M | re.S)
+    assert listed, "the config tree of docs/configuration.md no longer has its 'callbacks/  default = ...' line"
+    assert [name.strip() for name in listed[1].split("+")] == default
+
+
+def test_scaling_page_names_the_bn_mode_each_command_composes() -> None:
+    """Each one-command row of docs/scaling.md's table gives the BN mode its composed config runs."""
+    from hydra import compose, initialize_config_dir
+
+    from moco_lightning.bn import resolve_bn_mode
+    from moco_lightning.cli import CONFIG_PATH
+
+    page = (ROOT / "docs" / "scaling.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| [^|]+ \| `python train.py([^`]*)`[^|]* \| `(\w+)`", page, re.M)
+    rows = [(command.split(), mode) for command, mode in rows if "-m" not in command.split()]
+    assert len(rows) >= 4, rows
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        for overrides, mode in rows:
+            cfg = compose("train", overrides=overrides)
+            processes = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
+            assert resolve_bn_mode(cfg.model.bn, processes) == mode, (overrides, cfg.model.bn)
+
+
+def _python_snippets(page: Path) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), re.M | re.S)
+
+
+def test_getting_started_snippets_define_every_name_they_use() -> None:
+    """A newcomer can paste each Python snippet of docs/getting-started.md: nothing used is left undefined."""
+    import builtins
+
+    snippets = _python_snippets(ROOT / "docs" / "getting-started.md")
+    assert len(snippets) >= 2
+    for snippet in snippets:
+        tree = ast.parse(snippet)
+        defined = set(dir(builtins))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                defined |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                defined.add(node.id)
+        used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+        assert used <= defined, f"undefined in the snippet: {sorted(used - defined)}\n{snippet}"
+
+
+def test_getting_started_config_snippet_runs(tmp_path: Path) -> None:
+    """The "Using the configs from Python" snippet builds what it says (a ResNet-50 MoCo and its Trainer)."""
+    [snippet] = [s for s in _python_snippets(ROOT / "docs" / "getting-started.md") if "compose(" in s]
+    namespace: dict = {}
+    exec(compile(snippet.replace("/tmp/run", str(tmp_path / "run")), "getting-started.md", "exec"), namespace)
+    assert type(namespace["model"]).__name__ == "MoCo" and namespace["model"].hparams.backbone == "resnet50"
+    assert namespace["trainer"].max_epochs == namespace["cfg"].trainer.max_epochs
+
+
+def test_quickstart_notebook_gives_the_default_run_time_of_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    minutes = re.search(r"about ([\d.]+) minutes on 2 CPU cores", readme)
+    assert minutes, "the README's quickstart no longer says how long the default run takes"
+    notebook = (ROOT / "notebooks" / "quickstart.ipynb").read_text(encoding="utf-8")
+    claims = re.findall(r"`python train.py` \(about ([\d.]+) minutes", notebook)
+    assert claims == [minutes[1]]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from moco_lightning.queue import KeyQueue
+from moco_lightning.queue import KeyQueue, check_queue_size, queue_fit_warning
 
 
 def test_queue_starts_as_random_unit_rows():
@@ -58,24 +58,18 @@ def test_enqueue_without_a_step_counts_calls():
     assert q.written_at.tolist() == [3, 3, 2, 2]
 
 
-def test_queue_saved_before_key_ages_loads_with_every_key_at_step_0():
-    q = KeyQueue(4, 2)
-    q.enqueue(torch.ones(2, 2), step=7)
-    old = {k: v for k, v in q.state_dict().items() if k != "written_at"}  # a checkpoint of an earlier version
-    fresh = KeyQueue(4, 2)
-    fresh.written_at.fill_(9)
-    with pytest.warns(UserWarning, match="no 'written_at'.*step 0"):
-        fresh.load_state_dict(old)
-    assert torch.equal(fresh.queue, q.queue) and int(fresh.ptr) == 2
-    assert fresh.written_at.tolist() == [0, 0, 0, 0]
+def test_queue_size_check_names_the_sizes_to_use():
+    with pytest.raises(ValueError, match=r"queue_size=192 must be a multiple of twice the global batch size 64 .*"
+                                         r"use queue_size=128 or 256"):
+        check_queue_size(192, 32, processes=2, symmetric=True)
+    check_queue_size(256, 32, processes=2, symmetric=True)
 
 
-def test_old_queue_inside_a_model_loads_under_its_prefix():
-    model = torch.nn.Module()
-    model.key_queue = KeyQueue(4, 2)
-    old = {k: v for k, v in model.state_dict().items() if k != "key_queue.written_at"}
-    with pytest.warns(UserWarning, match="written_at"):
-        model.load_state_dict(old)  # strict: no missing key
+def test_a_queue_as_large_as_the_training_set_gets_a_size_to_use():
+    message = queue_fit_warning(4096, 64, 3000)
+    assert message is not None and message.startswith("queue_size=4096 is not smaller than the training set")
+    assert "use queue_size=256 " in message  # 300 rounded down to a multiple of the 64 keys per step
+    assert queue_fit_warning(4096, 64, 50_000) is None
 
 
 def test_enqueue_never_reads_the_pointer_back_and_follows_a_loaded_state(monkeypatch):

@@ -1,11 +1,8 @@
 """Backbones: the networks that map images to feature vectors.
 
-A backbone here is any ``nn.Module`` taking images ``(N, 3, H, W)`` to features ``(N, D)``. The registry builds
-torchvision ResNets with their classifier removed (``fc = nn.Identity()``), so the state dict of a backbone is
-exactly torchvision's minus ``fc.*`` and exports without renaming, and the Vision Transformers of MoCo v3
-(:mod:`moco_lightning.vit`, timm's ``VisionTransformer`` without its head: a DeiT state dict minus ``head.*``).
-Any timm model is a backbone by the name ``"timm:<model name>"`` (:func:`build_timm`): built without its classifier
-and never with pretrained weights (nothing downloads), its state dict is timm's minus the classifier.
+A backbone is any ``nn.Module`` taking images ``(N, 3, H, W)`` to features ``(N, D)``. By name: torchvision ResNets
+with ``fc = nn.Identity()`` (torchvision's state dict minus ``fc.*``), MoCo v3's ViTs (:mod:`moco_lightning.vit`)
+and any timm model as ``"timm:<model name>"`` (:func:`build_timm`, never with pretrained weights).
 """
 
 from __future__ import annotations
@@ -22,11 +19,8 @@ from torchvision import models
 from moco_lightning.vit import VIT_SIZES, MoCoViT, build_vit
 
 #: torchvision ResNets accepted by :func:`build_backbone`, by name.
-RESNETS: dict[str, Callable[..., models.ResNet]] = {
-    "resnet18": models.resnet18,
-    "resnet34": models.resnet34,
-    "resnet50": models.resnet50,
-}
+RESNETS: dict[str, Callable[..., models.ResNet]] = {name: getattr(models, name) for name in ("resnet18", "resnet34",
+                                                                                             "resnet50")}
 #: MoCo v3 Vision Transformers accepted by :func:`build_backbone`, by name.
 VITS: dict[str, Callable[..., MoCoViT]] = {name: partial(build_vit, name) for name in VIT_SIZES}
 #: Every backbone name accepted by :func:`build_backbone`, mapped to its constructor (and any ``timm:<name>``).
@@ -70,9 +64,8 @@ def build_timm(name: str) -> tuple[nn.Module, int]:
 def use_cifar_stem(resnet: models.ResNet) -> models.ResNet:
     """Swap a ResNet's ImageNet stem for the small-image stem: a 3x3 stride-1 conv and no max-pool.
 
-    This is the stem of the official CIFAR-10 MoCo demo (and of He et al.'s CIFAR ResNets): on 32 px inputs the
-    7x7 stride-2 conv plus max-pool would shrink the image 4x before the first residual block. The new conv keeps
-    ``nn.Conv2d``'s default initialisation, as in the demo (which replaces ``conv1`` after torchvision's init).
+    The stem of the official CIFAR-10 MoCo demo (and of He et al.'s CIFAR ResNets), with ``nn.Conv2d``'s default
+    initialisation as in the demo: on 32 px inputs the ImageNet stem would shrink the image 4x before the first block.
     """
     resnet.conv1 = nn.Conv2d(3, resnet.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
     resnet.maxpool = nn.Identity()

@@ -1,8 +1,7 @@
 """What the dictionary looks like during training: the numbers behind MoCo's "large and consistent" claim.
 
 MoCo's argument (He et al. 2019, Sec. 3.2) is that the dictionary of keys must be *large* (the queue) and
-*consistent* (keys from encoders that differ little from each other: the slowly moving key encoder). These
-functions measure both on a running model, and the quality of the representation without labels:
+*consistent* (the slowly moving key encoder). These functions measure both, and the representation without labels:
 
 * :func:`parameter_drift`: how far the key encoder is from the query encoder, ``||θk − θq|| / ||θq||``.
 * :func:`key_ages`: how many optimizer steps ago the keys of the queue were written (oldest and mean).
@@ -10,8 +9,7 @@ functions measure both on a running model, and the quality of the representation
 * :func:`alignment` and :func:`uniformity`: Wang & Isola 2020, "Understanding Contrastive Representation
   Learning through Alignment and Uniformity on the Hypersphere", Sec. 4.1: positives close, embeddings spread.
 
-Every function takes tensors (or modules) and returns tensors on their device, so nothing here waits for the
-device: the caller decides when to read the numbers (Lightning does, at its logging steps).
+Every function returns tensors on their device: nothing here waits for the device.
 """
 
 from __future__ import annotations
@@ -32,14 +30,10 @@ DRIFT_CHUNK_NUMEL = 1 << 22
 def parameter_drift(online: nn.Module, target: nn.Module, chunk_numel: int = DRIFT_CHUNK_NUMEL) -> torch.Tensor:
     """Relative distance of ``target``'s parameters from ``online``'s: ``||θ_t − θ_o|| / ||θ_o||`` (0-d tensor).
 
-    Both norms are over all parameters at once (as one flattened vector), computed with fused multi-tensor ops
-    (``torch._foreach_sub``, ``torch._foreach_norm``) over groups of tensors of about ``chunk_numel`` elements: a
-    few kernel launches, and temporaries that stay small enough to be reused (one copy of all parameters at once
-    measured 4x slower on the CPU, where fresh large allocations fault their pages in). The difference is formed
-    explicitly: ``||a||² + ||b||² − 2a·b`` would cancel catastrophically for encoders this close in float32.
-
-    For MoCo, ``online`` is the query encoder and ``target`` the key encoder: 0 right after a copy, growing while
-    the query encoder moves faster than the moving average follows it.
+    Both norms are over all parameters as one flattened vector, by fused multi-tensor ops over groups of about
+    ``chunk_numel`` elements (small temporaries that are reused: benchmarks/RESULTS.md times it against one copy of
+    all parameters). The difference is formed explicitly: ``||a||² + ||b||² − 2a·b`` would cancel catastrophically
+    for encoders this close in float32. For MoCo, ``online`` is the query encoder and ``target`` the key encoder.
     """
     online_params = [p.detach() for p in online.parameters()]
     target_params = [p.detach() for p in target.parameters()]

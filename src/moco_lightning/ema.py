@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moco_lightning.lightning_internals import attached_trainer
 from moco_lightning.scalars import device_scalar
 
 #: Momentum schedules: m constant, or rising from its base value to 1 on a half cosine (BYOL; MoCo v3).
@@ -91,7 +92,7 @@ class MomentumUpdateAfterStep:
 
     def momentum_at(self, step: int) -> float:
         """The momentum m of the update that follows optimizer step number ``step`` (from 1)."""
-        trainer = getattr(self, "_trainer", None)
+        trainer = attached_trainer(self)
         if self.hparams.momentum_schedule == "cosine" and trainer is not None:
             return cosine_momentum(step, int(trainer.estimated_stepping_batches), self.m)
         return self.m
@@ -99,7 +100,7 @@ class MomentumUpdateAfterStep:
     @property
     def current_momentum(self) -> float:
         """The momentum m of the last update (of the next one, before the first step)."""
-        trainer = getattr(self, "_trainer", None)
+        trainer = attached_trainer(self)
         return self.momentum_at(trainer.global_step if trainer is not None else 0)
 
     def on_fit_start(self) -> None:

@@ -49,7 +49,6 @@ class ProjectionHead(nn.Sequential):
                 raise ValueError("hidden_dim only applies to the MLP head; set mlp=True or drop hidden_dim")
             layers = [nn.Linear(in_dim, out_dim)]
         super().__init__(*layers)
-        self.in_dim, self.out_dim = in_dim, out_dim
 
 
 def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn: bool = True) -> nn.Sequential:

@@ -1,21 +1,14 @@
 """Start pretraining from existing weights: find a backbone's weights in a file, whatever wrote it.
 
-``MoCo(init_from=<file>)`` / ``MoCoV3(init_from=<file>)`` (``model.init_from=<file>`` in the training config)
-starts the query backbone from the file and the key / momentum encoder as its copy; the projection heads and the
-predictor stay randomly initialised. The file is read with ``torch.load(weights_only=True)`` (nothing in it runs)
-and its backbone weights are found by format, in this order:
-
-* a checkpoint of this project (``state_dict`` with ``encoder_q.backbone.*`` or ``base_encoder.backbone.*``), or an
-  official MoCo v1/v2 (``module.encoder_q.*``) or v3 (``module.base_encoder.*``) checkpoint, their projector
-  (``fc.*`` / ``head.*``) dropped: the prefixes of :data:`moco_lightning.eval.checkpoint.BACKBONE_PREFIXES`;
-* otherwise the backbone's own names, as a plain state dict or inside ``state_dict`` / ``model`` (timm's training
-  checkpoints, DeiT): a torchvision ResNet state dict, this project's torchvision / DeiT / timm export, a timm
-  model's state dict. The file's classifier is dropped (``fc.*`` of a ResNet, ``head.*`` of a ViT, the
-  ``classifier`` of the timm model's ``pretrained_cfg``).
+``MoCo(init_from=<file>)`` / ``MoCoV3(init_from=<file>)`` starts the query backbone from the file and the key /
+momentum encoder as its copy; heads and predictor stay random. The file is read with
+``torch.load(weights_only=True)``; the backbone's weights are found as a MoCo checkpoint's query backbone
+(:data:`moco_lightning.eval.checkpoint.BACKBONE_PREFIXES`), else under the backbone's own names, as a plain state
+dict or inside ``state_dict`` / ``model`` (torchvision, timm, DeiT, this project's exports), the classifier dropped.
 
 Every tensor of the backbone must be in the file with its shape, and nothing else may be: a mismatch is one
-:class:`InitWeightsError` line naming the keys (a partial load never happens silently). A file's missing BatchNorm
-``num_batches_tracked`` counters (older PyTorch) are the only exception: the backbone keeps its own.
+:class:`InitWeightsError` line naming the keys. Missing BatchNorm ``num_batches_tracked`` counters (older PyTorch)
+are the only exception: the backbone keeps its own.
 """
 
 from __future__ import annotations
@@ -34,9 +27,9 @@ from torchvision.models import ResNet
 
 from moco_lightning.backbones import build_backbone
 from moco_lightning.eval.checkpoint import (
-    BACKBONE_PREFIXES,
     CheckpointError,
     UnsafeCheckpointError,
+    find_moco_backbone,
     load_checkpoint_file,
 )
 
@@ -128,24 +121,15 @@ def find_backbone_weights(checkpoint: Any, backbone: nn.Module, path: str = "<me
     """
     state, container = _state_dict_of(checkpoint, path)
     own = backbone.state_dict()
-    found = _moco_backbone(state)
-    if found is None:  # the backbone's own names; the file's classifier dropped
+    found = find_moco_backbone(state)
+    if found is not None:
+        weights, _, source = found
+    else:  # the backbone's own names; the file's classifier dropped
         classifiers = tuple(f"{name}." for name in _classifiers(backbone))
-        found = ({k: v for k, v in state.items() if k in own or not k.startswith(classifiers)},
-                 _kind(backbone) + (f" (in '{container}')" if container else ""))
-    weights, source = found
+        weights = {k: v for k, v in state.items() if k in own or not k.startswith(classifiers)}
+        source = _kind(backbone) + (f" (in '{container}')" if container else "")
     _check_fits(weights, own, path, source)
     return InitWeights(path=path, state_dict=weights, source=source)
-
-
-def _moco_backbone(state: Mapping[str, Any]) -> tuple[dict[str, Any], str] | None:
-    """The query backbone of a MoCo checkpoint's state dict and its format; ``None`` for any other state dict."""
-    for prefix, dropped, source in BACKBONE_PREFIXES:
-        weights = {k[len(prefix) :]: v for k, v in state.items()
-                   if k.startswith(prefix) and not k[len(prefix) :].startswith(dropped)}
-        if weights:
-            return weights, source
-    return None
 
 
 def _check_fits(weights: Mapping[str, Any], own: Mapping[str, torch.Tensor], path: str, source: str) -> None:

@@ -6,26 +6,9 @@ what it breaks, the tested Lightning range) rather than let another Lightning tu
 word. ``tests/test_lightning_internals.py`` checks each entry of :data:`PRIVATE_USES` against the installed
 Lightning; ``nox -s lightning -- <version>`` runs those and the resume and preemption tests against another one.
 
-What is used, by what, and what lets it go:
-
-* ``Trainer._signal_connector.received_sigterm`` (set, to stop after the step the SIGTERM way, on every process
-  at once once they agreed on a signal) and ``._original_handlers`` (to hand the signals back):
-  ``PreemptionCheckpoint``.
-  Goes with a public "stop after this step" in Lightning (none filed; ``Trainer.received_sigterm`` is read-only).
-* ``Trainer._accelerator_connector.cluster_environment``, ``Trainer._checkpoint_connector.hpc_save_path`` and
-  ``Trainer._signal_connector._slurm_sigusr_handler_fn``: ``PreemptionCheckpoint`` under SLURM auto-requeue,
-  Lightning's own save and requeue at a step boundary. Goes with a public hook for it (none filed).
-* ``FitLoop._combined_loader_states_to_load``, ``._combined_loader``, ``._data_fetcher``,
-  ``._load_combined_loader_states()``, ``.restarted_mid_epoch``, ``.restarting`` and
-  ``.epoch_loop.batch_progress``: ``ResumeState``, the loader position that
-  Lightning leaves unloaded when ``configure_optimizers`` reads ``estimated_stepping_batches`` (Lightning issue
-  #20550). Goes with the release of Lightning PR #21765.
-* ``FitLoop.setup_data()`` (public name, not documented): ``optim.steps_per_epoch`` builds the train loader
-  inside ``configure_optimizers``, as ``Trainer.estimated_stepping_batches`` does. Goes with a documented way to
-  size the loader there (none filed).
-* Not an internal but a workaround: ``AtomicCheckpointIO`` (``checkpointing/atomic_io.py``) replaces the
-  save of ``TorchCheckpointIO``, which writes through the system temporary folder (Lightning issue #21253). Goes
-  with the release of Lightning PR #21744.
+What is used, by what, and what lets it go: :data:`PRIVATE_USES` (reached from a ``Trainer``) and
+:data:`PRIVATE_ATTRIBUTES` (on other Lightning objects), one entry per internal. Not an internal but a workaround:
+``AtomicCheckpointIO`` (``checkpointing/atomic_io.py``, Lightning issue #21253, goes with PR #21744).
 """
 
 from __future__ import annotations
@@ -35,18 +18,29 @@ from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 __all__ = [
+    "PRIVATE_ATTRIBUTES",
     "PRIVATE_USES",
+    "KeepingExperimentWriter",
     "TESTED_LIGHTNING",
     "LightningInternalsError",
+    "attached_trainer",
+    "batches_fetched",
+    "csv_logger_writer",
     "internal",
+    "lightning_sync_batchnorm",
+    "logger_started",
     "request_stop_after_step",
     "require_internals",
     "restore_loader_position",
     "setup_train_data",
     "signal_handler_snapshot",
     "slurm_requeue",
+    "tensorboard_purge_step",
+    "wandb_resume_run",
 ]
 
 #: The Lightning versions the resume and preemption tests pass with: the range pyproject.toml requires.
@@ -72,6 +66,24 @@ PRIVATE_USES: dict[str, tuple[str, str]] = {
     "fit_loop.restarting": (_LOADER, _PR_21765),
     "fit_loop.epoch_loop.batch_progress.current.ready": (_LOADER, _PR_21765),
     "fit_loop.setup_data": ("the lr schedule's epoch length (optim.steps_per_epoch)", _NONE),
+    "fit_loop.epoch_loop.batch_progress.total.ready": ("the batch augmentation's per-batch seed", _NONE),
+}
+
+_CSV, _CONTINUE = "ResumableCSVLogger (keeps metrics.csv)", "continue_loggers (a resumed run's logs go on)"
+
+#: Each internal in use on another Lightning object than the ``Trainer``: ``{Class.attribute: (feature, goes
+#: with)}``; ``tests/test_lightning_internals.py`` checks each on an instance of the class.
+PRIVATE_ATTRIBUTES: dict[str, tuple[str, str]] = {
+    "ParallelStrategy._layer_sync": ("MoCo.setup's refusal of Lightning's sync_batchnorm", _NONE),
+    "LightningModule._trainer": ("MoCo's check whether it runs in a Trainer", _NONE),
+    "CSVLogger._experiment": (_CSV, _NONE),
+    "CSVLogger._fs": (_CSV, _NONE),
+    "ExperimentWriter._check_log_dir_exists": (_CSV, _NONE),
+    "TensorBoardLogger._kwargs": (_CONTINUE, _NONE),
+    "TensorBoardLogger._experiment": (_CONTINUE, _NONE),
+    "WandbLogger._wandb_init": (_CONTINUE, _NONE),
+    "WandbLogger._id": (_CONTINUE, _NONE),
+    "WandbLogger._experiment": (_CONTINUE, _NONE),
 }
 
 
@@ -155,3 +167,62 @@ def restore_loader_position(trainer: L.Trainer) -> None:
 def setup_train_data(trainer: L.Trainer) -> None:
     """Build the train loader now, as ``Trainer.estimated_stepping_batches`` does when it needs its length."""
     internal(trainer, "fit_loop.setup_data")()
+
+
+def batches_fetched(trainer: L.Trainer) -> int:
+    """The batches the fit loop has fetched over the whole run (restored from the checkpoint on resume)."""
+    return int(internal(trainer, "fit_loop.epoch_loop.batch_progress.total.ready"))
+
+
+def lightning_sync_batchnorm(trainer: L.Trainer) -> bool:
+    """Whether Lightning converts the model's BatchNorm layers (``Trainer(sync_batchnorm=True)``).
+
+    Lightning keeps it as the strategy's private ``_layer_sync``; only parallel strategies have one.
+    """
+    return getattr(trainer.strategy, "_layer_sync", None) is not None
+
+
+def attached_trainer(module: Any) -> L.Trainer | None:
+    """The ``Trainer`` running ``module``, or ``None`` outside one (where ``module.trainer`` raises)."""
+    return getattr(module, "_trainer", None)
+
+
+class KeepingExperimentWriter(ExperimentWriter):
+    """Lightning's CSV writer without the deletion of an existing ``metrics.csv`` when it opens the folder."""
+
+    def _check_log_dir_exists(self) -> None:
+        """Keep the files of an earlier launch of the run (Lightning's writer deletes ``metrics.csv``)."""
+
+
+def csv_logger_writer(logger: CSVLogger, writer_class: type[ExperimentWriter]) -> ExperimentWriter:
+    """``logger.experiment`` as Lightning's ``CSVLogger`` makes it, with a writer of ``writer_class``.
+
+    Lightning's logger builds its writer class by name inside its ``experiment`` property; a subclass that wants
+    another writer repeats those lines, which set the private ``_experiment`` and use ``_fs``.
+    """
+    if logger._experiment is None:
+        logger._fs.makedirs(logger.root_dir, exist_ok=True)
+        logger._experiment = writer_class(log_dir=logger.log_dir)
+    return logger._experiment
+
+
+def logger_started(logger: Logger) -> bool:
+    """Whether a TensorBoard or wandb logger has opened its writer or run (its arguments are then fixed)."""
+    return getattr(logger, "_experiment", None) is not None
+
+
+def tensorboard_purge_step(logger: TensorBoardLogger, step: int) -> None:
+    """Give the ``SummaryWriter`` a logger opens ``purge_step=step`` (unless set): TensorBoard hides later events."""
+    logger._kwargs.setdefault("purge_step", step)
+
+
+def wandb_resume_run(logger: WandbLogger, run_id: str) -> bool:
+    """Make a logger that has not started continue wandb run ``run_id`` (``resume="allow"``).
+
+    Returns ``False`` (nothing done) when the logger was given a run id of its own.
+    """
+    if logger._wandb_init.get("id"):
+        return False
+    logger._wandb_init.update(id=run_id, resume="allow")
+    logger._id = run_id
+    return True

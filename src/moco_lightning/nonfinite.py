@@ -1,20 +1,11 @@
 """Stop a run whose loss turned NaN or infinite, and never let a checkpoint with non-finite weights be written.
 
-Checking ``torch.isfinite(loss)`` on the host at every step would wait for the accelerator at every step.
-:class:`NonFiniteLossGuard` keeps its record on the device instead: the first step whose loss was not finite and
-the last finite loss with its step, updated with a few element-wise ops per step and no transfer. The host reads
-the record only where it waits anyway:
-
-* at the steps where Lightning logs (``trainer.log_every_n_steps``: the logged values are copied to the host
-  there) and at the end of every epoch;
-* before every checkpoint is written (any writer: ``ModelCheckpoint``, the preemption save, SLURM's hpc save),
-  where it also checks every floating-point tensor of the ``state_dict`` about to be saved.
-
-A non-finite loss therefore stops the run at most ``log_every_n_steps`` steps after it happened, with a
-:class:`NonFiniteLossError` that names the first bad step and the last finite values logged before it; any save
-after that step is refused, so the newest checkpoint on disk is the last good one. Under DDP the first bad step is
-reduced over the processes at each check (one small all-reduce where the host waits anyway), so all of them stop
-together.
+:class:`NonFiniteLossGuard` keeps its record on the device (the first step whose loss was not finite, the last
+finite loss and its step: no transfer per step) and the host reads it only where it waits anyway: at Lightning's
+logging steps, at epoch ends, and before every checkpoint is written (any writer), where every floating-point tensor
+of the ``state_dict`` is checked too. A non-finite loss therefore stops the run at most ``log_every_n_steps`` steps
+later with a :class:`NonFiniteLossError` naming the first bad step; any later save is refused, so the newest
+checkpoint on disk is the last good one. Under DDP the first bad step is all-reduced at each check.
 """
 
 from __future__ import annotations
@@ -115,7 +106,7 @@ class NonFiniteLossGuard(Callback):
             shown = ", ".join(f"{name}={value:.6g}" for name, value in sorted(values.items()))
             parts.append(f"last values logged (by step {logged_step}): {shown}")
         newest = _newest_checkpoint(trainer)
-        advice = "a lower model.lr (or a longer warm-up, model.warmup_epochs), or check the data of that step"
+        advice = "a lower lr= (or a longer warm-up, warmup_epochs=), or check the data of that step"
         if newest is None:
             return "; ".join(parts) + f". No checkpoint was written; start again with {advice}"
         return ("; ".join(parts) + f". No checkpoint is written after step {step - 1}: the newest one, {newest}, is "
@@ -137,7 +128,7 @@ class NonFiniteLossGuard(Callback):
             self._failed = (f"{bad} holds NaN or infinite values at step {trainer.global_step} although the loss "
                             f"was finite: refusing to write this checkpoint "
                             f"({f'the newest one, {newest}, is kept' if newest else 'none was written before'}); "
-                            "resume from the last good checkpoint with a lower model.lr")
+                            "resume from the last good checkpoint with a lower lr=")
             raise NonFiniteLossError(self._failed)
 
     def state_dict(self) -> dict[str, Any]:

@@ -4,10 +4,8 @@ Optimizers: SGD (v1/v2), LARS as in the official MoCo v3 code (ResNet) and AdamW
 :func:`build_optimizer`.
 
 Schedules are written in epochs, as the papers state them, and applied per optimizer step through
-``torch.optim.lr_scheduler.LambdaLR``: ``lr_interval="epoch"`` holds the lr constant within an epoch, as the
-official v1/v2 code does (``adjust_learning_rate`` once at the start of each epoch); ``"step"`` moves it at every
-optimizer step, as MoCo v3 does. Steps per epoch come from the loader (:func:`steps_per_epoch`), so warm-up and
-milestones stay at the right place when a run is cut short by ``max_steps``.
+``torch.optim.lr_scheduler.LambdaLR``: ``lr_interval="epoch"`` holds the lr within an epoch (official v1/v2),
+``"step"`` moves it at every step (v3). Steps per epoch come from the loader (:func:`steps_per_epoch`).
 """
 
 from __future__ import annotations
@@ -52,9 +50,8 @@ class LARS(torch.optim.Optimizer):
     With ``exclude_1d`` (the official behaviour) parameters of at most one dimension (biases, BN and LayerNorm
     weights) skip the first two lines: no weight decay and no trust ratio, plain SGD with momentum.
 
-    timm's ``Lars`` is not used because its trust ratio divides by ``‖g‖ + weight_decay·‖w‖`` (+ eps), not by the
-    norm of the decayed gradient ``‖g + weight_decay·w‖`` as the official code does, and it decays 1-D parameters
-    unless they are put in separate groups.
+    Not timm's ``Lars``: its trust ratio divides by ``‖g‖ + weight_decay·‖w‖`` (+ eps), not by the official
+    ``‖g + weight_decay·w‖``, and it decays 1-D parameters unless they are put in separate groups.
 
     Args:
         params: parameters or parameter groups.
@@ -114,8 +111,7 @@ def build_optimizer(
 
     * ``"sgd"`` (v1/v2): SGD with ``momentum`` (0.9) and ``weight_decay`` (1e-4) on every parameter, BN and
       biases included. Contiguous parameters on the CPU or a CUDA device are updated by torch's fused SGD (the
-      same update in one kernel over all tensors: half the time of the per-tensor loop on the CPU here,
-      benchmarks/RESULTS.md).
+      same update in one kernel over all tensors; its timing against the per-tensor loop: benchmarks/RESULTS.md).
     * ``"lars"`` (v3, ResNet): :class:`LARS` with ``momentum`` (0.9) and ``trust_coefficient`` (0.001); 1-D
       parameters get neither weight decay nor the trust ratio.
     * ``"adamw"`` (v3, ViT): ``torch.optim.AdamW`` with ``betas`` (PyTorch's default (0.9, 0.999), which the
@@ -248,15 +244,30 @@ def steps_per_epoch(trainer: Any) -> int:
     return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
 
-def global_batch_size(trainer: Any) -> int:
-    """Images per optimizer step over all processes: per-device batch × processes × accumulation."""
-    datamodule = getattr(trainer, "datamodule", None)
-    batch = getattr(datamodule, "batch_size", None)
+def per_device_batch_size(trainer: Any) -> int:
+    """The training batch of one process: the datamodule's ``batch_size``, else the training loader's."""
+    batch = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
     if batch is None:
         batch = getattr(trainer.train_dataloader, "batch_size", None)
     if batch is None:
         raise ValueError("scale_lr=True needs the batch size: use a datamodule with a batch_size attribute")
-    return int(batch) * trainer.world_size * trainer.accumulate_grad_batches
+    return int(batch)
+
+
+def images_per_optimizer_step(batch_size: int, processes: int = 1, accumulate_grad_batches: int = 1) -> int:
+    """The global batch: images per optimizer step over all processes, the batch of the lr scaling rule.
+
+    ``batch_size`` (per process) x ``processes`` x ``accumulate_grad_batches``. The one definition, used by the
+    modules, the checkpoints' run state and the training CLI. (The queue counts keys per forward step instead,
+    without accumulation: :func:`moco_lightning.queue.check_queue_size`.)
+    """
+    return int(batch_size) * int(processes) * int(accumulate_grad_batches)
+
+
+def trainer_images_per_optimizer_step(trainer: Any) -> int:
+    """:func:`images_per_optimizer_step` of a Trainer's run."""
+    return images_per_optimizer_step(per_device_batch_size(trainer), trainer.world_size,
+                                     trainer.accumulate_grad_batches)
 
 
 def configure_optimization(
@@ -282,12 +293,12 @@ def configure_optimization(
     """
     estimated = trainer.estimated_stepping_batches
     if math.isinf(estimated):
-        raise ValueError("the lr schedule needs the length of the run: set trainer.max_epochs or trainer.max_steps")
+        raise ValueError("the lr schedule needs the length of the run: give the Trainer max_epochs= or max_steps=")
     total_steps = max(int(estimated), 1)
     factor = lr_lambda(lr_schedule, total_steps, steps_per_epoch(trainer), lr_milestones, warmup_epochs,
                        interval=lr_interval)
     if scale_lr:
-        lr = scaled_lr(lr, global_batch_size(trainer))
+        lr = scaled_lr(lr, trainer_images_per_optimizer_step(trainer))
     opt = build_optimizer(params, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
                           trust_coefficient=trust_coefficient, betas=betas)
     scheduler = ResumableLambdaLR(opt, factor)

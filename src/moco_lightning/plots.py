@@ -62,9 +62,9 @@ def project_2d(features: np.ndarray, method: str = "auto", seed: int = 0) -> tup
         reducer = umap.UMAP(n_components=2, n_neighbors=min(15, x.shape[0] - 1), random_state=seed)
         return np.asarray(reducer.fit_transform(x)), "UMAP"
     if method == "pca":
-        centred = x - x.mean(axis=0)
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        return centred @ vt[:2].T, "PCA"
+        from sklearn.decomposition import PCA
+
+        return PCA(n_components=2).fit_transform(x), "PCA"
     from sklearn.manifold import TSNE
 
     perplexity = min(30.0, (x.shape[0] - 1) / 3)  # t-SNE needs perplexity < N
@@ -81,11 +81,11 @@ def embedding_map_figure(coords: np.ndarray, labels: Sequence[int] | np.ndarray,
     coords, labels = np.asarray(coords), np.asarray(labels)
     fig = Figure(figsize=(5.2, 4.6), layout="constrained")
     ax = fig.subplots()
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=10)
     if labels.size and (labels < 0).all():  # unlabelled images: one colour, no legend
         ax.scatter(coords[:, 0], coords[:, 1], s=9, color="tab:blue", linewidths=0)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(title, fontsize=10)
         return fig
     classes = np.unique(labels)
     cmap = _colormap("tab10" if len(classes) <= 10 else "tab20")
@@ -93,9 +93,6 @@ def embedding_map_figure(coords: np.ndarray, labels: Sequence[int] | np.ndarray,
         pick = labels == c
         name = class_names[int(c)] if class_names is not None else str(c)
         ax.scatter(coords[pick, 0], coords[pick, 1], s=9, color=cmap(i % cmap.N), label=name, linewidths=0)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_title(title, fontsize=10)
     if len(classes) <= 20:
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=1.5, frameon=False)
     return fig
@@ -122,20 +119,27 @@ def training_curves_figure(series: Mapping[str, tuple[Sequence[float], Sequence[
     for ax, (name, metrics) in zip(axes, present):
         for metric, label, scale in metrics:
             steps, values = series[metric]
-            sparse = len(steps) <= 50  # epoch-level metrics: show the points
-            ax.plot(steps, np.asarray(values, dtype=float) * scale, label=label, marker="o" if sparse else None,
-                    markersize=3)
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("optimizer step", fontsize=8)
-        ax.tick_params(labelsize=8)
-        ax.grid(alpha=0.3)
-        if len(metrics) > 1:
-            ax.legend(fontsize=8)
+            _plot(ax, steps, np.asarray(values, dtype=float) * scale, label)
+        _finish_panel(ax, name, legend=len(metrics) > 1)
     for ax in axes[len(present):]:
         ax.set_visible(False)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+def _plot(ax, steps: Sequence[float], values: Sequence[float], label: str) -> None:  # noqa: ANN001 - an Axes
+    """One curve; sparse (epoch-level) series show their points."""
+    ax.plot(steps, values, label=label, marker="o" if len(steps) <= 50 else None, markersize=3)
+
+
+def _finish_panel(ax, title: str, legend: bool) -> None:  # noqa: ANN001 - an Axes
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("optimizer step", fontsize=8)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
 
 
 def sweep_curves_figure(runs: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
@@ -160,18 +164,12 @@ def sweep_curves_figure(runs: Mapping[str, Mapping[str, tuple[Sequence[float], S
             if metric not in series or not len(series[metric][0]):
                 continue
             steps, values = np.asarray(series[metric][0], float), np.asarray(series[metric][1], float)
-            sparse = len(steps) <= 50
-            if not sparse:
+            if len(steps) > 50:
                 window = max(1, len(values) // 50)
                 values = np.convolve(values, np.ones(window) / window, mode="valid")
                 steps = steps[window - 1:]
-            ax.plot(steps, values * 100.0 if _is_fraction(metric) else values, label=label,
-                    marker="o" if sparse else None, markersize=3)
-        ax.set_title(metric + (" (%)" if _is_fraction(metric) else ""), fontsize=10)
-        ax.set_xlabel("optimizer step", fontsize=8)
-        ax.tick_params(labelsize=8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+            _plot(ax, steps, values * 100.0 if _is_fraction(metric) else values, label)
+        _finish_panel(ax, metric + (" (%)" if _is_fraction(metric) else ""), legend=True)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -10,6 +9,37 @@ from torch import nn
 from torch.nn import functional as F
 
 from moco_lightning.distributed import concat_all_gather
+
+
+def check_queue_size(queue_size: int, batch_size: int, processes: int = 1, symmetric: bool = False) -> None:
+    """Raise unless ``queue_size`` is a multiple of the keys one step enqueues, so no batch straddles the end.
+
+    The keys of a step are ``batch_size x processes``, twice that with the symmetric loss (both views' keys). The
+    one place this rule is written: the queue, the module and the training CLI call it.
+    """
+    keys = batch_size * processes * (2 if symmetric else 1)
+    if keys >= 1 and queue_size % keys == 0:
+        return
+    lower = max(keys, queue_size // max(keys, 1) * keys)
+    what = (f"twice the global batch size {batch_size * processes} (symmetric=True enqueues both views' keys; "
+            if symmetric else f"the global batch size {keys} (")
+    raise ValueError(f"queue_size={queue_size} must be a multiple of {what}batch_size={batch_size} x {processes} "
+                     f"processes), so that every step writes whole batches of keys; use queue_size={lower} or "
+                     f"{lower + keys}, or change batch_size")
+
+
+def queue_fit_warning(queue_size: int, keys_per_step: int, num_images: int | None) -> str | None:
+    """The warning for a queue not smaller than the training set, with a size to use; ``None`` when it fits.
+
+    Such a queue holds keys of the queries' own images, so positives reappear among the negatives. The size
+    suggested is about a tenth of the images, a multiple of ``keys_per_step``.
+    """
+    if num_images is None or queue_size < num_images:
+        return None
+    size = max(keys_per_step, num_images // 10 // keys_per_step * keys_per_step)
+    return (f"queue_size={queue_size} is not smaller than the training set ({num_images} images): the queue would "
+            f"hold keys of the queries' own images as negatives; use queue_size={size} (about a tenth of the images, "
+            f"a multiple of the {keys_per_step} keys per step)")
 
 
 class KeyQueue(nn.Module):
@@ -24,8 +54,8 @@ class KeyQueue(nn.Module):
     written; 0 marks the random keys of the start. The age of a key is the current step minus its stamp
     (:func:`moco_lightning.diagnostics.key_ages`): how stale the dictionary is, in optimizer steps.
 
-    As in the official code, ``size`` must be a multiple of the global batch so that a batch never straddles
-    the end of the buffer; :meth:`check_batch` says so with the numbers before any compute happens.
+    As in the official code, ``size`` must be a multiple of the keys one step enqueues so that a batch never
+    straddles the end of the buffer (:func:`check_queue_size`).
 
     ``enqueue`` never reads the device: it writes at a host-side copy of ``ptr`` (reading ``ptr`` on a GPU would
     make the host wait for the device at every step). The copy follows ``enqueue`` and ``load_state_dict``; set
@@ -46,15 +76,9 @@ class KeyQueue(nn.Module):
         self.register_buffer("written_at", torch.zeros(size, dtype=torch.long))
         self._ptr_host = 0  # == int(ptr), kept on the host
 
-    def check_batch(self, global_batch: int) -> None:
-        """Raise a clear error unless ``size`` is a positive multiple of ``global_batch`` (batch x processes)."""
-        if global_batch < 1 or self.size % global_batch != 0:
-            lower = max(global_batch, self.size // max(global_batch, 1) * global_batch)
-            raise ValueError(
-                f"queue_size={self.size} must be a multiple of the global batch size {global_batch} "
-                f"(per-device batch x number of processes), so that every step writes a whole batch of keys; "
-                f"use queue_size={lower} or {lower + global_batch}, or change the batch size"
-            )
+    def check_batch(self, keys_per_step: int) -> None:
+        """:func:`check_queue_size` of this queue for ``keys_per_step`` keys gathered from all processes."""
+        check_queue_size(self.size, keys_per_step)
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, step: int | None = None) -> None:
@@ -74,15 +98,7 @@ class KeyQueue(nn.Module):
         self.ptr.fill_(self._ptr_host)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        """Load a queue; one saved before ``written_at`` existed gets every key stamped at step 0, with a warning."""
-        if prefix + "queue" in state_dict and prefix + "written_at" not in state_dict:
-            warnings.warn(
-                "the checkpoint's key queue has no 'written_at' buffer (saved before key ages were tracked): "
-                "every key counts as written at step 0, so the key ages logged read too old until the queue "
-                "has been refilled once (queue_size / global batch steps)",
-                stacklevel=2,
-            )
-            state_dict[prefix + "written_at"] = torch.zeros_like(self.written_at)
+        """Load the buffers and the host-side copy of ``ptr``."""
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if prefix + "ptr" in state_dict:
             self._ptr_host = int(state_dict[prefix + "ptr"])  # once, when a checkpoint is loaded

@@ -24,35 +24,11 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import v2
 
 __all__ = [
-    "AUGMENTATIONS",
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
-    "CIFAR100_MEAN",
-    "CIFAR100_STD",
-    "DATASET_STATS",
-    "DEFAULT_IMAGE_SIZE",
-    "DIGITS_MEAN",
-    "DIGITS_STD",
-    "FASHION_MNIST_MEAN",
-    "FASHION_MNIST_STD",
-    "KMNIST_MEAN",
-    "KMNIST_STD",
-    "MNIST_MEAN",
-    "MNIST_STD",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "STL10_MEAN",
-    "STL10_STD",
-    "GaussianBlur",
-    "RandomSolarize",
-    "TwoViewTransform",
-    "build_view_transforms",
-    "digits_transform",
-    "eval_transform",
-    "grey_transform",
-    "linear_train_transform",
-    "moco_v1_transform",
-    "moco_v2_transform",
+    "AUGMENTATIONS", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "DATASET_STATS",
+    "DEFAULT_IMAGE_SIZE", "DIGITS_MEAN", "DIGITS_STD", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "KMNIST_MEAN",
+    "KMNIST_STD", "MNIST_MEAN", "MNIST_STD", "IMAGENET_MEAN", "IMAGENET_STD", "STL10_MEAN", "STL10_STD",
+    "GaussianBlur", "RandomSolarize", "TwoViewTransform", "build_view_transforms", "digits_transform",
+    "eval_transform", "grey_transform", "linear_train_transform", "moco_v1_transform", "moco_v2_transform",
     "moco_v3_transforms",
 ]
 
@@ -99,18 +75,9 @@ DATASET_STATS: dict[str, tuple[Stats, Stats]] = {
 }
 
 #: Default crop size per dataset: the native size for CIFAR (32) and STL-10 (96), 224 for ImageNet-like data,
-#: and 16 for digits (the 8x8 digits upscaled twice; see REFERENCE.md's digits table).
-DEFAULT_IMAGE_SIZE: dict[str, int] = {
-    "digits": 16,
-    "fashion_mnist": 28,
-    "mnist": 28,
-    "kmnist": 28,
-    "cifar10": 32,
-    "cifar100": 32,
-    "stl10": 96,
-    "imagenet": 224,
-    "folder": 224,
-}
+#: and 16 for digits (the 8x8 digits upscaled twice; benchmarks/RESULTS.md compares the image sizes).
+DEFAULT_IMAGE_SIZE: dict[str, int] = {"digits": 16, "fashion_mnist": 28, "mnist": 28, "kmnist": 28, "cifar10": 32,
+                                      "cifar100": 32, "stl10": 96, "imagenet": 224, "folder": 224}
 
 #: Names accepted by :func:`build_view_transforms` (and by the datamodules' ``augmentation`` keyword).
 AUGMENTATIONS: tuple[str, ...] = ("v1", "v2", "v3", "digits", "grey")
@@ -214,18 +181,25 @@ class TwoViewTransform:
         return f"TwoViewTransform(view_1={self.transform_1!r}, view_2={self.transform_2!r})"
 
 
-def _to_float() -> list[v2.Transform]:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
-
-
 def _finish(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
     """To a float tensor in [0, 1] (if not yet), normalise, plain ``torch.Tensor`` out."""
-    return [*_to_float(), v2.Normalize(mean=list(mean), std=list(std)), v2.ToPureTensor()]
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std)),
+            v2.ToPureTensor()]
 
 
 def _check_size(image_size: int) -> None:
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive integer (pixels), got {image_size!r}")
+
+
+def _dataset_view(what: str, dataset: str, image_size: int | None, mean: Sequence[float] | None,
+                  std: Sequence[float] | None) -> tuple[int, Sequence[float], Sequence[float]]:
+    """``(size, mean, std)`` of a dataset's view, each ``None`` replaced by the dataset's default."""
+    if dataset not in DATASET_STATS:
+        raise ValueError(f"Unknown dataset {dataset!r} for {what}: use one of {sorted(DATASET_STATS)}")
+    size = DEFAULT_IMAGE_SIZE[dataset] if image_size is None else image_size
+    _check_size(size)
+    return size, DATASET_STATS[dataset][0] if mean is None else mean, DATASET_STATS[dataset][1] if std is None else std
 
 
 def moco_v1_transform(image_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
@@ -328,9 +302,8 @@ def grey_transform(image_size: int = 28, mean: Sequence[float] = FASHION_MNIST_M
     RandomResizedCrop(scale ``crop_scale``), brightness / contrast jitter ``jitter`` with p ``jitter_prob``,
     horizontal flip with p ``flip_prob`` (0 for digits and characters), Gaussian blur sigma U[0.1, 2.0] with p
     ``blur_prob``. Saturation, hue and random grayscale are left out: on a grey image they change nothing. The
-    defaults are MoCo v2's crop and jitter strengths; on Fashion-MNIST a milder crop (scale 0.5 to 1) did no better
-    in a short screen, and blur on half the views ended 0.5 below the recipe's 83.0 kNN top-1 at 28 px, hence
-    ``blur_prob`` 0 (benchmarks/RESULTS.md, "Fashion-MNIST").
+    defaults are MoCo v2's crop and jitter strengths; ``blur_prob`` 0 was measured best on Fashion-MNIST
+    (benchmarks/RESULTS.md, "MoCo v2 on Fashion-MNIST: T below 0.1, and blur").
     """
     _check_size(image_size)
     return v2.Compose([
@@ -366,7 +339,7 @@ def build_view_transforms(name: str, image_size: int, mean: Sequence[float] = IM
         "grey": grey_transform,
     }
     if name not in builders:
-        raise ValueError(f"Unknown augmentation {name!r}: set data.augmentation to one of {list(AUGMENTATIONS)}")
+        raise ValueError(f"augmentation={name!r} is not known: set augmentation= one of {list(AUGMENTATIONS)}")
     try:
         built = builders[name](image_size, mean, std, **kwargs)
     except TypeError as err:
@@ -392,12 +365,7 @@ def eval_transform(dataset: str, image_size: int | None = None, mean: Sequence[f
         std: normalisation std; ``None`` = the dataset's.
 
     """
-    if dataset not in DATASET_STATS:
-        raise ValueError(f"Unknown dataset {dataset!r} for eval_transform: use one of {sorted(DATASET_STATS)}")
-    size = DEFAULT_IMAGE_SIZE[dataset] if image_size is None else image_size
-    _check_size(size)
-    mean = DATASET_STATS[dataset][0] if mean is None else mean
-    std = DATASET_STATS[dataset][1] if std is None else std
+    size, mean, std = _dataset_view("eval_transform", dataset, image_size, mean, std)
     if dataset in _RESIZE_CENTER_CROP:
         geometry: list[v2.Transform] = [v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)]
     else:
@@ -414,13 +382,7 @@ def linear_train_transform(dataset: str, image_size: int | None = None, mean: Se
     Digits (and MNIST, KMNIST) use a mild crop (scale 0.7-1) and no flip, for the same reason as
     :func:`digits_transform`.
     """
-    if dataset not in DATASET_STATS:
-        raise ValueError(f"Unknown dataset {dataset!r} for linear_train_transform: use one of "
-                         f"{sorted(DATASET_STATS)}")
-    size = DEFAULT_IMAGE_SIZE[dataset] if image_size is None else image_size
-    _check_size(size)
-    mean = DATASET_STATS[dataset][0] if mean is None else mean
-    std = DATASET_STATS[dataset][1] if std is None else std
+    size, mean, std = _dataset_view("linear_train_transform", dataset, image_size, mean, std)
     if dataset in ("digits", "mnist", "kmnist"):  # characters: a flip changes the class
         geometry: list[v2.Transform] = [
             v2.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.85, 1.0 / 0.85), antialias=True)]

@@ -5,12 +5,9 @@ official initialisation and an optional frozen patch projection; ``vit_conv_smal
 patch projection by a small convolutional stem (:class:`ConvStem`, Xiao et al. 2021, "Early Convolutions Help
 Transformers See Better") and drop one block, as the official ``vits.py``.
 
-Built on ``timm.models.vision_transformer.VisionTransformer`` (the official ``vits.py`` subclasses it too), without
-a classifier (``num_classes=0``): the forward pass returns the class token after the last LayerNorm, ``(N, D)``.
-The state dict is timm's (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``, ``blocks.*``, ``norm.*``), i.e. a
-DeiT state dict minus ``head.*``: what the official ``convert_to_deit.py`` produces. The convolutional stem keeps the
-official names too: ``patch_embed.proj`` is an ``nn.Sequential`` (convs at indices 0, 3, 6, 9, their BNs at 1, 4, 7,
-10, the 1x1 projection at 12), so official ``vit_conv_*`` checkpoints load without renaming.
+Without a classifier (``num_classes=0``) the forward pass returns the class token after the last LayerNorm,
+``(N, D)``, and the state dict is a DeiT one minus ``head.*``. The convolutional stem keeps the official names
+(``patch_embed.proj`` an ``nn.Sequential``), so official ``vit_conv_*`` checkpoints load without renaming.
 """
 
 from __future__ import annotations

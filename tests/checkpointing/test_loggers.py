@@ -8,7 +8,7 @@ from pathlib import Path
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from moco_lightning.checkpointing import CHECKPOINT_KEY, ResumableCSVLogger, continue_loggers
-from moco_lightning.checkpointing.loggers import logger_state
+from moco_lightning.checkpointing.run_state import logger_state
 
 
 def _rows(path: Path) -> list[tuple[int, str]]:

@@ -121,7 +121,9 @@ def test_option_composes_and_instantiates(group, option, compose_train, tmp_path
         hydra_cfg = compose_train(overrides, return_hydra_config=True).hydra
         assert hydra_cfg.mode.name == "MULTIRUN"
         swept = set(hydra_cfg.sweeper.params)
-        assert swept == {"model.bn"} if option == "bn_leak" else {"model.momentum", "model.queue_size"} <= swept
+        expected = {"bn_leak": {"model.bn"}, "dictionary_size": {"model.queue_size"},
+                    "momentum": {"model.momentum"}}.get(option)
+        assert swept == expected if expected else {"model.momentum", "model.queue_size"} <= swept
         if option == "bn_leak":  # split against the two leaks: its groups without the shuffle, and plain BN
             assert str(hydra_cfg.sweeper.params["model.bn"]).split(",") == ["split", "split_noshuffle", "none"]
 
@@ -170,17 +172,17 @@ def test_mocov3_gets_its_own_recipes_not_the_queue_ones(compose_train):
 
 
 def test_v3_experiments_are_the_official_recipes(compose_train):
-    from moco_lightning.cli.config_checks import global_batch_size
+    from global_batch import config_images_per_step
 
     r50 = compose_train(["experiment=imagenet_mocov3_resnet50", *CPU_ONLY])
     assert (r50.model.optimizer, r50.model.lr, r50.model.weight_decay, r50.model.temperature) == (
         "lars", 0.6, 1e-6, 1.0)
     assert r50.model.zero_init_residual is True and r50.model.momentum_schedule == "cosine"
-    assert global_batch_size(r50) == 4096 and r50.trainer.max_epochs == 100 and r50.model.warmup_epochs == 10
+    assert config_images_per_step(r50) == 4096 and r50.trainer.max_epochs == 100 and r50.model.warmup_epochs == 10
     vit = compose_train(["experiment=imagenet_mocov3_vit_small", *CPU_ONLY])
     assert (vit.model.optimizer, vit.model.lr, vit.model.weight_decay, vit.model.temperature) == (
         "adamw", 1.5e-4, 0.1, 0.2)
-    assert global_batch_size(vit) == 4096 and vit.trainer.max_epochs == 300 and vit.model.freeze_patch_embed
+    assert config_images_per_step(vit) == 4096 and vit.trainer.max_epochs == 300 and vit.model.freeze_patch_embed
     assert vit.data.augmentation_kwargs.crop_scale == [0.08, 1.0] and (vit.model.patch_size, vit.model.image_size) == (
         16, 224)
 

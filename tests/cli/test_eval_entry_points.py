@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from moco_lightning import MoCo
 from moco_lightning.cli import CONFIG_PATH, eval_knn
 from moco_lightning.cli.eval_linear import evaluate_linear
 from moco_lightning.cli.export import main as export_main
+from moco_lightning.cli.export import output_name
 from moco_lightning.cli.pretraining_data import adopt_pretraining_data
 from moco_lightning.eval.checkpoint import UnsafeCheckpointError
 
@@ -111,20 +113,54 @@ def test_a_label_fraction_out_of_range_is_one_line(checkpoint):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_eval_knn_script_prints_and_saves_accuracy(checkpoint, tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "eval_knn.py"), f"checkpoint={checkpoint}", *TINY_DATA, f"hydra.run.dir={out}"],
-        capture_output=True,
-        text=True,
-        timeout=220,
-        cwd=tmp_path,
-    )
+def test_eval_knn_script_prints_saves_accuracy_and_writes_beside_the_checkpoint(checkpoint, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(checkpoint.read_bytes())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, str(REPO / "eval_knn.py"), f"checkpoint={last}", *TINY_DATA],
+                          capture_output=True, text=True, timeout=220, cwd=elsewhere)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "kNN (k=200, t=0.1) on DigitsDataModule: top-1" in proc.stdout
-    result = json.loads((out / "results.json").read_text())
-    assert result["backbone"] == "resnet18" and result["checkpoint"] == str(checkpoint)
+    [folder] = (run / "eval").iterdir()  # the run folder beside the checkpoint's run
+    assert folder.name.startswith("knn_")
+    assert not any(elsewhere.iterdir())  # no outputs/<date>/<time> where the command ran
+    result = json.loads((folder / "results.json").read_text())
+    assert result["backbone"] == "resnet18" and result["checkpoint"] == str(last)
     assert 0.3 < result["knn_top1"] <= result["knn_top5"] <= 1.0  # chance is 0.1
+
+
+@pytest.mark.parametrize(("name", "overrides", "kind"), [
+    ("eval_knn", [], "knn"),
+    ("eval_linear", [], "linear_moco"),
+    ("eval_linear", ["linear_protocol=features"], "linear_features"),
+    ("eval_finetune", [], "finetune"),
+])
+def test_eval_run_folders_are_beside_the_checkpoint_they_evaluate(name, overrides, kind, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for checkpoint, parent in ((run / "checkpoints" / "last.ckpt", run / "eval"),  # a moco-train run
+                               (tmp_path / "moco_v2_200ep.pth.tar", tmp_path / "eval")):  # a file on its own
+        cfg = _compose_with_hydra(name, [f"checkpoint={checkpoint}", *overrides])
+        folder = Path(cfg.hydra.run.dir)
+        assert folder.parent == parent and re.fullmatch(rf"{kind}_\d{{4}}-\d\d-\d\d_\d\d-\d\d-\d\d", folder.name)
+
+
+@pytest.mark.parametrize(("name", "overrides"), [
+    ("eval_linear", ["linear_protocol=features", "checkpoint=pixels"]),
+    ("eval_finetune", ["checkpoint=none"]),
+    ("eval_knn", []),  # not given: the run says so; no folder beside a file that is not there
+])
+def test_eval_runs_without_a_checkpoint_file_keep_hydras_outputs_folder(name, overrides):
+    folder = Path(_compose_with_hydra(name, overrides).hydra.run.dir)
+    assert folder.parts[0] == "outputs" and re.fullmatch(r"\d\d-\d\d-\d\d", folder.name)
+
+
+def _compose_with_hydra(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        return compose(config_name=name, overrides=overrides, return_hydra_config=True)
 
 
 def test_eval_knn_on_the_embedding_evaluates_the_whole_query_encoder(checkpoint, monkeypatch):
@@ -209,6 +245,21 @@ def test_export_writes_both_formats_next_to_the_checkpoint(tmp_path, capsys):
     assert "conv1.weight" in torch.load(tv, weights_only=True)
     with d2.open("rb") as f:
         assert "res5.1.conv2.norm.running_mean" in pickle.load(f)["model"]
+
+
+def test_export_of_a_pth_tar_checkpoint_names_its_output_without_the_double_suffix(checkpoint, tmp_path):
+    official_style = tmp_path / "moco_v2_200ep.pth.tar"
+    official_style.write_bytes(checkpoint.read_bytes())
+    export_main([str(official_style), "--format", "torchvision"])
+    assert [p.name for p in tmp_path.glob("*.pth")] == ["moco_v2_200ep_torchvision.pth"]
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("x.pth.tar", "x_torchvision.pth"), ("last.ckpt", "last_torchvision.pth"), ("r50.pth", "r50_torchvision.pth"),
+    ("r50.pt", "r50_torchvision.pth"), ("epoch3-knn0.9.ckpt", "epoch3-knn0.9_torchvision.pth"),
+    ("weights.bin", "weights_torchvision.pth"), ("plain", "plain_torchvision.pth")])
+def test_export_default_name_drops_the_checkpoint_ending_whole(name, expected):
+    assert output_name(Path("runs") / name, "torchvision") == expected
 
 
 def test_export_one_format_to_a_chosen_file(checkpoint, tmp_path, capsys):

@@ -8,7 +8,8 @@ import pytest
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy
 
-from moco_lightning.cli.config_checks import check_config, global_batch_size
+from global_batch import config_images_per_step
+from moco_lightning.cli.config_checks import check_config
 from moco_lightning.optim import scaled_lr
 
 FLAGSHIP = ["backbone=resnet50", "trainer.devices=8"]
@@ -31,14 +32,14 @@ def test_flagship_uses_the_official_mocov2_settings(compose_train):
 def test_flagship_lr_is_scaled_to_the_global_batch(compose_train):
     cfg = compose_train(FLAGSHIP)
     check_config(cfg)
-    assert global_batch_size(cfg) == cfg.data.batch_size * 8
-    assert scaled_lr(cfg.model.lr, global_batch_size(cfg)) == pytest.approx(0.03 * cfg.data.batch_size * 8 / 256)
+    assert config_images_per_step(cfg) == cfg.data.batch_size * 8
+    assert scaled_lr(cfg.model.lr, config_images_per_step(cfg)) == pytest.approx(0.03 * cfg.data.batch_size * 8 / 256)
 
 
 def test_flagship_on_imagenet_is_the_official_batch_and_lr(compose_train):
     cfg = compose_train([*FLAGSHIP, "data=imagenet"])
-    assert cfg.data.batch_size == 32 and global_batch_size(cfg) == 256
-    assert scaled_lr(cfg.model.lr, global_batch_size(cfg)) == pytest.approx(0.03)
+    assert cfg.data.batch_size == 32 and config_images_per_step(cfg) == 256
+    assert scaled_lr(cfg.model.lr, config_images_per_step(cfg)) == pytest.approx(0.03)
     assert cfg.trainer.max_epochs == 200 and cfg.model.cifar_stem is False
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
+import yaml
 
-from .conftest import TRAIN_PY
+from .conftest import REPO, TRAIN_PY
 
 
 @pytest.mark.timeout(120)
@@ -24,3 +26,19 @@ def test_help_names_groups_keys_and_examples(tmp_path):
     assert "python train.py experiment=my_images data.data_dir=" in text
     assert len(text.splitlines()) < 60  # not the 200 lines of the composed config
     assert not (tmp_path / "outputs").exists()
+
+
+def test_the_stem_rule_of_the_help_is_what_the_configs_compose(compose_train):
+    """--help's line on data.image_size names the datasets whose recipe takes the ImageNet stem below 64 px."""
+    template = yaml.safe_load((REPO / "conf" / "train.yaml").read_text())["hydra"]["help"]["template"]
+    [line] = [line for line in template.splitlines() if line.strip().startswith("data.image_size=")]
+    rule = re.search(r"CIFAR stem at <= (\d+) px; ([\w, ]+): ImageNet stem", line)
+    assert rule, line
+    limit, exceptions = int(rule[1]), [name.strip() for name in rule[2].split(",")]
+    assert "digits" in exceptions  # the default run
+    for data in exceptions:
+        cfg = compose_train([f"data={data}"])
+        assert cfg.data.image_size <= limit and cfg.model.cifar_stem is False, data
+    cifar = compose_train(["data=cifar10"])
+    assert cifar.data.image_size <= limit and cifar.model.cifar_stem is True
+    assert compose_train(["data=stl10"]).model.cifar_stem is (96 <= limit)

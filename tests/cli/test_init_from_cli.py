@@ -52,8 +52,8 @@ def test_training_starts_from_a_torchvision_file(compose_train, tmp_path, caplog
 @pytest.mark.parametrize(("case", "expected"), [
     ("extra", "error: model.init_from={file} (torchvision ResNet state dict) does not fit the backbone: unexpected "
               "in the file: 1 (layer5.weight)"),
-    ("stem", "error: model.cifar_stem=True builds conv1 (64, 3, 3, 3) but init_from={file} (torchvision ResNet "
-             "state dict) has conv1 (64, 3, 7, 7), the 7x7 ImageNet stem; set cifar_stem=false"),
+    ("stem", "error: model.cifar_stem=true builds conv1 (64, 3, 3, 3) but model.init_from={file} (torchvision "
+             "ResNet state dict) has conv1 (64, 3, 7, 7), the 7x7 ImageNet stem; set model.cifar_stem=false"),
     ("missing", "error: model.init_from={file} does not exist; pass a weights file"),
 ])
 def test_a_file_that_does_not_fit_is_one_line_with_status_2(compose_train, tmp_path, capsys, case, expected):

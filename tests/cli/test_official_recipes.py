@@ -7,8 +7,9 @@ import torch
 from hydra.utils import instantiate
 from torchvision.transforms import v2
 
+from global_batch import config_images_per_step
 from moco_lightning.bn import SplitBatchNorm2d
-from moco_lightning.cli.config_checks import check_config, global_batch_size
+from moco_lightning.cli.config_checks import check_config
 from moco_lightning.data.batch_augment import RandomGaussianBlur as BatchRandomGaussianBlur
 from moco_lightning.data.batch_augment import RandomResizedCrop as BatchRandomResizedCrop
 from moco_lightning.optim import scaled_lr
@@ -36,7 +37,7 @@ def test_cifar_experiment_is_the_official_demo(compose_train, data):
     assert (model.bn, model.bn_splits, model.symmetric) == ("split", 8, False)
     assert model.optimizer == "sgd" and model.sgd_momentum == 0.9 and model.weight_decay == pytest.approx(5e-4)
     assert (model.lr_schedule, model.lr_interval, model.warmup_epochs) == ("cosine", "epoch", 0)
-    assert cfg.data.batch_size == 512 and global_batch_size(cfg) == 512
+    assert cfg.data.batch_size == 512 and config_images_per_step(cfg) == 512
     assert scaled_lr(model.lr, 512) == pytest.approx(0.06)
     assert cfg.trainer.max_epochs == 200 and cfg.trainer.devices == 1
     assert cfg.callbacks.knn.features == "embedding" and cfg.callbacks.knn.k == 200
@@ -85,7 +86,7 @@ def test_imagenet_mocov2_experiment_is_the_official_recipe(compose_train):
     assert model.backbone == "resnet50" and model.cifar_stem is False and model.mlp is True
     assert (model.dim, model.queue_size, model.momentum, model.temperature) == (128, 65536, 0.999, 0.2)
     assert (model.lr_schedule, model.lr_interval, model.bn) == ("cosine", "epoch", "auto")  # auto: shuffle on 8
-    assert global_batch_size(cfg) == 256 and scaled_lr(model.lr, 256) == pytest.approx(0.03)
+    assert config_images_per_step(cfg) == 256 and scaled_lr(model.lr, 256) == pytest.approx(0.03)
     assert model.weight_decay == pytest.approx(1e-4) and cfg.trainer.max_epochs == 200
     assert cfg.data.augmentation == "v2"
 

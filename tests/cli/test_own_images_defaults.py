@@ -1,15 +1,12 @@
-"""Defaults for a folder of your own: workers from the machine, a queue that fits, the my_images preset."""
+"""Defaults for a folder of your own: workers from the machine, the my_images preset (a queue that fits: test_queue)."""
 
 from __future__ import annotations
 
-import logging
 import os
-from types import SimpleNamespace
 
 import pytest
 
 from moco_lightning.cli.config_checks import check_config
-from moco_lightning.cli.train import _check_queue_fits
 from moco_lightning.data import DigitsDataModule
 from moco_lightning.data.base import auto_workers
 
@@ -35,12 +32,3 @@ def test_the_my_images_preset_composes_and_passes_the_checks(compose_train, tmp_
     assert cfg.data.image_size == 96 and cfg.model.backbone == "resnet18" and not cfg.model.cifar_stem
     check_config(cfg)
 
-
-def test_a_queue_larger_than_the_folder_gets_one_line_with_the_size_to_use(compose_train, tmp_path, caplog):
-    cfg = compose_train(["experiment=my_images", f"data.data_dir={tmp_path}", "trainer.accelerator=cpu"])
-    with caplog.at_level(logging.WARNING):
-        _check_queue_fits(cfg, SimpleNamespace(num_pretraining_images=3000))
-        _check_queue_fits(cfg, SimpleNamespace(num_pretraining_images=50_000))  # fits: nothing to say
-    [record] = caplog.records
-    assert record.getMessage().startswith("model.queue_size=4096 does not fit the 3000 pretraining images")
-    assert "use model.queue_size=256 " in record.getMessage()  # 300 rounded down to a multiple of the batch 64

@@ -43,6 +43,20 @@ def test_train_runs_and_reports_knn(first_run):
 
 
 @pytest.mark.timeout(300)
+def test_train_log_holds_the_knn_table_and_the_summary_the_console_shows(first_run):
+    out, stdout = first_run
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("kNN top-1 on"))
+    table = lines[start:start + 4]
+    assert table[-1].lstrip().startswith("trained encoder"), table
+    summary = [line for line in lines if line.startswith(("embedding map: ", "checkpoints: "))]
+    assert len(summary) == 2
+    log = (out / "train.log").read_text()
+    assert "\n".join(table) in log and all(line in log for line in summary)
+    assert stdout.count(table[0]) == 1  # printed once: the log file's copy does not reach the console
+
+
+@pytest.mark.timeout(300)
 def test_a_run_that_ends_with_an_error_leaves_it_in_the_run_folder_until_the_next_start(tmp_path):
     # moco-sweep-report tells a failed job (error.txt) from one still running (none) by this file
     args = [*TINY, "knn_report=false", "~callbacks.knn", "callbacks.embedding_map=null", f"hydra.run.dir={tmp_path}"]

@@ -21,8 +21,9 @@ import yaml
 from hydra.utils import instantiate
 from torchvision.transforms import v2
 
+from global_batch import config_images_per_step
 from moco_lightning.cli import CONFIG_PATH
-from moco_lightning.cli.config_checks import check_config, global_batch_size, group_options
+from moco_lightning.cli.config_checks import check_config, group_options
 from moco_lightning.transforms import (
     CIFAR10_MEAN,
     CIFAR100_MEAN,
@@ -145,7 +146,7 @@ def test_official_v3_runs_are_experiments(compose_train, experiment):
     cfg = compose_train([f"experiment={experiment}", "data.data_dir=/datasets/imagenet", "trainer.accelerator=cpu"])
     model = cfg.model
     assert (model.backbone, cfg.trainer.num_nodes, cfg.trainer.devices) == (backbone, nodes, 8)
-    assert global_batch_size(cfg) == batch and cfg.trainer.max_epochs == epochs
+    assert config_images_per_step(cfg) == batch and cfg.trainer.max_epochs == epochs
     assert model.lr == pytest.approx(lr) and model.weight_decay == pytest.approx(weight_decay)
     assert model.momentum == pytest.approx(momentum) and model.momentum_schedule == "cosine"
     assert tuple(cfg.data.augmentation_kwargs.crop_scale) == pytest.approx(crop_scale)

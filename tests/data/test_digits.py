@@ -100,7 +100,7 @@ def test_train_views_come_from_the_labelled_image():
 
 def test_batch_larger_than_dataset_is_a_clear_error():
     dm = DigitsDataModule(batch_size=5000)
-    with pytest.raises(ValueError, match="data.batch_size"):
+    with pytest.raises(ValueError, match=r"fewer than batch_size=5000"):
         dm.train_dataloader()
 
 

@@ -16,7 +16,8 @@ def test_missing_files_without_download_say_what_to_place_where(tmp_path, no_net
     with pytest.raises(DatasetNotAvailableError) as info:
         dm.prepare_data()
     message = str(info.value)
-    assert str(tmp_path / folder) in message and a_file in message and "data.download=true" in message
+    assert str(tmp_path / folder) in message and a_file in message
+    assert "point data_dir at a folder" in message and "set download=True" in message
     assert no_network == []
 
 

@@ -135,7 +135,7 @@ def test_missing_files_offline_is_one_line_naming_the_folders_and_the_fix(tmp_pa
     with pytest.raises(DatasetNotAvailableError) as info:
         cls.check_files(str(tmp_path), download=False)
     message = str(info.value)
-    assert "\n" not in message and str(tmp_path) in message and "data.data_dir" in message
+    assert "\n" not in message and str(tmp_path) in message and "set data_dir to it" in message
     if cls is FashionMNISTDataModule:
         assert "apt-get install dataset-fashion-mnist" in message
 

@@ -79,7 +79,7 @@ def test_stl10_images_are_read_in_the_right_orientation(tmp_path, skip_md5):
 
 
 def test_stl10_pretrain_split_is_validated():
-    with pytest.raises(ValueError, match="data.pretrain_split"):
+    with pytest.raises(ValueError, match=r"pretrain_split='everything' must be"):
         STL10DataModule(pretrain_split="everything")
 
 

@@ -122,7 +122,7 @@ def test_train_py_on_two_nodes_writes_one_run_and_keeps_one_queue(tmp_path, mode
     (status0, out0), (status1, out1) = _run_nodes(mode, args, tmp_path)
     assert status0 == 0 and status1 == 0, f"node 0 ({status0}):\n{out0[-3000:]}\nnode 1 ({status1}):\n{out1[-3000:]}"
     # the recipe, said once (by global rank 0): the key batch shuffled over the 2 processes of the 2 nodes
-    assert "MoCo BN mode: shuffle (model.bn=shuffle, 2 process(es))" in out0
+    assert "MoCo BN mode: shuffle (bn=shuffle, 2 process(es))" in out0
 
     r0, r1 = assert_one_run_on_both_ranks(dumps)
     # really two nodes, with the cluster environment of the launch mode

@@ -44,7 +44,7 @@ def test_a_sweep_of_two_process_jobs_trains_each_job_once_with_its_own_settings(
             proc.communicate()
     assert proc.returncode == 0, output[-3000:]
     assert output.count("Launching 2 jobs locally") == 1  # the second processes did not start the sweep again
-    assert output.count("MoCo BN mode: shuffle (model.bn=shuffle, 2 process(es))") == 2  # the recipe, per job
+    assert output.count("MoCo BN mode: shuffle (bn=shuffle, 2 process(es))") == 2  # the recipe, per job
 
     for job, momentum in enumerate(MOMENTA):
         run = sweep / str(job)

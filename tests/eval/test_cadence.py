@@ -2,8 +2,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from moco_lightning.eval.cadence import is_monitor_epoch, monitor_every_n_epochs
-from moco_lightning.eval.knn import KNNMonitor
+from moco_lightning.eval.cadence import is_monitor_epoch
+from moco_lightning.eval.knn import KNNMonitor, monitor_every_n_epochs
 
 
 def _trainer(callbacks=(), epoch=0, max_epochs=10):
@@ -14,12 +14,13 @@ def test_monitors_follow_the_knn_monitor_unless_given_their_own_cadence():
     trainer = _trainer([KNNMonitor(every_n_epochs=3)])
     assert monitor_every_n_epochs(trainer) == 3
     assert monitor_every_n_epochs(trainer, 2) == 2
-    assert [e + 1 for e in range(10) if is_monitor_epoch(_trainer(trainer.callbacks, e))] == [3, 6, 9, 10]
+    assert [e + 1 for e in range(10) if is_monitor_epoch(_trainer(epoch=e), monitor_every_n_epochs(trainer))] == \
+        [3, 6, 9, 10]
 
 
 def test_without_a_knn_monitor_they_run_after_the_last_epoch_only():
     assert monitor_every_n_epochs(_trainer()) is None
-    assert [e + 1 for e in range(10) if is_monitor_epoch(_trainer(epoch=e))] == [10]
+    assert [e + 1 for e in range(10) if is_monitor_epoch(_trainer(epoch=e), monitor_every_n_epochs(_trainer()))] == [10]
 
 
 def test_cadence_must_be_positive():

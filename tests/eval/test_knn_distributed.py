@@ -8,7 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 
-from moco_lightning.eval.knn import extract_features, knn_accuracy, weighted_knn_predict
+from moco_lightning.eval.features import extract_features
+from moco_lightning.eval.knn import knn_accuracy, weighted_knn_predict
 
 N = 11  # odd: the DistributedSampler pads one duplicate
 

@@ -1,16 +1,7 @@
 """Checkpoints a long run can rely on: atomic writes, exact resume, auto-resume, preemption saves.
 
-* :mod:`~moco_lightning.checkpointing.atomic_io`: :class:`AtomicCheckpointIO` writes a temporary file in the
-  checkpoint's folder, fsyncs and renames it; a full disk is a :class:`DiskFullError`.
-* :mod:`~moco_lightning.checkpointing.run_state`: :class:`ResumeState` puts the RNG states of every process, the
-  config, the version and the global batch in each checkpoint, and restores the generators and the loader's
-  position on resume.
-* :mod:`~moco_lightning.checkpointing.preemption`: :class:`PreemptionCheckpoint` turns SIGTERM / SIGUSR1 into
-  "finish the step, save, stop".
-* :mod:`~moco_lightning.checkpointing.loggers`: :class:`ResumableCSVLogger` and :func:`continue_loggers`: a
-  resumed run continues its CSV file (every logged step once), its TensorBoard run and its wandb run.
-* :mod:`~moco_lightning.checkpointing.resume`: ``ckpt_path=auto`` (:func:`find_resume_checkpoint`) and the checks
-  of a checkpoint file and of its shapes against the model.
+Modules: ``atomic_io``, ``run_state``, ``resume``, ``preemption`` and ``loggers`` (logs that continue across a
+resume); each one's docstring says what it does.
 """
 
 from moco_lightning.checkpointing.atomic_io import AtomicCheckpointIO, DiskFullError

@@ -1,17 +1,10 @@
 """Checkpoint files that are either complete or absent: write a temporary file next to the target, then rename.
 
-Lightning's ``TorchCheckpointIO`` serialises the whole checkpoint into memory, writes it to a file made by
-``tempfile.mkstemp()`` (the system temporary folder) and moves it to the target. When the temporary folder is on
-another file system than the checkpoints (a node-local ``/tmp`` and a shared run folder, the usual cluster
-layout), that move is a copy into the target file, so a job killed during it leaves a truncated checkpoint under
-the real name, often the only ``last.ckpt``. :class:`AtomicCheckpointIO` writes ``<name>.partial-<pid>`` in the
-target's own folder, flushes it to disk (``fsync``) and renames it over the target (``os.replace``, atomic on
-POSIX and Windows within one file system): a reader sees the old file or the new one, never a mix.
-
-A full disk is reported as a :class:`DiskFullError` that says so and that the previous file is intact.
-
-This works around Lightning issue #21253; it can go with the release of Lightning PR #21744 (see
-:mod:`moco_lightning.lightning_internals`).
+Lightning's ``TorchCheckpointIO`` writes through ``tempfile.mkstemp()``; when the temporary folder is on another file
+system (node-local ``/tmp``, shared run folder) the final move is a copy, and a job killed during it leaves a
+truncated ``last.ckpt``. :class:`AtomicCheckpointIO` writes ``<name>.partial-<pid>`` in the target's folder, fsyncs
+it and ``os.replace``-s it over the target; a full disk is a :class:`DiskFullError` saying the old file is intact.
+Works around Lightning issue #21253; goes with the release of PR #21744 (:mod:`moco_lightning.lightning_internals`).
 """
 
 from __future__ import annotations

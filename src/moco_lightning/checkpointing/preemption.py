@@ -1,36 +1,12 @@
 """Save a checkpoint and stop when the job is told to go: SIGTERM, or SIGUSR1 (what SLURM sends before preemption).
 
-Lightning already turns SIGTERM into a clean stop: its signal handler sets ``trainer.received_sigterm``, the
-training loop finishes the current step and raises ``SIGTERMException`` (processes of a DDP run agree through
-Lightning's per-step broadcast of that flag). It saves nothing, though, and on SLURM its SIGUSR1 handler writes
-``hpc_ckpt_<n>.ckpt`` from inside the signal handler, at whatever point of the step the signal arrived (between
-the optimizer step and the key encoder's update, say), which does not resume exactly.
-
-:class:`PreemptionCheckpoint` makes both signals stop the run the SIGTERM way, after a whole step, and then
-writes the checkpoint at that consistent point:
-
-* with SLURM auto-requeue (Lightning's ``SLURMEnvironment``, on by default in a SLURM batch job) and the requeue
-  signal, through Lightning's own SLURM handler: ``hpc_ckpt_<n>.ckpt`` in ``trainer.default_root_dir`` and
-  ``scontrol requeue``; Lightning resumes from that file on the next start, as does ``ckpt_path=auto``;
-* otherwise ``last.ckpt`` in the checkpoint folder (``callbacks.model_checkpoint.dirpath``).
-
-Under several processes a signal may reach only some of them (a ``kill`` of one PID, a node's own ``SIGTERM``),
-while Lightning acts on rank 0's stop flag alone, and its SIGTERM handler broadcasts from inside the handler: a
-signal on rank 1 only would stop rank 1 while rank 0 waits in the next collective, for ever. So with several
-processes the handler only records the signal, and after every training batch the processes agree on it (the
-largest signal number of any process, all-reduced on the CPU over gloo, so nothing waits for the GPU): all of
-them stop after the same step and write one checkpoint, whichever one was signalled.
-
-Jobs started by Hydra's submitit launcher (``hydra/launcher=slurm``) are warned with SIGUSR2, for which submitit
-installs its own handler (resubmit the job, exit). When a Python handler is already installed for SIGUSR2 at the
-start of training, the callback takes SIGUSR2 too: it stops after the step, writes ``last.ckpt``, then calls that
-handler, so the resubmitted job resumes from this step (``ckpt_path=auto``) instead of the last periodic checkpoint.
-
-The Lightning internals this takes are listed in :mod:`moco_lightning.lightning_internals`.
-
-The training CLI then exits with status ``128 + signal`` (143 for SIGTERM, 138 for SIGUSR1), the shell's code for
-"ended by this signal": a wrapper or an orchestrator restarts it (``ckpt_path=auto``) rather than taking the run
-for finished.
+Lightning stops on SIGTERM but saves nothing, and its SLURM SIGUSR1 handler saves mid-step, which does not resume
+exactly. :class:`PreemptionCheckpoint` makes both stop the run after a whole step, then save (``hpc_ckpt_<n>.ckpt``
+and ``scontrol requeue`` through Lightning's handler under SLURM auto-requeue, else ``last.ckpt``). A signal may
+reach only some processes, so with several the handler only records it and the processes all-reduce it after every
+batch (gloo, CPU): all stop after the same step. Under submitit, SIGUSR2 also saves ``last.ckpt`` before
+submitit's own handler resubmits. The training CLI then exits ``128 + signal`` so an orchestrator restarts it.
+Lightning internals used: see :mod:`moco_lightning.lightning_internals`; docs/resuming.md tells the whole story.
 """
 
 from __future__ import annotations
@@ -77,7 +53,7 @@ class PreemptionCheckpoint(Callback):
         self.filename = filename
         self.signum: int | None = None
         self.saved_path: Path | None = None
-        self._trainer: L.Trainer | None = None
+        self._fitting: L.Trainer | None = None
         self._previous: dict[int, Any] = {}
         self._group: Any = None  # the CPU group the processes agree over; None on one process
 
@@ -85,7 +61,7 @@ class PreemptionCheckpoint(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Install the handlers (before Lightning's, which then keeps ours for SIGUSR1 and chains them for SIGTERM)."""
         require_internals(trainer, "PreemptionCheckpoint")
-        self._trainer, self.signum, self.saved_path = trainer, None, None
+        self._fitting, self.signum, self.saved_path = trainer, None, None
         self._group = cpu_group()  # a collective: every process is here
         for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
             signum = getattr(signal, name, None)
@@ -108,8 +84,8 @@ class PreemptionCheckpoint(Callback):
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.signum = signum
-        if self._trainer is not None and self._group is None:  # one process: stop after this step
-            request_stop_after_step(self._trainer)
+        if self._fitting is not None and self._group is None:  # one process: stop after this step
+            request_stop_after_step(self._fitting)
         log.info("received %s: stopping after the current step to save a checkpoint", signal.Signals(signum).name)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -138,7 +114,7 @@ class PreemptionCheckpoint(Callback):
                 signal.signal(signum, handler)
             except ValueError:
                 pass
-        self._previous, self._trainer = {}, None
+        self._previous, self._fitting = {}, None
         if self._group is not None and self._group is not torch.distributed.group.WORLD:
             torch.distributed.destroy_process_group(self._group)
         self._group = None

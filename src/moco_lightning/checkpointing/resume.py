@@ -49,8 +49,8 @@ def check_checkpoint_path(path: str | Path, setting: str = "ckpt_path") -> Path:
     file = Path(path).expanduser()
     if file.is_dir():
         raise ResumeError(f"{setting}={str(path)!r} is a folder, not a checkpoint file; pass a file such as "
-                          f"{file / 'last.ckpt'}, or ckpt_path=auto to resume from the newest valid checkpoint of "
-                          "the run folder (hydra.run.dir=<run folder>)")
+                          f"{file / 'last.ckpt'}, or ckpt_path=auto (moco-train) to resume from the newest valid "
+                          "checkpoint of the run folder")
     if not file.is_file():
         raise ResumeError(f"{setting}={str(path)!r} does not exist; pass the path of a checkpoint to resume from, "
                           "e.g. outputs/<date>/<time>/checkpoints/last.ckpt, or ckpt_path=auto")

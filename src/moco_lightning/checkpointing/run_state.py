@@ -1,42 +1,30 @@
 """What a checkpoint needs beyond Lightning's own state to resume exactly, and to say what it came from.
 
-Lightning saves weights, optimizer, lr schedulers, loop counters and (for a resumable loader) the loader's
-position, but not the random number generators. :class:`ResumeState` adds, under the checkpoint key
-``"moco_lightning"``:
-
-* ``rng``: the states of the torch (CPU and CUDA), numpy and Python generators of every process, gathered at
-  save time, so the augmentations drawn after a resume are the ones the uninterrupted run would have drawn;
-* ``config``: the composed Hydra config of the run (YAML text) and ``version``: the package version;
-* ``world_size`` and ``global_batch``: the number of processes and the images per optimizer step;
-* ``wandb_id``: the wandb run id when a wandb logger is active, so that a resume continues the same run
-  (:mod:`moco_lightning.checkpointing.loggers`).
-
-All of it loads with ``torch.load(weights_only=True)``. The generators are restored at ``on_train_start``,
-after Lightning has rebuilt everything and right before the first batch is drawn.
-
-It also works around Lightning issue #20550 (open in 2.6): when ``configure_optimizers`` reads
-``trainer.estimated_stepping_batches`` (every lr schedule here does), the train loader is built before the
-checkpoint is restored, and Lightning never hands the saved loader position to it, so a run resumed mid-epoch
-would start the epoch over. At ``on_train_start`` the pending position is loaded into the loader and its iterator
-re-created, as the normal restore path does (:func:`moco_lightning.lightning_internals.restore_loader_position`,
-with the other Lightning internals in use).
+:class:`ResumeState` adds under the checkpoint key ``"moco_lightning"`` (all of it loads with
+``torch.load(weights_only=True)``): ``rng``, the torch / numpy / Python generator states of every process,
+restored at ``on_train_start`` so a resume draws the augmentations the uninterrupted run would have drawn;
+``config`` (the composed Hydra config, YAML) and ``version``; ``world_size`` and ``global_batch``; ``wandb_id``
+(:mod:`moco_lightning.checkpointing.loggers`). It also works around Lightning issue #20550: when
+``configure_optimizers`` reads ``estimated_stepping_batches`` the saved loader position is never loaded, so at
+``on_train_start`` it is put back (:func:`moco_lightning.lightning_internals.restore_loader_position`).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger, WandbLogger
 
-from moco_lightning.checkpointing.loggers import logger_state
 from moco_lightning.lightning_internals import restore_loader_position
 
-__all__ = ["CHECKPOINT_KEY", "ResumeState", "package_version"]
+__all__ = ["CHECKPOINT_KEY", "ResumeState", "logger_state", "package_version"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +40,17 @@ def package_version() -> str:
         return version("moco-lightning")
     except PackageNotFoundError:
         return "unknown"
+
+
+def logger_state(loggers: Iterable[Logger]) -> dict[str, Any]:
+    """What a checkpoint keeps to continue the loggers' runs: the wandb run id (``{"wandb_id": ...}`` or empty).
+
+    :func:`~moco_lightning.checkpointing.continue_loggers` reads it back on resume.
+    """
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger.version:
+            return {"wandb_id": str(logger.version)}
+    return {}
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -138,9 +137,9 @@ class ResumeState(Callback):
 
 
 def _global_batch(trainer: L.Trainer) -> int | None:
-    from moco_lightning.optim import global_batch_size
+    from moco_lightning.optim import trainer_images_per_optimizer_step
 
     try:
-        return global_batch_size(trainer)
+        return trainer_images_per_optimizer_step(trainer)
     except (ValueError, AttributeError):
         return None

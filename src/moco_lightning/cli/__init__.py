@@ -7,7 +7,7 @@ from any working directory, as scripts at the repository root and as console scr
 
 Importing this module registers the OmegaConf resolvers the configs use (``${moco.one_or_many:...}``,
 ``${moco.cifar_stem:...}``, ``${moco.patch_size:...}``, ``${moco.wandb_offline:}``,
-``${moco.cpus_per_task:...}``);
+``${moco.cpus_per_task:...}``, ``${moco.eval_run_dir:...}``);
 call :func:`register_resolvers` before composing the configs with Hydra's compose API from your own code.
 """
 
@@ -20,19 +20,24 @@ import logging
 import netrc
 import os
 import socket
+import sys
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from hydra.errors import InstantiationException
 from omegaconf import ListConfig, OmegaConf
 
+from moco_lightning.cli.errors import ConfigError, error_line, refused_arguments
 from moco_lightning.deadline import call_with_deadline
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["CONFIG_PATH", "RUN_ERROR_FILE", "SLURM_AUTO_CPUS_PER_TASK", "config_dir", "count_devices",
-           "register_resolvers", "resolve_device", "write_results"]
+           "count_processes", "register_resolvers", "report", "resolve_device", "run_or_exit", "write_results"]
 
 #: The file a training run that ended with an error leaves in its run folder: the error in one line. A run that
 #: starts (or resumes) in the folder deletes it, and ``moco-sweep-report`` reads it to tell a failed job from one
@@ -88,6 +93,33 @@ def count_devices(devices: Any) -> int | None:
     return None if devices == -1 else devices
 
 
+def count_processes(trainer: Any) -> int | None:
+    """Processes of a run: ``trainer.devices`` (auto / -1 resolved with the accelerator's count) x ``num_nodes``.
+
+    ``None`` when the device count cannot be known before the run (``devices=auto`` on an absent accelerator).
+
+    Raises:
+        ConfigError: ``trainer.devices`` is not a device count, a list of ids, -1 or auto.
+
+    """
+    # Lightning's CUDA queries ask NVML, not the driver: CUDA must not start in the parent of ddp_fork / ddp_notebook
+    from lightning.fabric.accelerators.cuda import is_cuda_available, num_cuda_devices
+
+    try:
+        devices = count_devices(trainer.get("devices", 1))
+    except ValueError:
+        raise ConfigError(f"trainer.devices={trainer.get('devices')!r} must be a number of devices (1, 8), a list of "
+                          "device ids ([0,1]), -1 or auto") from None
+    if devices is not None and devices < 1:
+        raise ConfigError(f"trainer.devices={trainer.get('devices')} must ask for at least one device")
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if devices is None and accelerator in ("gpu", "cuda", "auto"):
+        devices = num_cuda_devices() if is_cuda_available() else 1 if accelerator == "auto" else None
+    elif devices is None and accelerator == "cpu":
+        devices = 1
+    return None if devices is None else devices * int(trainer.get("num_nodes", 1) or 1)
+
+
 def _one_or_many(devices: Any, num_nodes: Any, one: Any, many: Any) -> Any:
     """``one`` for a run of one process, ``many`` for several (devices x nodes); ``one`` when it cannot be known."""
     try:
@@ -105,6 +137,27 @@ def _cifar_stem(image_size: Any) -> bool:
 def _patch_size(image_size: Any) -> int:
     """ViT patch side: 16 (ViT's and MoCo v3's) on large images, 4 on small ones (32 px CIFAR: an 8 x 8 grid)."""
     return SMALL_IMAGE_PATCH if _cifar_stem(image_size) else 16
+
+
+#: ``checkpoint=`` values of the evaluations that name no file (random initialisation, raw pixels).
+NO_CHECKPOINT = ("none", "null", "pixels")
+
+
+def _eval_run_dir(checkpoint: Any, kind: str) -> str:
+    """Run folder of an evaluation: ``<run>/eval/<kind>_<date>_<time>`` beside the checkpoint it evaluates.
+
+    ``<run>`` is the folder of the checkpoint, or the folder above it when that is a ``checkpoints/`` folder (a
+    moco-train run). Without a checkpoint file (``none``, ``pixels``, not given) or where that folder cannot be
+    written (a read-only download), Hydra's default ``outputs/<date>/<time>``.
+    """
+    now = datetime.now()
+    if checkpoint is None or str(checkpoint).strip().lower() in NO_CHECKPOINT:
+        return f"outputs/{now:%Y-%m-%d}/{now:%H-%M-%S}"
+    path = Path(str(checkpoint)).expanduser()
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    if not os.access(run, os.W_OK):
+        return f"outputs/{now:%Y-%m-%d}/{now:%H-%M-%S}"
+    return str(run / "eval" / f"{kind}_{now:%Y-%m-%d_%H-%M-%S}")
 
 
 def _cpus_per_task(num_workers: Any) -> int:
@@ -183,6 +236,24 @@ def write_results(result: dict[str, Any], output_dir: str | None) -> None:
         print(f"results: {path}")
 
 
+def run_or_exit(evaluate: Callable[[Any], Any], cfg: Any, errors: tuple[type[Exception], ...]) -> Any:
+    """``evaluate(cfg)``; a user's error (one of ``errors``, or a value a constructor refused) exits 2 in one line."""
+    try:
+        return evaluate(cfg)
+    except (*errors, InstantiationException) as err:
+        if isinstance(err, InstantiationException) and not refused_arguments(err):
+            raise  # a fault of a constructor, not the user's
+        print(f"error: {error_line(err, cfg)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def report(cfg: Any, result: dict[str, Any], *lines: str) -> None:
+    """Print an entry point's summary ``lines`` and save ``result`` as ``<paths.output_dir>/results.json``."""
+    for line in lines:
+        print(line, flush=True)
+    write_results(result, OmegaConf.select(cfg, "paths.output_dir"))
+
+
 def register_resolvers() -> None:
     """Register the ``moco.*`` OmegaConf resolvers used by the configs (idempotent)."""
     for name, resolver in (
@@ -191,6 +262,7 @@ def register_resolvers() -> None:
         ("moco.patch_size", _patch_size),
         ("moco.wandb_offline", _wandb_offline),
         ("moco.cpus_per_task", _cpus_per_task),
+        ("moco.eval_run_dir", _eval_run_dir),
     ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)

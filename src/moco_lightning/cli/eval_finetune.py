@@ -1,21 +1,16 @@
 """``python eval_finetune.py checkpoint=...`` / ``moco-finetune``: fine-tune a pretrained backbone with few labels.
 
-Loads the query backbone of a pretraining checkpoint (``checkpoint=none``: the ``backbone`` group's network at
-random initialisation, the supervised baseline), keeps ``label_fraction`` of the training labels (class-balanced,
-drawn with ``label_seed``; or the images of ``label_subset_file``; :mod:`moco_lightning.cli.labelled_subset`), and
-trains the whole network with a new linear classifier (:class:`moco_lightning.eval.finetune.FineTuner`) with the
-recipe of ``conf/finetune_recipe``. Checkpoints: ``<output_dir>/checkpoints/last.ckpt`` every epoch and
-``best.ckpt`` (validation top-1); ``ckpt_path=auto`` resumes from the run folder's ``last.ckpt``. At the end it
-prints one line with the last and the best validation top-1, exports the classifier
-(``classifier_torchvision.pth``: a torchvision ResNet with ``fc`` = the classifier) and writes ``results.json``.
-Without ``data=...`` on the command line the data is the checkpoint's pretraining data
-(:mod:`moco_lightning.cli.pretraining_data`).
+Trains the query backbone (``checkpoint=none``: the ``backbone`` group's network at random initialisation, the
+supervised baseline) and a new classifier (:class:`~moco_lightning.eval.finetune.FineTuner`, recipe
+``conf/finetune_recipe``) on ``label_fraction`` of the labels (:mod:`moco_lightning.cli.labelled_subset`).
+Checkpoints ``last.ckpt`` / ``best.ckpt`` (``ckpt_path=auto`` resumes); at the end one line with the last and best
+top-1, the exported classifier and ``results.json``. The data is the checkpoint's pretraining data unless
+``data=...`` is given (:mod:`moco_lightning.cli.pretraining_data`).
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,7 +31,7 @@ from moco_lightning.checkpointing import (
     continue_loggers,
     read_training_checkpoint,
 )
-from moco_lightning.cli import CONFIG_PATH, write_results
+from moco_lightning.cli import CONFIG_PATH, report, run_or_exit
 from moco_lightning.cli.config_checks import ConfigError, exit_on_bad_command_line
 from moco_lightning.cli.eval_linear import per_device_batch
 from moco_lightning.cli.labelled_subset import apply_labelled_subset
@@ -236,7 +231,7 @@ def _resume_path(cfg: DictConfig, model: FineTuner, trainer: L.Trainer) -> str |
             log.info("ckpt_path=auto: no %s: starting from scratch", path)
             if HydraConfig.initialized() and not any(str(o).lstrip("+").startswith("hydra.run.dir=")
                                                      for o in HydraConfig.get().overrides.hydra):
-                log.warning("ckpt_path=auto looked in a new run folder (Hydra's dated default); to resume a run, "
+                log.warning("ckpt_path=auto looked in a new run folder (new at every launch); to resume a run, "
                             "give its folder: hydra.run.dir=<run folder> ckpt_path=auto")
             return None
     else:
@@ -252,16 +247,10 @@ def _resume_path(cfg: DictConfig, model: FineTuner, trainer: L.Trainer) -> str |
 # ---------------------------------------------------------------------------------------------- entry point
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval_finetune")
 def _hydra_main(cfg: DictConfig) -> float:
-    try:
-        result, trainer = finetune_from_config(cfg)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    result, trainer = run_or_exit(finetune_from_config, cfg, USER_ERRORS)
     if trainer.is_global_zero:
-        print(summary(result), flush=True)
-        if result["classifier"] or result["classifier_not_exported"]:
-            print(how_to_load(result), flush=True)
-        write_results(result, OmegaConf.select(cfg, "paths.output_dir"))
+        exported = result["classifier"] or result["classifier_not_exported"]
+        report(cfg, result, summary(result), *([how_to_load(result)] if exported else []))
     return result["finetune_top1"]
 
 

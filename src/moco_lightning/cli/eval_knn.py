@@ -1,31 +1,28 @@
 """``python eval_knn.py checkpoint=...`` / ``moco-eval-knn``: weighted kNN accuracy of a checkpoint's backbone.
 
-Loads the query backbone of a pretraining checkpoint (:func:`moco_lightning.eval.load_backbone`; with
-``features=embedding`` the whole query encoder, :func:`moco_lightning.eval.load_query_encoder`), embeds the
-datamodule's labelled train set (memory bank) and val set (queries), prints kNN top-1 / top-5 (k=200, t=0.1 by
-default) and writes them to ``<output_dir>/results.json``. Without ``data=...`` on the command line the data is the
-checkpoint's pretraining data (:mod:`moco_lightning.cli.pretraining_data`); one line says which. With
-``label_fraction`` (or ``label_subset_file``) the memory bank is that labelled subset of the training images
-(:mod:`moco_lightning.cli.labelled_subset`).
+Embeds the labelled train set (the memory bank; with ``label_fraction`` / ``label_subset_file`` that subset) and
+the val set with the query backbone (``features=embedding``: the whole query encoder), prints kNN top-1 / top-5 and
+writes ``<output_dir>/results.json``. The data is the checkpoint's pretraining data unless ``data=...`` is given
+(:mod:`moco_lightning.cli.pretraining_data`).
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any
 
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from moco_lightning.cli import CONFIG_PATH, resolve_device, write_results
+from moco_lightning.cli import CONFIG_PATH, report, resolve_device, run_or_exit
 from moco_lightning.cli.labelled_subset import apply_labelled_subset
 from moco_lightning.cli.pretraining_data import adopt_pretraining_data
 from moco_lightning.data import DatasetError, DatasetNotAvailableError
 from moco_lightning.eval.checkpoint import CheckpointError, load_backbone, load_query_encoder, read_backbone_checkpoint
 from moco_lightning.eval.knn import FEATURES, knn_accuracy
+from moco_lightning.eval.linear import prepare_labelled_data
 
 __all__ = ["evaluate_knn", "main"]
 
@@ -43,10 +40,7 @@ def evaluate_knn(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     backbone.to(device).eval()
     datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    if hasattr(datamodule, "require_labels"):
-        datamodule.require_labels("kNN evaluation")
+    prepare_labelled_data(datamodule, "kNN evaluation")
     labels = apply_labelled_subset(cfg, datamodule)  # the memory bank: the labelled images only
     result = knn_accuracy(
         backbone,
@@ -76,17 +70,10 @@ def evaluate_knn(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval_knn")
 def _hydra_main(cfg: DictConfig) -> float:
-    try:
-        result = evaluate_knn(cfg)
-    except (CheckpointError, FileNotFoundError, DatasetError, DatasetNotAvailableError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(
-        f"kNN (k={cfg.k}, t={cfg.temperature}) on {result['dataset']}: "
-        f"top-1 {100 * result['knn_top1']:.2f} %, top-5 {100 * result['knn_top5']:.2f} %",
-        flush=True,
-    )
-    write_results(result, OmegaConf.select(cfg, "paths.output_dir"))
+    result = run_or_exit(evaluate_knn, cfg,
+                         (CheckpointError, FileNotFoundError, DatasetError, DatasetNotAvailableError))
+    report(cfg, result, f"kNN (k={cfg.k}, t={cfg.temperature}) on {result['dataset']}: "
+           f"top-1 {100 * result['knn_top1']:.2f} %, top-5 {100 * result['knn_top5']:.2f} %")
     return result["knn_top1"]
 
 

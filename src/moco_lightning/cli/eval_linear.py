@@ -1,31 +1,24 @@
 """``python eval_linear.py checkpoint=...`` / ``moco-eval-linear``: linear evaluation, official MoCo protocols.
 
-``linear_protocol=moco`` (default) is the v1/v2 protocol, ``linear_protocol=mocov3`` the v3 one (conf/linear_protocol/).
-``linear_protocol=features`` is not an official protocol but a probe that fits a CPU budget (logistic regression on
-frozen features by L-BFGS, :mod:`moco_lightning.cli.eval_linear_features`).
-
-Loads the query backbone of a pretraining checkpoint, freezes it in eval mode, trains a new linear classifier
-(:class:`moco_lightning.eval.linear.LinearProbe`) with the Trainer of ``conf/trainer`` and the loggers of
-``conf/logger``, checks after the first epoch that the backbone still equals the checkpoint, and prints and saves
-(``<output_dir>/results.json``) validation top-1 / top-5 of the last epoch and the best epoch's top-1 (the number
-the official script reports; epochs counted from 1 in both). Without ``data=...`` on the command line the data is
-the checkpoint's pretraining data (:mod:`moco_lightning.cli.pretraining_data`). ``batch_size`` is the protocol's
-global batch: the per-device batch is ``batch_size / processes``, so the lr of the protocol holds on any number of
-devices.
+``linear_protocol=moco`` (default) is the v1/v2 protocol, ``mocov3`` the v3 one, ``features`` a CPU-budget probe
+(L-BFGS on frozen features, :mod:`moco_lightning.cli.eval_linear_features`). Trains
+:class:`~moco_lightning.eval.linear.LinearProbe` on the frozen query backbone with ``conf/trainer`` and
+``conf/logger``, prints and saves (``results.json``) the last epoch's top-1 / top-5 and the best epoch's top-1
+(epochs counted from 1). ``batch_size`` is the protocol's global batch, split over the processes. The data is the
+checkpoint's pretraining data unless ``data=...`` is given (:mod:`moco_lightning.cli.pretraining_data`).
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from moco_lightning.cli import CONFIG_PATH, write_results
-from moco_lightning.cli.config_checks import ConfigError, count_processes
+from moco_lightning.cli import CONFIG_PATH, count_processes, report, run_or_exit
+from moco_lightning.cli.config_checks import ConfigError
 from moco_lightning.cli.eval_linear_features import PIXELS, evaluate_features, summary
 from moco_lightning.cli.labelled_subset import apply_labelled_subset
 from moco_lightning.cli.pretraining_data import adopt_pretraining_data
@@ -49,6 +42,8 @@ def per_device_batch(cfg: DictConfig) -> int:
 
 def evaluate_linear(cfg: DictConfig) -> tuple[dict[str, Any], L.Trainer]:
     """Run the linear evaluation a config describes; returns the result dict and the Trainer."""
+    if str(cfg.checkpoint) == PIXELS:
+        raise ConfigError("checkpoint=pixels (no encoder) works only with linear_protocol=features")
     L.seed_everything(cfg.seed)
     # fail on a bad file before building anything
     ckpt = read_backbone_checkpoint(cfg.checkpoint, allow_pickle=cfg.allow_pickle)
@@ -89,34 +84,17 @@ def evaluate_linear(cfg: DictConfig) -> tuple[dict[str, Any], L.Trainer]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval_linear")
 def _hydra_main(cfg: DictConfig) -> float:
+    errors = (CheckpointError, ConfigError, FileNotFoundError, DatasetError)
     if cfg.get("protocol") == "features":  # the CPU-budget probe on frozen features (conf/linear_protocol/features)
-        return _features_main(cfg)
-    try:
-        if str(cfg.checkpoint) == PIXELS:
-            raise ConfigError("checkpoint=pixels (no encoder) works only with linear_protocol=features")
-        result, trainer = evaluate_linear(cfg)
-    except (CheckpointError, ConfigError, FileNotFoundError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        result = run_or_exit(evaluate_features, cfg, errors)
+        report(cfg, result, summary(result))
+        return result["linear_top1"]
+    result, trainer = run_or_exit(evaluate_linear, cfg, errors)
     if trainer.is_global_zero:
-        print(
-            f"linear evaluation on {result['dataset']} ({result['epochs']} epochs, batch {result['global_batch']}): "
-            f"last epoch top-1 {100 * result['linear_top1']:.2f} %, top-5 {100 * result['linear_top5']:.2f} %; "
-            f"best top-1 {100 * result['linear_best_top1']:.2f} % (epoch {result['best_epoch']})",
-            flush=True,
-        )
-        write_results(result, OmegaConf.select(cfg, "paths.output_dir"))
-    return result["linear_top1"]
-
-
-def _features_main(cfg: DictConfig) -> float:
-    try:
-        result = evaluate_features(cfg)
-    except (CheckpointError, ConfigError, FileNotFoundError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(summary(result), flush=True)
-    write_results(result, OmegaConf.select(cfg, "paths.output_dir"))
+        report(cfg, result,
+               f"linear evaluation on {result['dataset']} ({result['epochs']} epochs, batch {result['global_batch']}): "
+               f"last epoch top-1 {100 * result['linear_top1']:.2f} %, top-5 {100 * result['linear_top5']:.2f} %; "
+               f"best top-1 {100 * result['linear_best_top1']:.2f} % (epoch {result['best_epoch']})")
     return result["linear_top1"]
 
 

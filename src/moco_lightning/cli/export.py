@@ -24,12 +24,26 @@ from moco_lightning.backbones import timm_model_name
 from moco_lightning.eval.checkpoint import BackboneCheckpoint, CheckpointError, read_backbone_checkpoint
 from moco_lightning.eval.export import export_deit, export_detectron2, export_timm, export_torchvision
 
-__all__ = ["main"]
+__all__ = ["main", "output_name"]
 
 SUFFIXES = {"torchvision": "_torchvision.pth", "detectron2": "_detectron2.pkl", "deit": "_deit.pth",
             "timm": "_timm.pth"}
 WRITERS = {"torchvision": export_torchvision, "detectron2": export_detectron2, "deit": export_deit,
            "timm": export_timm}
+#: Endings of checkpoint files, longest first: the default output name drops one before adding the format's suffix.
+CHECKPOINT_SUFFIXES = (".pth.tar", ".ckpt", ".pth", ".pt", ".tar")
+
+
+def output_name(checkpoint: Path, fmt: str) -> str:
+    """The default file name of ``fmt`` exported from ``checkpoint``: ``x.pth.tar`` -> ``x_torchvision.pth``.
+
+    A known checkpoint ending (:data:`CHECKPOINT_SUFFIXES`, ``.pth.tar`` as one) is dropped whole; any other name
+    loses its last suffix only.
+    """
+    name = checkpoint.name
+    known = next((s for s in CHECKPOINT_SUFFIXES if name.endswith(s) and len(name) > len(s)), None)
+    stem = name[: -len(known)] if known else checkpoint.stem
+    return stem + SUFFIXES[fmt]
 
 
 def _formats(choice: str, ckpt: BackboneCheckpoint) -> list[str]:
@@ -60,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="output file (one format) or folder (both); default: next to the checkpoint, named "
-        "<checkpoint>_torchvision.pth / <checkpoint>_detectron2.pkl",
+        "<checkpoint>_torchvision.pth / <checkpoint>_detectron2.pkl (x.pth.tar or x.ckpt -> x_torchvision.pth)",
     )
     parser.add_argument(
         "--trust-checkpoint",
@@ -79,9 +93,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         formats = _formats(args.format, ckpt)
         for fmt in formats:
             if args.output is None:
-                out = args.checkpoint.with_name(args.checkpoint.stem + SUFFIXES[fmt])
+                out = args.checkpoint.with_name(output_name(args.checkpoint, fmt))
             elif len(formats) > 1:
-                out = args.output / (args.checkpoint.stem + SUFFIXES[fmt])
+                out = args.output / output_name(args.checkpoint, fmt)
             else:
                 out = args.output
             if fmt == "detectron2" and ckpt.cifar_stem and len(formats) > 1:

@@ -1,17 +1,10 @@
 """The evaluation CLIs read the data a checkpoint was pretrained on from the checkpoint, unless told otherwise.
 
-A ``moco-train`` checkpoint stores the run's composed config (:class:`~moco_lightning.checkpointing.ResumeState`,
-also in ``<run>/.hydra/config.yaml``). ``moco-eval-knn`` and ``moco-eval-linear`` call :func:`adopt_pretraining_data`:
-
-* no ``data=<option>`` on the command line (or the pretraining dataset's own option): ``data`` becomes the
-  pretraining run's (dataset, folder, image size, normalisation, held-out split), and the ``data.<key>=...`` of
-  the command line are applied on top (``data=imagefolder data.data_dir=<other folder>``: another folder, the
-  rest as in pretraining);
-* another dataset on the command line (``data=cifar10``): that dataset, at the pretraining image size unless
-  ``data.image_size`` is given;
-* no stored config (an official facebookresearch/moco checkpoint): the config's default dataset.
-
-Either way one line says which data the evaluation uses.
+:func:`adopt_pretraining_data` reads the composed config a ``moco-train`` checkpoint stores. No ``data=<option>``
+on the command line (or the pretraining dataset's own): the pretraining run's data, with the command line's
+``data.<key>=...`` on top. Another dataset (``data=cifar10``): that one, at the pretraining image size unless
+``data.image_size`` is given. No stored config (an official MoCo checkpoint): the default dataset. Either way one
+line says which data the evaluation uses.
 """
 
 from __future__ import annotations

@@ -1,17 +1,11 @@
 """``moco-sweep-report <multirun folder>``: one table, one heatmap and one CSV for a Hydra sweep.
 
-Reads every job of a ``python train.py -m ...`` sweep (each job folder's ``.hydra/overrides.yaml`` and
-``.hydra/config.yaml``, and the final value of the optimised metric in its ``csv/metrics.csv``), then:
-
-* prints a table of the jobs sorted by the metric (``optimized_metric`` of the config, ``val/knn_top1`` by
-  default; best first),
-* saves ``sweep_heatmap.png``: the final metric over two swept keys (``model.momentum`` x ``model.queue_size``
-  by default, any two with ``--x`` / ``--y``; jobs that differ in other keys are averaged per cell),
-* saves ``sweep_report.csv`` (one row per job),
-* with ``--curves METRIC[,METRIC]``, saves ``sweep_curves.png``: those metrics over training, one line per job
-  (e.g. ``--curves train/acc_top1,val/knn_top1`` for the BN-leak pair of ``hparams_search=bn_leak``),
-* names the jobs that failed (their run folder holds ``error.txt``, the error of ``train.py`` in one line) or did
-  not finish (still running, stopped or killed), and the grid points of the sweep that have no job folder.
+Reads every job of a ``python train.py -m ...`` sweep (``.hydra/overrides.yaml``, ``.hydra/config.yaml`` and the
+final value of the metric in ``csv/metrics.csv``), prints the jobs sorted by the metric (the config's
+``optimized_metric``, best first), saves ``sweep_heatmap.png`` (the metric over two swept keys, ``--x`` / ``--y``;
+jobs that differ in other keys averaged per cell), ``sweep_report.csv`` and, with ``--curves METRIC[,METRIC]``,
+``sweep_curves.png`` (one line per job). It names the jobs that failed (their ``error.txt``) or did not finish,
+and the grid points of the sweep that have no job folder.
 """
 
 from __future__ import annotations
@@ -128,10 +122,8 @@ def format_metric(metric: str, value: float) -> str:
 
 def read_job(folder: Path, metric: str | None = None) -> Job:
     """Read one job folder: overrides, config (max_epochs, optimized_metric), the metric's final value."""
-    hydra_dir = folder / ".hydra"
-    overrides = _parse_overrides(yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or [])
-    config_file = hydra_dir / "config.yaml"
-    config = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
+    overrides = _parse_overrides(yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) or [])
+    config = _config(folder)
     metric = metric or config.get("optimized_metric") or DEFAULT_METRIC
     max_epochs = (config.get("trainer") or {}).get("max_epochs")
     max_epochs = int(max_epochs) if isinstance(max_epochs, int) and max_epochs > 0 else None
@@ -181,7 +173,7 @@ def read_sweep(folder: str | Path, metric: str | None = None) -> SweepReport:
         raise FileNotFoundError(f"no job folders (with .hydra/overrides.yaml) under {folder}; is it the folder of a "
                                 "`python train.py -m ...` sweep (multirun/<date>/<time>)?")
     jobs = [read_job(d, metric) for d in job_dirs]
-    metric = metric or _optimized_metric(job_dirs[0]) or DEFAULT_METRIC
+    metric = metric or _config(job_dirs[0]).get("optimized_metric") or DEFAULT_METRIC
     keys = sorted({k for j in jobs for k in j.overrides})
     swept = [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
     grid_keys, points = _sweep_grid(folder / "multirun.yaml")
@@ -308,11 +300,10 @@ def _sweep_grid(multirun_yaml: Path) -> tuple[list[str], list[tuple[str, ...]]]:
     return keys, [tuple(p) for p in itertools.product(*axes.values())]
 
 
-def _optimized_metric(job_dir: Path) -> str | None:
+def _config(job_dir: Path) -> dict[str, Any]:
+    """The job's composed config (``.hydra/config.yaml``), ``{}`` where there is none."""
     config_file = job_dir / ".hydra" / "config.yaml"
-    if not config_file.is_file():
-        return None
-    return (yaml.safe_load(config_file.read_text()) or {}).get("optimized_metric")
+    return (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
 
 
 def _describe(overrides: dict[str, str], keys: Sequence[str]) -> str:

@@ -32,6 +32,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -54,11 +55,14 @@ from moco_lightning.cli.config_checks import (
     check_config,
     exit_on_bad_command_line,
 )
+from moco_lightning.cli.errors import instantiation_message, node_settings, refused_arguments
+from moco_lightning.cli.optional_extras import exit_on_missing_extra
+from moco_lightning.cpus import ThreadPlan
 from moco_lightning.data import DatasetError, DatasetNotAvailableError
-from moco_lightning.eval.knn import has_labels
+from moco_lightning.eval.features import has_labels
 from moco_lightning.nonfinite import NonFiniteLossError
 
-__all__ = ["KNNReport", "build", "main", "resolve_checkpoint", "train"]
+__all__ = ["KNNReport", "build", "main", "resolve_checkpoint", "share_cpus", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,10 @@ log = logging.getLogger(__name__)
 CLEAN_ERRORS: tuple[tuple[type[BaseException], int], ...] = (
     (ConfigError, 2), (ResumeError, 2), (DatasetError, 2), (DatasetNotAvailableError, 2),  # bad input
     (DiskFullError, 1), (NonFiniteLossError, 1),  # faults during the run
+)
+#: The config node that built the object whose errors these are: their argument names become its keys.
+ERROR_NODES: tuple[tuple[type[BaseException], str], ...] = (
+    (DatasetError, "data"), (DatasetNotAvailableError, "data"), (NonFiniteLossError, "model"),
 )
 
 
@@ -85,7 +93,8 @@ class KNNReport:
         must call it: each embeds its shard of the images (:func:`~moco_lightning.eval.knn.knn_accuracy`).
         """
         from moco_lightning.distributed import broadcast_batchnorm_statistics
-        from moco_lightning.eval.knn import eval_mode, knn_accuracy
+        from moco_lightning.eval.features import eval_mode
+        from moco_lightning.eval.knn import knn_accuracy
 
         if module is not None and device is not None:
             module.to(device)
@@ -121,15 +130,50 @@ def _instantiate_all(section: DictConfig | None, what: str) -> list[Any]:
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
-    """Instantiate the datamodule, the module and the Trainer (with callbacks and loggers) of a config."""
+    """Instantiate the datamodule, the module and the Trainer (with callbacks and loggers) of a config.
+
+    Raises:
+        ConfigError: a constructor refused its arguments or its files (``ValueError``, ``TypeError``, ``OSError``,
+            :class:`DatasetNotAvailableError`); one line naming ``<config node>.<argument>``.
+
+    """
     # _convert_="all": plain lists / dicts, so that checkpoints (hparams) hold no OmegaConf objects and load
     # with torch.load(weights_only=True)
-    datamodule = instantiate(cfg.data, _convert_="all")
-    model = instantiate(cfg.model, _convert_="all")
-    callbacks = _instantiate_all(cfg.get("callbacks"), "callbacks")
-    loggers = _instantiate_all(cfg.get("logger"), "logger")
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    try:
+        datamodule = instantiate(cfg.data, _convert_="all")
+        model = instantiate(cfg.model, _convert_="all")
+        callbacks = _instantiate_all(cfg.get("callbacks"), "callbacks")
+        loggers = _instantiate_all(cfg.get("logger"), "logger")
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    except InstantiationException as err:
+        if not refused_arguments(err):
+            raise
+        raise ConfigError(instantiation_message(err, cfg)) from err
     return datamodule, model, trainer
+
+
+def share_cpus(datamodule: Any, trainer: L.Trainer, measure_busy: float = 0.25) -> ThreadPlan:
+    """Size torch's intra-op threads from the CPUs this process has (:mod:`moco_lightning.cpus`); one line says so.
+
+    Before any compute: the CPUs of the affinity mask and cgroup quota, shared by the trainer's processes on this
+    machine and the loader workers (``data.num_workers``), less those other jobs keep busy at the start (one
+    process only). ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` set by the user win.
+    """
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from moco_lightning.cpus import plan_threads
+
+    workers = getattr(datamodule, "num_workers_setting", getattr(datamodule, "num_workers", 0))
+    plan = plan_threads(int(getattr(trainer, "num_devices", 1) or 1), workers, measure_busy=measure_busy)
+    plan.apply()
+    if rank_zero_only.rank == 0:
+        shared = f", {plan.share} for this process" if plan.share != plan.cpus else ""
+        busy = f", {plan.busy} busy with other work" if plan.busy else ""
+        threads = (f"torch threads as you set them ({plan.user_setting})" if plan.user_setting
+                   else f"{plan.threads} torch thread{'s' if plan.threads != 1 else ''}")
+        log.info("CPUs: %d (%s)%s%s: %s, %d loader worker%s (data.num_workers=%s)", plan.cpus, plan.source, shared,
+                 busy, threads, plan.workers, "s" if plan.workers != 1 else "", workers)
+    return plan
 
 
 def resolve_checkpoint(cfg: DictConfig, model: torch.nn.Module, trainer: L.Trainer) -> str | None:
@@ -202,6 +246,9 @@ def _clean_exit(cfg: DictConfig, trainer: L.Trainer | None = None) -> Iterator[N
         if trainer is None or trainer.global_step == 0:
             _remove_unused_run_dir(cfg)
         message = _one_line(err)
+        node = next((key for error, key in ERROR_NODES if isinstance(err, error)), None)
+        if node is not None and cfg.get(node) is not None:
+            message = node_settings(message, cfg[node], node)
         _record_error(cfg, message)
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(status)
@@ -274,6 +321,7 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed)
     with _clean_exit(cfg):
         datamodule, model, trainer = build(cfg)
+    share_cpus(datamodule, trainer)
     run_dir = _run_dir(cfg)
     if run_dir is not None:
         (run_dir / RUN_ERROR_FILE).unlink(missing_ok=True)  # the error of an earlier attempt in this folder
@@ -284,7 +332,6 @@ def train(cfg: DictConfig) -> float | None:
         labelled = has_labels(datamodule)  # scans an image folder: its errors are one line too
         if not labelled:
             _drop_label_metrics(trainer)
-        _check_queue_fits(cfg, datamodule)
         ckpt_path = resolve_checkpoint(cfg, model, trainer)
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
@@ -304,7 +351,7 @@ def train(cfg: DictConfig) -> float | None:
     _print_embedding_map(trainer)
     checkpoint = trainer.checkpoint_callback
     if trainer.is_global_zero and checkpoint is not None and checkpoint.dirpath:
-        print(f"checkpoints: {checkpoint.dirpath} (resume with ckpt_path={checkpoint.dirpath}/last.ckpt, or "
+        _print_and_log(f"checkpoints: {checkpoint.dirpath} (resume with ckpt_path={checkpoint.dirpath}/last.ckpt, or "
               f"ckpt_path=auto hydra.run.dir={cfg.paths.output_dir})")
 
     metric = cfg.get("optimized_metric")
@@ -329,27 +376,6 @@ def _drop_label_metrics(trainer: L.Trainer) -> None:
         trainer.callbacks = [cb for cb in trainer.callbacks if not any(cb is d for d in dropped)]
         log.info("checkpoints: the images have no labels: no best-by-%s checkpoint (last.ckpt is kept)",
                  ", ".join(sorted({str(cb.monitor) for cb in dropped})))
-
-
-def _check_queue_fits(cfg: DictConfig, datamodule: Any) -> None:
-    """One line with the queue size to use when ``model.queue_size`` is not below the image folder's size.
-
-    A queue as large as the dataset holds keys of the queries' own images, so positives reappear as negatives. The
-    module warns too (from inside Lightning, later); this says it first, with a size: about a tenth of the images,
-    a multiple of the keys enqueued per step.
-    """
-    images = getattr(datamodule, "num_pretraining_images", None)
-    queue = cfg.model.get("queue_size")
-    if not isinstance(images, int) or queue is None or int(queue) < images:
-        return
-    from moco_lightning.cli.config_checks import global_batch_size
-
-    keys = (global_batch_size(cfg) or int(cfg.data.batch_size)) * (2 if cfg.model.get("symmetric") else 1)
-    size = max(keys, images // 10 // keys * keys)
-    log.warning("model.queue_size=%d does not fit the %d pretraining images (the queue would hold the queries' own "
-                "images as negatives); use model.queue_size=%d (about a tenth of the images, a multiple of the %d "
-                "keys per step)", int(queue), images, size, keys)
-    warnings.filterwarnings("ignore", message=r"queue_size=\d+ is not smaller than the training set")
 
 
 def _report_before_training(report: KNNReport, datamodule: Any, model: torch.nn.Module, trainer: L.Trainer,
@@ -396,7 +422,20 @@ def _report_after_training(report: KNNReport, datamodule: Any, model: torch.nn.M
             log.warning("knn_report skipped (%s)", f"{type(err).__name__}: {err}".splitlines()[0])
         return
     if trainer.is_global_zero:
-        print(report.table(), flush=True)
+        _print_and_log(report.table())
+
+
+def _print_and_log(text: str) -> None:
+    """Print ``text`` (the end-of-run summary) as it is, and write it to the run's log file (train.log) as well.
+
+    Printed rather than logged on the console, so that the table reads without a log prefix; the file handlers
+    (Hydra's ``hydra.job_logging``) get it as an INFO record of this module, without a second console copy.
+    """
+    print(text, flush=True)
+    record = log.makeRecord(log.name, logging.INFO, __file__, 0, text, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
 
 
 def _print_embedding_map(trainer: L.Trainer) -> None:
@@ -407,9 +446,9 @@ def _print_embedding_map(trainer: L.Trainer) -> None:
         if not isinstance(callback, EmbeddingMap) or not trainer.is_global_zero:
             continue
         if callback.skipped is not None:
-            print(f"embedding map: not drawn ({callback.skipped})", flush=True)
+            _print_and_log(f"embedding map: not drawn ({callback.skipped})")
         elif callback.last_path is not None:
-            print(f"embedding map: {callback.last_path}", flush=True)
+            _print_and_log(f"embedding map: {callback.last_path}")
 
 
 #: Hydra's command-line flags that take a value (kept for a sweep job's other processes, with their value).
@@ -462,6 +501,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """Console entry point: check the group options named on the command line, then run Hydra."""
     exit_on_bad_command_line(CONFIG_PATH, "train")
+    exit_on_missing_extra(sys.argv[1:])  # hparams_search=optuna, hydra/launcher=slurm without their extra
     _hydra_main()
 
 

@@ -20,7 +20,7 @@ by the folder datamodules.
 """
 
 from moco_lightning.data.base import DatasetError, MoCoDataModule, TensorImageDataset, TransformedDataset, seed_worker
-from moco_lightning.data.digits import DigitsDataModule, DigitsDataset, digits_split, load_digits_images
+from moco_lightning.data.digits import DigitsDataModule, digits_split, load_digits_images
 from moco_lightning.data.download import DatasetNotAvailableError
 from moco_lightning.data.folder import (
     CorruptImageWarning,
@@ -46,7 +46,6 @@ __all__ = [
     "DatasetError",
     "DatasetNotAvailableError",
     "DigitsDataModule",
-    "DigitsDataset",
     "FashionMNISTDataModule",
     "ImageFolderDataModule",
     "ImageFolderDataset",

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from moco_lightning.data.base import MoCoDataModule, TensorImageDataset
 
-__all__ = ["DIGITS_SPLIT_SEED", "DIGITS_VAL_FRACTION", "DigitsDataModule", "DigitsDataset", "digits_split",
+__all__ = ["DIGITS_SPLIT_SEED", "DIGITS_VAL_FRACTION", "DigitsDataModule", "digits_split",
            "load_digits_images"]
 
 #: random_state of the train/validation split. Fixed on purpose: it does NOT follow the run seed, so every run
@@ -37,7 +37,7 @@ def load_digits_images(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor
     from sklearn.datasets import load_digits
 
     if not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"DigitsDataModule: data.image_size must be a positive integer, got {image_size!r}")
+        raise ValueError(f"DigitsDataModule: image_size={image_size!r} must be a positive integer")
     digits = load_digits()
     images = torch.from_numpy(np.asarray(digits.images, dtype=np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8)
     if image_size != images.shape[-1]:
@@ -59,10 +59,6 @@ def digits_split(labels: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndar
     train_idx, val_idx = train_test_split(np.arange(len(labels)), test_size=DIGITS_VAL_FRACTION,
                                           stratify=labels, random_state=DIGITS_SPLIT_SEED)
     return np.sort(train_idx), np.sort(val_idx)
-
-
-class DigitsDataset(TensorImageDataset):
-    """The digits in memory: ``dataset[i] = (images[i], labels[i])``, images ``(N, 3, S, S)`` float in ``[0, 1]``."""
 
 
 class DigitsDataModule(MoCoDataModule):
@@ -89,19 +85,19 @@ class DigitsDataModule(MoCoDataModule):
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, **kwargs: Any) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, **kwargs)
-        self._split: tuple[DigitsDataset, DigitsDataset] | None = None
+        self._split: tuple[TensorImageDataset, TensorImageDataset] | None = None
 
-    def _datasets(self) -> tuple[DigitsDataset, DigitsDataset]:
+    def _datasets(self) -> tuple[TensorImageDataset, TensorImageDataset]:
         if self._split is None:
             images, labels = load_digits_images(self.image_size)
             train_idx, val_idx = digits_split(labels)
             train_t, val_t = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
-            self._split = (DigitsDataset(images[train_t], labels[train_t]),
-                           DigitsDataset(images[val_t], labels[val_t]))
+            self._split = (TensorImageDataset(images[train_t], labels[train_t]),
+                           TensorImageDataset(images[val_t], labels[val_t]))
         return self._split
 
-    def _build_pretrain_dataset(self) -> DigitsDataset:
+    def _build_pretrain_dataset(self) -> TensorImageDataset:
         return self._datasets()[0]
 
-    def _build_eval_dataset(self, split: str) -> DigitsDataset:
+    def _build_eval_dataset(self, split: str) -> TensorImageDataset:
         return self._datasets()[0 if split == "train" else 1]

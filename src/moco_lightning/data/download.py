@@ -64,8 +64,8 @@ def ensure_dataset_files(dataset: str, folder: str | os.PathLike[str], files: Se
     where = f"{dataset}: missing {', '.join(missing)} in {folder}"
     if not download:
         raise DatasetNotAvailableError(
-            f"{where}. Place there {what_to_place}, point data.data_dir at a folder that has them, or set "
-            f"data.download=true to download it from {url}.")
+            f"{where}. Place there {what_to_place}, point data_dir at a folder that has them, or set "
+            f"download=True to download it from {url}.")
     previous = socket.getdefaulttimeout()
     try:
         _resolve_host(url, timeout)
@@ -75,7 +75,7 @@ def ensure_dataset_files(dataset: str, folder: str | os.PathLike[str], files: Se
         raise DatasetNotAvailableError(
             f"{where}, and downloading it from {url} failed ({type(err).__name__}: {err}). If this machine is "
             f"offline, download the archive elsewhere and place {what_to_place} in {folder} (then set "
-            "data.download=false), or point data.data_dir at a folder that already has it.") from err
+            "download=False), or point data_dir at a folder that already has it.") from err
     finally:
         socket.setdefaulttimeout(previous)
     missing = missing_files(folder, files)

@@ -1,13 +1,10 @@
 """Datasets in the MNIST file format: Fashion-MNIST (the real benchmark that runs on a CPU), MNIST and KMNIST.
 
-The four idx files (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
-``t10k-labels-idx1-ubyte``, each gzipped or not) are read into memory as one uint8 tensor per split. Where they are
-looked for, in order: ``data.data_dir`` and ``<data_dir>/<Name>/raw`` (torchvision's layout) when ``data_dir`` is
-set; otherwise the folder of the Debian package (Fashion-MNIST: ``apt-get install dataset-fashion-mnist``) and
-``data/<Name>/raw``. When they are nowhere, torchvision downloads them (``download=true``), failing fast offline.
-
-Pretraining and the kNN memory bank / linear-probe training set are the 60,000 training images; the kNN queries and
-the linear-probe evaluation set are the 10,000 test images, as the benchmarks are reported.
+The four idx files (gzipped or not) are read into memory as one uint8 tensor per split, looked for in ``data_dir``
+and ``<data_dir>/<Name>/raw`` (torchvision's layout), or without ``data_dir`` in the Debian package's folder
+(Fashion-MNIST) and ``data/<Name>/raw``; when they are nowhere, torchvision downloads them (``download=True``).
+The 60,000 training images are the pretraining set and the kNN bank / probe training set, the 10,000 test images
+the evaluation set, as the benchmarks are reported.
 """
 
 from __future__ import annotations
@@ -43,6 +40,9 @@ IDX_STEMS: tuple[str, ...] = (*IDX_FILES["train"], *IDX_FILES["val"])
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read one idx file (gzipped or not, told by its first two bytes) into an array of the shape it declares.
+
+    Not torchvision's ``read_sn3_pascalvincent_tensor``: it reads no gzip (the Debian package's files are gzipped)
+    and checks a file with ``assert``, where a broken download must be one line naming the file.
 
     Raises:
         DatasetNotAvailableError: the file is not a complete idx file (truncated, a broken gzip stream, a wrong
@@ -104,7 +104,7 @@ class IdxDataModule(MoCoDataModule):
     def __init__(self, data_dir: str | None = None, download: bool = True, download_timeout: float = 10.0,
                  channels: int = 3, **kwargs: Any) -> None:
         if channels not in (1, 3):
-            raise ValueError(f"{type(self).__name__}: data.channels must be 1 or 3, got {channels!r}")
+            raise ValueError(f"{type(self).__name__}: channels={channels!r} must be 1 or 3")
         super().__init__(**kwargs)
         self.data_dir = None if data_dir is None else os.path.expanduser(str(data_dir))
         self.download = bool(download)
@@ -146,14 +146,14 @@ class IdxDataModule(MoCoDataModule):
         looked = ", ".join(cls.search_dirs(data_dir))
         return (f"{cls.display_name}: the idx files ({', '.join(IDX_STEMS)}, gzipped "
                 f"or not) are in none of {looked}; {cls.offline_hint}place them in a folder and set "
-                "data.data_dir to it, or set data.download=true where there is a network")
+                "data_dir to it, or set download=True where there is a network")
 
     @classmethod
     def check_files(cls, data_dir: str | None = None, download: bool = True) -> None:
         """Before any compute: the files must be on disk unless a download will be tried (``download=true``)."""
         path = None if data_dir is None else os.path.expanduser(str(data_dir))
         if path is not None and os.path.exists(path) and not os.path.isdir(path):
-            raise DatasetNotAvailableError(f"data.data_dir={data_dir!r} is a file; set it to the folder that holds "
+            raise DatasetNotAvailableError(f"data_dir={data_dir!r} is a file; set it to the folder that holds "
                                            f"the {cls.display_name} idx files, or to null")
         if not download and cls.locate_files(data_dir) is None:
             raise DatasetNotAvailableError(cls.missing_message(data_dir))

@@ -119,7 +119,7 @@ def read_subset_file(path: str | os.PathLike[str], files: Sequence[str] | None =
     missing = [entry for entry in entries if os.path.basename(entry) not in position]
     if missing:
         raise ValueError(f"subset_file={str(path)!r}: {len(missing)} of its {len(entries)} files are not in "
-                         f"the training set (first: {missing[0]!r}); check data.data_dir")
+                         f"the training set (first: {missing[0]!r}); check data_dir")
     return np.unique([position[os.path.basename(entry)] for entry in entries])
 
 

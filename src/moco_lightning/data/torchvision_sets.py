@@ -78,7 +78,7 @@ class _TorchvisionDataModule(MoCoDataModule):
             raise DatasetNotAvailableError(
                 f"{self.display_name}: the files in {self.dataset_folder} are present but torchvision rejected "
                 f"them ({err}); they are probably truncated or not the original release. Delete the folder and "
-                f"set data.download=true, or place {self.what_to_place} there.") from err
+                f"set download=True, or place {self.what_to_place} there.") from err
 
 
 class CIFAR10DataModule(_TorchvisionDataModule):
@@ -154,8 +154,8 @@ class STL10DataModule(_TorchvisionDataModule):
     def __init__(self, data_dir: str = "data", download: bool = True, download_timeout: float = 10.0,
                  pretrain_split: str = "train+unlabeled", **kwargs: Any) -> None:
         if pretrain_split not in ("train+unlabeled", "unlabeled", "train"):
-            raise ValueError(f"STL10DataModule: data.pretrain_split must be 'train+unlabeled', 'unlabeled' or "
-                             f"'train', got {pretrain_split!r}")
+            raise ValueError(f"STL10DataModule: pretrain_split={pretrain_split!r} must be 'train+unlabeled', "
+                             "'unlabeled' or 'train'")
         super().__init__(data_dir=data_dir, download=download, download_timeout=download_timeout, **kwargs)
         self.pretrain_split = pretrain_split
 

@@ -19,8 +19,9 @@ from moco_lightning.eval.export import (
     torchvision_model,
     torchvision_state_dict,
 )
+from moco_lightning.eval.features import extract_features
 from moco_lightning.eval.finetune import FineTuner, export_classifier, finetune
-from moco_lightning.eval.knn import KNNMonitor, extract_features, knn_accuracy, weighted_knn_predict
+from moco_lightning.eval.knn import KNNMonitor, knn_accuracy, weighted_knn_predict
 from moco_lightning.eval.linear import LinearProbe, linear_eval
 from moco_lightning.eval.linear_features import feature_probe, probe_features
 from moco_lightning.eval.online_linear import OnlineLinearProbe

@@ -1,22 +1,10 @@
 """Read the query backbone out of a pretraining checkpoint, for evaluation and export.
 
-Four formats are understood:
-
-* a Lightning checkpoint of :class:`moco_lightning.MoCo`: ``state_dict`` with keys
-  ``encoder_q.backbone.*`` and ``hyper_parameters`` naming the backbone (``backbone``, ``cifar_stem``,
-  ``feature_dim``);
-* a Lightning checkpoint of :class:`moco_lightning.MoCoV3`: keys ``base_encoder.backbone.*``, the same
-  hyper-parameters;
-* an official facebookresearch/moco checkpoint (``main_moco.py``): ``state_dict`` with keys
-  ``module.encoder_q.*`` (the ``fc`` head is dropped) and ``arch``;
-* an official facebookresearch/moco-v3 checkpoint: keys ``module.base_encoder.*`` (the projector, ``fc`` of a
-  ResNet or ``head`` of a ViT, is dropped, as the official ``main_lincls.py`` does) and ``arch``.
-
-The backbone is rebuilt by the name its hyper-parameters record (a torchvision ResNet, a MoCo v3 ViT or a timm
-model, ``timm:<name>``). Only the query (base) backbone is kept for downstream use (predictor, key / momentum encoder
-and queue are not needed); the query encoder's projection head is kept beside it for :func:`load_query_encoder`, the
-embedding the contrastive loss sees (what the official CIFAR-10 demo's kNN monitor evaluates). A ViT's image and
-patch size are read from the shapes of its weights.
+Understood: Lightning checkpoints of :class:`moco_lightning.MoCo` / :class:`moco_lightning.MoCoV3` (the backbone
+named by their ``hyper_parameters``) and official facebookresearch/moco and moco-v3 checkpoints (named by ``arch``;
+their projector is dropped as the official ``main_lincls.py`` does): :data:`BACKBONE_PREFIXES`. Only the query
+backbone is kept, with its projection head for :func:`load_query_encoder`; a ViT's image and patch size are read
+from the shapes of its weights.
 """
 
 from __future__ import annotations
@@ -73,10 +61,8 @@ class BackboneCheckpoint:
         feature_dim: feature width recorded in the hyper-parameters (``None`` if not recorded).
         source: ``"moco_lightning"`` or ``"official"``.
         hyper_parameters: all hyper-parameters found in the checkpoint.
-        backbone_options: extra arguments of :func:`~moco_lightning.backbones.build_backbone` that the weights
-            need (a ViT's ``image_size`` and ``patch_size``).
-        head_state_dict: the query encoder's projection head (``Linear``, ``Linear-ReLU-Linear`` or v3's MLP with
-            BN), may be empty.
+        backbone_options: extra :func:`~moco_lightning.backbones.build_backbone` arguments (a ViT's geometry).
+        head_state_dict: the query encoder's projection head, may be empty.
 
     """
 
@@ -98,13 +84,9 @@ class UnsafeCheckpointError(CheckpointError):
 def load_checkpoint_file(path: Path, allow_pickle: bool = False, *, mmap: bool = False) -> Any:
     """Load a checkpoint on the CPU with ``weights_only=True``; a full pickle only when ``allow_pickle``.
 
-    With ``mmap`` the tensors are memory-mapped, read from disk only when used (files in the zip format of
-    ``torch.save`` since PyTorch 1.6; older files are read whole).
-
-    Official MoCo and MoCo v3 checkpoints (``epoch``, ``arch``, ``state_dict``, ``optimizer``, v3's ``scaler``)
-    and this project's hold only tensors, numbers, strings and containers, which ``weights_only`` loads. The one
-    class allowed besides (:data:`SAFE_GLOBALS`) is ``argparse.Namespace``, the ``args`` that scripts derived
-    from the official ``main_moco.py`` often add: rebuilding it only sets attributes.
+    With ``mmap`` the tensors of a zip-format file are memory-mapped. Official and this project's checkpoints hold
+    only what ``weights_only`` loads, plus at most an ``argparse.Namespace`` (:data:`SAFE_GLOBALS`: rebuilding it
+    only sets attributes), which scripts derived from the official ``main_moco.py`` often add.
 
     Raises:
         UnsafeCheckpointError: the file needs a full pickle (which runs any code it carries) and ``allow_pickle``
@@ -158,52 +140,39 @@ def read_backbone_checkpoint(checkpoint: str | Path | Mapping[str, Any], *,
             "pass the .ckpt file that moco-train saved (e.g. outputs/.../checkpoints/last.ckpt), "
             "not an exported backbone"
         )
-    for prefix, dropped, _ in BACKBONE_PREFIXES:
-        backbone_state = {
-            k[len(prefix) :]: v
-            for k, v in state.items()
-            if k.startswith(prefix) and not k[len(prefix) :].startswith(dropped)
-        }
-        if backbone_state:
-            break
-    else:
+    found = find_moco_backbone(state)
+    if found is None:
         raise CheckpointError(
             f"{path} is not a MoCo checkpoint: no 'encoder_q.backbone.*' / 'base_encoder.backbone.*' "
             f"(moco-lightning) or 'module.encoder_q.*' / 'module.base_encoder.*' (official MoCo, MoCo v3) keys in "
             f"its state_dict (first keys: {sorted(state)[:5]}); pass a checkpoint written by moco-train or by the "
             "official main_moco.py"
         )
-
+    backbone_state, prefix, _ = found
     options = vit_geometry(backbone_state)
     head_prefix = next((h for h in _HEAD_PREFIXES if any(k.startswith(h) for k in state)), None)
-    head_state = {}
-    if head_prefix is not None:
-        head_state = {k[len(head_prefix) :]: v for k, v in state.items() if k.startswith(head_prefix)}
+    head_state = {} if head_prefix is None else {k[len(head_prefix):]: v for k, v in state.items()
+                                                  if k.startswith(head_prefix)}
+    common = {"path": path, "state_dict": backbone_state, "backbone_options": options, "head_state_dict": head_state}
     if prefix in _OWN_PREFIXES:
         hparams = dict(ckpt.get("hyper_parameters") or {})
         name = hparams.get("backbone")
-        return BackboneCheckpoint(
-            path=path,
-            state_dict=backbone_state,
-            backbone=name if isinstance(name, str) else None,
-            cifar_stem=bool(hparams.get("cifar_stem", False)),
-            feature_dim=hparams.get("feature_dim"),
-            source="moco_lightning",
-            hyper_parameters=hparams,
-            backbone_options=options,
-            head_state_dict=head_state,
-        )
+        return BackboneCheckpoint(backbone=name if isinstance(name, str) else None,
+                                  cifar_stem=bool(hparams.get("cifar_stem", False)),
+                                  feature_dim=hparams.get("feature_dim"), hyper_parameters=hparams, **common)
     conv1 = backbone_state.get("conv1.weight")
-    return BackboneCheckpoint(
-        path=path,
-        state_dict=backbone_state,
-        backbone=ckpt.get("arch"),
-        cifar_stem=conv1 is not None and tuple(conv1.shape[-2:]) == (3, 3),
-        source="official",
-        hyper_parameters={"arch": ckpt.get("arch")},
-        backbone_options=options,
-        head_state_dict=head_state,
-    )
+    return BackboneCheckpoint(backbone=ckpt.get("arch"), cifar_stem=conv1 is not None and conv1.shape[-2:] == (3, 3),
+                              source="official", hyper_parameters={"arch": ckpt.get("arch")}, **common)
+
+
+def find_moco_backbone(state: Mapping[str, Any]) -> tuple[dict[str, Any], str, str] | None:
+    """``(backbone weights, prefix, format)`` of the first :data:`BACKBONE_PREFIXES` entry in ``state``, or ``None``."""
+    for prefix, dropped, source in BACKBONE_PREFIXES:
+        weights = {k[len(prefix):]: v for k, v in state.items()
+                   if k.startswith(prefix) and not k[len(prefix):].startswith(dropped)}
+        if weights:
+            return weights, prefix, source
+    return None
 
 
 def vit_geometry(state: Mapping[str, torch.Tensor]) -> dict[str, int]:

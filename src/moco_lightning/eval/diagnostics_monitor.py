@@ -1,24 +1,16 @@
 """A callback that logs the state of MoCo's dictionary while it trains, and alignment / uniformity at the kNN runs.
 
-The math is in :mod:`moco_lightning.diagnostics`; this callback decides when to run it and what to log. None of it
-needs labels, and none of it stops a training run: a measure that cannot be taken (no validation images) is
-skipped with one warning line.
-
-* at Lightning's logging steps (every ``trainer.log_every_n_steps`` optimizer steps), from the module and the
-  batch's logits: ``dictionary/key_drift`` (``||θk − θq|| / ||θq||``), ``dictionary/key_age_max`` and
-  ``dictionary/key_age_mean`` (in optimizer steps), ``dictionary/sim_gap`` (mean similarity of the positive
-  minus that of the queue's negatives) and ``dictionary/hardest_neg_sim``. The module itself already logs
-  ``train/pos_sim`` and ``train/neg_sim`` at every step. Everything stays on the device: Lightning reads the
-  values when it writes its logs.
-* at the end of the epochs at which the kNN monitor runs: ``val/alignment`` (two augmented views of the
-  validation images, the datamodule's pretraining augmentation, drawn from a fixed seed) and ``val/uniformity``
-  (the validation images' deterministic view), on the L2-normalised output of the query encoder.
+The math is in :mod:`moco_lightning.diagnostics`; this callback decides when to run it and what to log, needs no
+labels and never stops a run (a measure that cannot be taken is skipped with one warning line). At Lightning's
+logging steps: ``dictionary/key_drift``, ``key_age_max`` / ``key_age_mean``, ``sim_gap`` and ``hardest_neg_sim``,
+kept on the device until Lightning writes its logs. At the epochs the kNN monitor runs: ``val/alignment`` (two
+augmented views of the validation images, fixed seed) and ``val/uniformity`` (their deterministic view), on the
+L2-normalised query embeddings.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
 from typing import Any
 
 import lightning as L
@@ -30,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from moco_lightning.diagnostics import alignment, key_ages, parameter_drift, similarity_stats, uniformity
 from moco_lightning.eval.cadence import is_monitor_epoch
-from moco_lightning.eval.knn import eval_mode
+from moco_lightning.eval.features import monitor_pass
+from moco_lightning.eval.knn import monitor_every_n_epochs
 
 __all__ = ["DiagnosticsMonitor", "projector"]
 
@@ -44,7 +37,7 @@ def projector(pl_module: L.LightningModule) -> Callable[[torch.Tensor], torch.Te
     if encoder_q is None:
         raise RuntimeError(
             f"{type(pl_module).__name__} has neither project(x) nor encoder_q: the diagnostics cannot embed "
-            "images; set callbacks.diagnostics.enabled=false"
+            "images; pass enabled=False"
         )
     return lambda x: F.normalize(encoder_q(x), dim=1)
 
@@ -82,10 +75,10 @@ class DiagnosticsMonitor(Callback):
     def __init__(self, enabled: bool = True, every_n_epochs: int | None = None, max_samples: int = 4096,
                  seed: int = 0) -> None:
         if every_n_epochs is not None and every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1 or null (the kNN monitor's), got {every_n_epochs}; "
-                             "set callbacks.diagnostics.every_n_epochs")
+            raise ValueError(f"every_n_epochs={every_n_epochs} must be >= 1 or None (the kNN monitor's); "
+                             "set every_n_epochs")
         if max_samples < 2:
-            raise ValueError(f"max_samples must be >= 2, got {max_samples}; set callbacks.diagnostics.max_samples")
+            raise ValueError(f"max_samples={max_samples} must be >= 2; set max_samples")
         self.enabled = enabled
         self.every_n_epochs = every_n_epochs
         self.max_samples = max_samples
@@ -136,12 +129,8 @@ class DiagnosticsMonitor(Callback):
                                       "val/alignment and val/uniformity are not computed")
             return {}
         project = projector(pl_module)
-        plugin = getattr(trainer, "precision_plugin", None)
-        context = plugin.forward_context() if plugin is not None else nullcontext()
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         metrics: dict[str, float] = {}
-        # a private RNG: the views' augmentations must not change the random stream of the pretraining run
-        with eval_mode(pl_module), context, torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with monitor_pass(trainer, pl_module), torch.no_grad():
             torch.manual_seed(self.seed)
             z = self._embed(project, (batch[0] for batch in dm.eval_val_dataloader()), pl_module.device)
             metrics["val/uniformity"] = float(uniformity(z))
@@ -188,7 +177,7 @@ class DiagnosticsMonitor(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Log ``val/alignment`` and ``val/uniformity`` at the epochs of the kNN monitor."""
-        if not self.enabled or not is_monitor_epoch(trainer, self.every_n_epochs):
+        if not self.enabled or not is_monitor_epoch(trainer, monitor_every_n_epochs(trainer, self.every_n_epochs)):
             return
         try:
             metrics = self.representation_metrics(trainer, pl_module)

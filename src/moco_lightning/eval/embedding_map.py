@@ -12,7 +12,6 @@ fails) the callback says why in one line and training goes on.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from moco_lightning.eval.cadence import is_monitor_epoch
 from moco_lightning.eval.diagnostics_monitor import projector
-from moco_lightning.eval.knn import eval_mode, has_labels
+from moco_lightning.eval.features import has_labels, monitor_pass
+from moco_lightning.eval.knn import monitor_every_n_epochs
 from moco_lightning.plots import PROJECTIONS, embedding_map_figure, project_2d, save_figure
 
 __all__ = ["FEATURES", "EmbeddingMap"]
@@ -41,7 +41,7 @@ class EmbeddingMap(Callback):
         dirpath: folder of the PNGs; ``None`` = ``<trainer.default_root_dir>/embedding_maps``.
         every_n_runs: also draw after every n-th run of the kNN monitor (``epoch<NNN>.png``); 0 = only at the end.
         every_n_epochs: the monitor's cadence; ``None`` = the kNN monitor's ``every_n_epochs`` (see
-            :mod:`moco_lightning.eval.cadence`).
+            :func:`moco_lightning.eval.knn.monitor_every_n_epochs`).
         method: ``"auto"`` (UMAP if installed, else t-SNE), ``"tsne"``, ``"umap"`` or ``"pca"``.
         features: ``"backbone"`` (``pl_module.embed``) or ``"embedding"`` (normalised query-encoder output).
         max_points: validation images drawn at most (the first ones).
@@ -58,16 +58,15 @@ class EmbeddingMap(Callback):
                  method: str = "auto", features: str = "backbone", max_points: int = 2000, seed: int = 0,
                  log_image: bool = True) -> None:
         if every_n_runs < 0:
-            raise ValueError(f"every_n_runs must be >= 0 (0 = only at the end), got {every_n_runs}; "
-                             "set callbacks.embedding_map.every_n_runs")
+            raise ValueError(f"every_n_runs={every_n_runs} must be >= 0 (0 = only at the end); set every_n_runs")
         if method not in PROJECTIONS:
-            raise ValueError(f"unknown method {method!r}; set callbacks.embedding_map.method to one of "
+            raise ValueError(f"method={method!r} is not a projection; set method= one of "
                              f"{', '.join(PROJECTIONS)}")
         if features not in FEATURES:
-            raise ValueError(f"unknown features {features!r}; set callbacks.embedding_map.features to one of "
+            raise ValueError(f"features={features!r} is not known; set features= one of "
                              f"{', '.join(FEATURES)}")
         if max_points < 3:
-            raise ValueError(f"max_points must be >= 3, got {max_points}; set callbacks.embedding_map.max_points")
+            raise ValueError(f"max_points={max_points} must be >= 3; set max_points")
         self.dirpath = dirpath
         self.every_n_runs = every_n_runs
         self.every_n_epochs = every_n_epochs
@@ -90,14 +89,11 @@ class EmbeddingMap(Callback):
         """Features ``(N, D)`` and labels ``(N,)`` of the first ``max_points`` validation images, in eval mode."""
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "eval_val_dataloader"):
-            raise RuntimeError("EmbeddingMap needs a datamodule with eval_val_dataloader(); remove "
-                               "callbacks.embedding_map or use a moco_lightning.data datamodule")
+            raise RuntimeError("EmbeddingMap needs a datamodule with eval_val_dataloader(); remove the "
+                               "EmbeddingMap callback or use a moco_lightning.data datamodule")
         embed = pl_module.embed if self.features == "backbone" else projector(pl_module)
-        plugin = getattr(trainer, "precision_plugin", None)
-        context = plugin.forward_context() if plugin is not None else nullcontext()
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         feats, labels, count = [], [], 0
-        with eval_mode(pl_module), context, torch.random.fork_rng(devices=devices):
+        with monitor_pass(trainer, pl_module):
             for x, y in dm.eval_val_dataloader():
                 x, y = x[: self.max_points - count], torch.as_tensor(y)[: self.max_points - count]
                 feats.append(embed(x.to(pl_module.device)).float().cpu())
@@ -145,7 +141,7 @@ class EmbeddingMap(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Count the kNN monitor's runs; draw at every ``every_n_runs``-th one (the last epoch's is ``final.png``)."""
-        if not is_monitor_epoch(trainer, self.every_n_epochs):
+        if not is_monitor_epoch(trainer, monitor_every_n_epochs(trainer, self.every_n_epochs)):
             return
         self._runs += 1
         last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs

@@ -1,34 +1,19 @@
 """Export the pretrained query backbone for use elsewhere: torchvision and detectron2 (ResNets), DeiT / timm (ViTs).
 
-* torchvision: the backbone of a moco-lightning ResNet *is* a torchvision ResNet with ``fc = nn.Identity()``,
-  so its state dict already has torchvision's names; ``torchvision.models.resnet50().load_state_dict(sd,
-  strict=False)`` loads it with only ``fc.weight`` / ``fc.bias`` missing.
-* detectron2: the key renaming of the official ``moco/detection/convert-pretrain-to-detectron2.py``, for the
-  detection transfer recipes (``MODEL.WEIGHTS`` with ``matching_heuristics``)::
-
-      conv1.*              -> stem.conv1.*
-      bn1.*                -> stem.conv1.norm.*
-      layer{i}.*           -> res{i+1}.*             (i = 1..4)
-      ...bn{j}.*           -> ...conv{j}.norm.*      (j = 1..3)
-      ...downsample.0.*    -> ...shortcut.*
-      ...downsample.1.*    -> ...shortcut.norm.*
-
-  saved as a pickle ``{"model": {name: numpy array}, "__author__": "MOCO", "matching_heuristics": True}``.
-  ``num_batches_tracked`` counters are left out (detectron2's frozen BN has none).
-* DeiT / timm: a ViT backbone is timm's ``VisionTransformer`` without its head, so its state dict is a DeiT state
-  dict minus ``head.*``, saved as ``{"model": state_dict}``: what the official MoCo v3 ``convert_to_deit.py``
-  writes. ``timm``'s ``VisionTransformer(embed_dim=384, depth=12, num_heads=12)`` (ViT-S of MoCo v3: 12 heads,
-  where DeiT-S has 6) loads it with ``strict=False``, only ``head.*`` missing.
-* timm: a timm backbone (``backbone=timm:<name>``) is the timm model built with ``num_classes=0``, so its state dict
-  is timm's own without the classifier: ``timm.create_model(name, num_classes=0).load_state_dict(sd)`` loads it
-  strictly (``timm.create_model(name)`` with ``strict=False``, only the classifier missing).
+* torchvision: the backbone of a moco-lightning ResNet *is* a torchvision ResNet with ``fc = nn.Identity()``.
+* detectron2: the key renaming of the official ``moco/detection/convert-pretrain-to-detectron2.py``
+  (:func:`detectron2_key`), saved as the pickle ``{"model": {name: numpy array}, "__author__": "MOCO",
+  "matching_heuristics": True}`` without ``num_batches_tracked`` (detectron2's frozen BN has none).
+* DeiT: a ViT backbone is timm's ``VisionTransformer`` without its head, saved as ``{"model": state_dict}`` as the
+  official MoCo v3 ``convert_to_deit.py`` writes it (MoCo v3's ViT-S has 12 heads, where DeiT-S has 6).
+* timm: a timm backbone (``backbone=timm:<name>``) is the timm model built with ``num_classes=0``.
 """
 
 from __future__ import annotations
 
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +25,8 @@ from moco_lightning.eval.checkpoint import BackboneCheckpoint, CheckpointError, 
 from moco_lightning.vit import MoCoViT
 
 #: torchvision ResNet constructors by name; export targets.
-TORCHVISION_RESNETS = {
-    "resnet18": models.resnet18,
-    "resnet34": models.resnet34,
-    "resnet50": models.resnet50,
-    "resnet101": models.resnet101,
-    "resnet152": models.resnet152,
-}
+TORCHVISION_RESNETS = {name: getattr(models, name) for name in ("resnet18", "resnet34", "resnet50", "resnet101",
+                                                                  "resnet152")}
 
 
 def torchvision_state_dict(
@@ -70,7 +50,7 @@ def torchvision_state_dict(
             f"checkpoint {ckpt.path} has a {type(module).__name__} backbone; torchvision/detectron2 export "
             f"supports ResNet backbones only ({hint})"
         )
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}, ckpt
+    return _cloned_state(module), ckpt
 
 
 def deit_state_dict(
@@ -88,7 +68,7 @@ def deit_state_dict(
             f"checkpoint {ckpt.path} has a {type(module).__name__} backbone; the DeiT export is for ViT backbones "
             "(export a ResNet with format torchvision or detectron2)"
         )
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}, ckpt
+    return _cloned_state(module), ckpt
 
 
 def timm_state_dict(
@@ -107,7 +87,7 @@ def timm_state_dict(
             "timm backbones (backbone=timm:<name>): export a ResNet with format torchvision, a ViT with format deit"
         )
     module, _, ckpt = load_backbone(ckpt)
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}, ckpt
+    return _cloned_state(module), ckpt
 
 
 def torchvision_model(arch: str, cifar_stem: bool = False, num_classes: int = 1000) -> models.ResNet:
@@ -156,11 +136,7 @@ def export_torchvision(checkpoint: str | Path | Mapping[str, Any] | BackboneChec
     strict=False)`` (only ``fc.*`` missing). For a CIFAR-stem checkpoint build the model with
     :func:`torchvision_model` ``(arch, cifar_stem=True)`` first.
     """
-    state, _ = torchvision_state_dict(checkpoint)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, output)
-    return output
+    return _save(torchvision_state_dict(checkpoint)[0], output)
 
 
 def export_detectron2(checkpoint: str | Path | Mapping[str, Any] | BackboneCheckpoint, output: str | Path) -> Path:
@@ -176,11 +152,7 @@ def export_detectron2(checkpoint: str | Path | Mapping[str, Any] | BackboneCheck
             f"checkpoint {ckpt.path} uses the CIFAR stem (3x3 conv1, cifar_stem=True), which detectron2's "
             "ResNet stem cannot load; export a backbone pretrained with cifar_stem=false for detection"
         )
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("wb") as f:
-        pickle.dump(detectron2_checkpoint(state), f)
-    return output
+    return _save(detectron2_checkpoint(state), output, pickle.dump)
 
 
 def export_deit(checkpoint: str | Path | Mapping[str, Any] | BackboneCheckpoint, output: str | Path) -> Path:
@@ -190,12 +162,7 @@ def export_deit(checkpoint: str | Path | Mapping[str, Any] | BackboneCheckpoint,
     heads) or load it into timm: ``VisionTransformer(...).load_state_dict(torch.load(path)["model"],
     strict=False)`` misses only ``head.*``.
     """
-    state, _ = deit_state_dict(checkpoint)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": state}, output)
-    return output
-
+    return _save({"model": deit_state_dict(checkpoint)[0]}, output)
 
 
 def export_timm(checkpoint: str | Path | Mapping[str, Any] | BackboneCheckpoint, output: str | Path) -> Path:
@@ -204,8 +171,17 @@ def export_timm(checkpoint: str | Path | Mapping[str, Any] | BackboneCheckpoint,
     Load it with ``timm.create_model(name, num_classes=0).load_state_dict(torch.load(path))`` (strict), or into
     ``timm.create_model(name, num_classes=N)`` with ``strict=False``: only the new classifier is missing.
     """
-    state, _ = timm_state_dict(checkpoint)
+    return _save(timm_state_dict(checkpoint)[0], output)
+
+
+def _cloned_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _save(obj: Any, output: str | Path, save: Callable[[Any, Any], None] = torch.save) -> Path:
+    """Write ``obj`` to ``output`` (parent folders created) with ``save(obj, file)``; returns the path."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, output)
+    with output.open("wb") as f:
+        save(obj, f)
     return output

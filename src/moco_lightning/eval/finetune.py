@@ -1,17 +1,9 @@
 """Fine-tuning: a pretrained backbone and a new linear classifier trained together with labels.
 
-Unlike the linear probe (:mod:`moco_lightning.eval.linear`), nothing is frozen: every backbone weight trains and
-batch norm runs in train mode (its statistics follow the labelled images). The classifier is new, initialised as the
-official linear probe's (``N(0, 0.01)`` weights, zero bias); the loss is cross-entropy (optionally label-smoothed);
-the optimizer is SGD with (Nesterov) momentum or AdamW, with two parameter groups: the classifier at ``lr`` and the
-backbone at ``lr x backbone_lr_factor``. The lr follows a linear warm-up then a cosine to 0, moved at every
-optimizer step. This is the semi-supervised evaluation of SimCLR and BYOL (fine-tuning on 1 % or 10 % of the
-labels, with :mod:`moco_lightning.data.labels` choosing them), and with a randomly initialised backbone the
-supervised baseline of the same budget.
-
-The fine-tuned network exports as a classifier: a torchvision ResNet state dict whose ``fc`` is the classifier
-(:meth:`FineTuner.torchvision_state_dict`), or a DeiT / timm one whose ``head`` is (ViTs,
-:meth:`FineTuner.deit_state_dict`); :func:`export_classifier` writes the right one.
+Unlike the linear probe (:mod:`moco_lightning.eval.linear`), nothing is frozen and batch norm runs in train mode.
+This is the semi-supervised evaluation of SimCLR and BYOL (fine-tuning on 1 % or 10 % of the labels, chosen by
+:mod:`moco_lightning.data.labels`), and with a randomly initialised backbone the supervised baseline of the same
+budget. The result exports as a torchvision ResNet or DeiT / timm classifier (:func:`export_classifier`).
 """
 
 from __future__ import annotations
@@ -26,11 +18,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 from torchvision import models
 
 from moco_lightning.eval.checkpoint import BackboneCheckpoint, load_backbone
-from moco_lightning.optim import ResumableLambdaLR, lr_lambda, scaled_lr, steps_per_epoch
+from moco_lightning.eval.linear import _BackboneClassifier, default_trainer, prepare_labelled_data
+from moco_lightning.optim import ResumableLambdaLR, images_per_optimizer_step, lr_lambda, scaled_lr, steps_per_epoch
 from moco_lightning.vit import MoCoViT
 
 __all__ = ["FINETUNE_OPTIMIZERS", "FineTuner", "check_finetune_args", "export_classifier", "finetune",
@@ -70,7 +62,7 @@ def check_finetune_args(optimizer: str = "sgd", lr: float = 0.0125, backbone_lr_
         raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1) (0 = plain cross-entropy)")
 
 
-class FineTuner(L.LightningModule):
+class FineTuner(_BackboneClassifier):
     """A backbone and a new ``nn.Linear`` classifier, all trained with labels (no layer frozen, BN in train mode).
 
     Training batches and validation batches are ``(images, labels)``. Logged per epoch: ``train/loss``,
@@ -96,6 +88,8 @@ class FineTuner(L.LightningModule):
 
     """
 
+    _TOP1, _TOP5, _KEEP_TOP5 = "acc_top1", "acc_top5", True
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -116,18 +110,11 @@ class FineTuner(L.LightningModule):
                             label_smoothing)
         self.save_hyperparameters(ignore=["backbone"])
         self.hparams.betas = tuple(float(b) for b in betas)
-        self.backbone = backbone.train()  # load_backbone returns it in eval mode, which Lightning would keep
+        # load_backbone returns it in eval mode, which Lightning would keep
+        self._add_classifier(backbone.train(), feature_dim, num_classes)
         for p in self.backbone.parameters():
             p.requires_grad_(True)  # fine-tuning: nothing frozen (a ViT's frozen patch projection included)
-        self.fc = nn.Linear(feature_dim, num_classes)
-        nn.init.normal_(self.fc.weight, mean=0.0, std=0.01)  # as the official linear probe (main_lincls.py)
-        nn.init.zeros_(self.fc.bias)
-        self.train_top1 = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.val_top1 = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.val_top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro")
         self._has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.backbone.modules())
-        #: ``{epoch: (top1, top5)}`` of every validation after a training epoch (epochs counted from 0).
-        self.val_history: dict[int, tuple[float, float]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, num_classes)`` of images ``x``."""
@@ -158,30 +145,6 @@ class FineTuner(L.LightningModule):
         if optimizer is not None:
             self.log("train/lr", float(optimizer.param_groups[-1]["lr"]), on_step=False, on_epoch=True)
         return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Log ``val/loss``, ``val/acc_top1``, ``val/acc_top5`` (fractions)."""
-        x, y = batch[0], batch[1]
-        logits = self(x)
-        self.val_top1(logits, y)
-        self.val_top5(logits, y)
-        self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True)
-        self.log("val/acc_top1", self.val_top1, prog_bar=True)
-        self.log("val/acc_top5", self.val_top5)
-
-    def on_validation_epoch_end(self) -> None:
-        """Record this epoch's validation accuracy (not Lightning's sanity check); log the best so far."""
-        if self.trainer.sanity_checking or self.trainer.state.fn != "fit":
-            return
-        self.val_history[self.current_epoch] = (float(self.val_top1.compute()), float(self.val_top5.compute()))
-        self.log("val/best_acc_top1", self.best()[0])
-
-    def best(self) -> tuple[float, int]:
-        """``(top1, epoch)`` of the best validated epoch (the earliest of ties; epochs counted from 0)."""
-        if not self.val_history:
-            raise RuntimeError("no validation epoch has run yet")
-        epoch = max(self.val_history, key=lambda e: (self.val_history[e][0], -e))
-        return self.val_history[epoch][0], epoch
 
     def last(self) -> tuple[float, float, int]:
         """``(top1, top5, epoch)`` of the last validated epoch."""
@@ -234,9 +197,7 @@ class FineTuner(L.LightningModule):
             hint = ("use deit_state_dict()" if isinstance(self.backbone, MoCoViT)
                     else "save the module's state_dict() instead")
             raise ValueError(f"a {type(self.backbone).__name__} backbone has no torchvision ResNet state dict; {hint}")
-        state = {k: v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()}  # no fc: an Identity
-        state.update({f"fc.{k}": v.detach().cpu().clone() for k, v in self.fc.state_dict().items()})
-        return state
+        return self._state_dict_with_classifier("fc.")  # the backbone's own fc is an Identity
 
     def deit_state_dict(self) -> dict[str, torch.Tensor]:
         """The network as a DeiT / timm ``VisionTransformer`` state dict, ``head`` = the classifier (ViTs only).
@@ -251,9 +212,11 @@ class FineTuner(L.LightningModule):
         if not isinstance(self.backbone, MoCoViT):
             raise ValueError(f"a {type(self.backbone).__name__} backbone has no DeiT state dict; a ResNet exports "
                              "with torchvision_state_dict()")
-        state = {k: v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()}
-        state.update({f"head.{k}": v.detach().cpu().clone() for k, v in self.fc.state_dict().items()})
-        return state
+        return self._state_dict_with_classifier("head.")
+
+    def _state_dict_with_classifier(self, prefix: str) -> dict[str, torch.Tensor]:
+        state = {**self.backbone.state_dict(), **{prefix + k: v for k, v in self.fc.state_dict().items()}}
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 def resnet_arch(module: nn.Module) -> tuple[str, bool] | None:
@@ -288,20 +251,6 @@ def export_classifier(model: FineTuner, output_dir: str | Path) -> Path:
         path = output_dir / "classifier_torchvision.pth"
         torch.save(model.torchvision_state_dict(), path)
     return path
-
-
-def prepare_labelled_data(datamodule: Any, what: str = "fine-tuning") -> int | None:
-    """``prepare_data()`` and ``setup("fit")`` a datamodule and check that it has labels.
-
-    Returns its ``num_classes`` (``None`` when it has no such attribute). ``what`` names the evaluation in the
-    error of a datamodule without labels (``require_labels``).
-    """
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    if hasattr(datamodule, "require_labels"):
-        datamodule.require_labels(what)
-    num_classes = getattr(datamodule, "num_classes", None)
-    return int(num_classes) if num_classes else None
 
 
 def train_finetuner(model: FineTuner, datamodule: Any, trainer: L.Trainer,
@@ -409,13 +358,10 @@ def finetune(
     if not classes:
         raise ValueError(f"number of classes unknown: pass num_classes=... or give {type(datamodule).__name__} a "
                          "num_classes attribute")
-    if trainer is None:
-        kwargs = {"max_epochs": epochs, "logger": False, "enable_checkpointing": False}
-        kwargs.update(trainer_kwargs or {})
-        trainer = L.Trainer(**kwargs)
+    trainer = default_trainer(trainer, epochs, trainer_kwargs)
     if scale_lr:
         batch = datamodule.eval_train_dataloader(augment=True).batch_size
-        lr = scaled_lr(lr, batch * trainer.world_size * trainer.accumulate_grad_batches)
+        lr = scaled_lr(lr, images_per_optimizer_step(batch, trainer.world_size, trainer.accumulate_grad_batches))
     model = FineTuner(module, dim, classes, optimizer=optimizer, lr=lr, backbone_lr_factor=backbone_lr_factor,
                       weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, betas=betas,
                       warmup_epochs=warmup_epochs, label_smoothing=label_smoothing)

@@ -25,10 +25,80 @@ from torchmetrics.classification import MulticlassAccuracy
 from moco_lightning.eval.checkpoint import load_backbone
 from moco_lightning.optim import LR_SCHEDULES, lr_lambda, scaled_lr
 
-SCHEDULES = LR_SCHEDULES
+
+class _BackboneClassifier(L.LightningModule):
+    """A backbone and a new ``nn.Linear`` classifier with top-1 / top-5 metrics: the probe's and fine-tuner's base.
+
+    Subclasses set the metric names ``_TOP1`` / ``_TOP5`` and whether :attr:`val_history` keeps ``(top1, top5)``
+    (``_KEEP_TOP5``) or top-1 alone.
+    """
+
+    _TOP1, _TOP5, _KEEP_TOP5 = "top1", "top5", False
+
+    def _add_classifier(self, backbone: nn.Module, feature_dim: int, num_classes: int) -> None:
+        self.backbone = backbone
+        self.fc = nn.Linear(feature_dim, num_classes)
+        # official main_lincls.py: fc.weight ~ N(0, 0.01), fc.bias = 0
+        nn.init.normal_(self.fc.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+        self.train_top1 = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_top1 = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro")
+        #: the validation after each training epoch (counted from 0): ``{epoch: top1}`` or ``{epoch: (top1, top5)}``.
+        self.val_history: dict[int, Any] = {}
+
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        self.val_top1(logits, y)
+        self.val_top5(logits, y)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log(f"{stage}/{self._TOP1}", self.val_top1, prog_bar=True)
+        self.log(f"{stage}/{self._TOP5}", self.val_top5)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Log ``val/loss`` and the validation top-1 / top-5 (fractions)."""
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        """Record this epoch's validation accuracy (not Lightning's sanity check); log the best top-1 so far."""
+        if self.trainer.sanity_checking or self.trainer.state.fn != "fit":
+            return
+        top1 = float(self.val_top1.compute())
+        self.val_history[self.current_epoch] = (top1, float(self.val_top5.compute())) if self._KEEP_TOP5 else top1
+        self.log(f"val/best_{self._TOP1}", self.best()[0])
+
+    def best(self) -> tuple[float, int]:
+        """``(top1, epoch)`` of the best validated epoch, the earliest of ties (the official script reports it)."""
+        if not self.val_history:
+            raise RuntimeError("no validation epoch has run yet")
+        top1 = {e: v[0] if self._KEEP_TOP5 else v for e, v in self.val_history.items()}
+        epoch = max(top1, key=lambda e: (top1[e], -e))
+        return top1[epoch], epoch
 
 
-class LinearProbe(L.LightningModule):
+def default_trainer(trainer: L.Trainer | None, epochs: int, trainer_kwargs: Mapping[str, Any] | None) -> L.Trainer:
+    """``trainer``, or a new one for ``epochs`` (no logger, no checkpoints) updated by ``trainer_kwargs``."""
+    if trainer is not None:
+        return trainer
+    return L.Trainer(**{"max_epochs": epochs, "logger": False, "enable_checkpointing": False, **(trainer_kwargs or {})})
+
+
+def prepare_labelled_data(datamodule: Any, what: str = "fine-tuning") -> int | None:
+    """``prepare_data()`` and ``setup("fit")`` a datamodule and check that it has labels.
+
+    Returns its ``num_classes`` (``None`` when it has no such attribute). ``what`` names the evaluation in the
+    error of a datamodule without labels (``require_labels``).
+    """
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    if hasattr(datamodule, "require_labels"):
+        datamodule.require_labels(what)
+    num_classes = getattr(datamodule, "num_classes", None)
+    return int(num_classes) if num_classes else None
+
+
+class LinearProbe(_BackboneClassifier):
     """A frozen backbone (always in eval mode) followed by a trainable ``nn.Linear`` classifier.
 
     Args:
@@ -65,25 +135,15 @@ class LinearProbe(L.LightningModule):
         reference_state: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}; set schedule=step or cosine")
+        if schedule not in LR_SCHEDULES:
+            raise ValueError(f"schedule={schedule!r} is not one of {LR_SCHEDULES}; set schedule=step or cosine")
         self.save_hyperparameters(ignore=["backbone", "reference_state"])
-        self.backbone = backbone
+        self._add_classifier(backbone, feature_dim, num_classes)
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         self.backbone.eval()
-        self.fc = nn.Linear(feature_dim, num_classes)
-        # official main_lincls.py: fc.weight ~ N(0, 0.01), fc.bias = 0
-        nn.init.normal_(self.fc.weight, mean=0.0, std=0.01)
-        nn.init.zeros_(self.fc.bias)
         source = reference_state if reference_state is not None else self.backbone.state_dict()
         self.reference_state = {k: v.detach().clone().cpu() for k, v in source.items()}
-        self.train_top1 = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.val_top1 = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        top_k = min(5, num_classes)
-        self.val_top5 = MulticlassAccuracy(num_classes=num_classes, top_k=top_k, average="micro")
-        #: validation top-1 after each training epoch, ``{epoch: top1}``: the official script keeps the best one.
-        self.val_history: dict[int, float] = {}
 
     def train(self, mode: bool = True) -> LinearProbe:
         """Set the classifier's mode; the backbone stays in eval mode so BN statistics cannot move."""
@@ -106,33 +166,6 @@ class LinearProbe(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/top1", self.train_top1, on_step=False, on_epoch=True)
         return loss
-
-    def _evaluate(self, batch: Any, stage: str) -> None:
-        x, y = batch[0], batch[1]
-        logits = self(x)
-        self.val_top1(logits, y)
-        self.val_top5(logits, y)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
-        self.log(f"{stage}/top1", self.val_top1, prog_bar=True)
-        self.log(f"{stage}/top5", self.val_top5)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Log ``val/loss``, ``val/top1``, ``val/top5`` (fractions)."""
-        self._evaluate(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        """Remember this epoch's validation top-1 (not during Lightning's sanity check); log the best so far."""
-        if self.trainer.sanity_checking or self.trainer.state.fn != "fit":
-            return
-        self.val_history[self.current_epoch] = float(self.val_top1.compute())
-        self.log("val/best_top1", max(self.val_history.values()))
-
-    def best(self) -> tuple[float, int]:
-        """``(top1, epoch)`` of the best validation epoch so far (the number the official script reports)."""
-        if not self.val_history:
-            raise RuntimeError("no validation epoch has run yet")
-        epoch = max(self.val_history, key=lambda e: (self.val_history[e], -e))
-        return self.val_history[epoch], epoch
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """Log ``test/loss``, ``test/top1``, ``test/top5`` (fractions)."""
@@ -247,17 +280,11 @@ def linear_eval(
     else:
         raise ValueError("linear_eval needs checkpoint=<path> (or backbone=<nn.Module> to evaluate a module as is)")
 
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    if hasattr(datamodule, "require_labels"):
-        datamodule.require_labels("the linear probe")
-    num_classes = num_classes or getattr(datamodule, "num_classes", None)
+    found = prepare_labelled_data(datamodule, "the linear probe")
+    num_classes = num_classes or found
     if num_classes is None:
         raise ValueError("number of classes unknown: pass num_classes=... or give the datamodule num_classes")
-    if trainer is None:
-        kwargs = {"max_epochs": epochs, "logger": False, "enable_checkpointing": False}
-        kwargs.update(trainer_kwargs or {})
-        trainer = L.Trainer(**kwargs)
+    trainer = default_trainer(trainer, epochs, trainer_kwargs)
     if hasattr(datamodule, "batches_device"):  # the loaders are built before fit: pin for the trainer's device
         datamodule.batches_device = trainer.strategy.root_device
     train_loader = _train_loader(datamodule, augment_train)

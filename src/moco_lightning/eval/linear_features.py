@@ -1,16 +1,11 @@
 """A linear probe that fits a CPU budget: logistic regression on frozen features, fitted by full-batch L-BFGS.
 
-The official protocols (:mod:`moco_lightning.eval.linear`) train a linear layer by SGD on augmented images for
-90-100 epochs: hours on a CPU. This probe embeds the *un-augmented* training and evaluation images once (frozen
-backbone in eval mode, no autograd, one loader batch at a time), standardises the features with the training set's
-statistics, and fits a multinomial logistic regression with full-batch L-BFGS. The L2 strength is chosen on a
-stratified held-out part of the training set from a small log-spaced grid (walked from the strongest strength down,
-each fit warm-started from the previous one, stopping once the held-out score has fallen twice in a row), then the
-classifier is refitted on all training features with the chosen strength and scored on the evaluation set.
-
-The objective minimised is ``mean cross-entropy + l2 / 2 * ||W||^2`` (the bias is not penalised); scikit-learn's
-``C`` is ``1 / (n_train * l2)``. The same probe takes raw pixels: pass ``embed_fn=None`` to
-:func:`feature_probe` and it uses the flattened images of the evaluation view.
+The official protocols (:mod:`moco_lightning.eval.linear`) train by SGD on augmented images for 90-100 epochs:
+hours on a CPU. This probe embeds the *un-augmented* images once, standardises the features, chooses the L2 strength
+on a stratified held-out part of the training set (:func:`choose_l2`), refits on all of it and scores the evaluation
+set. The objective is ``mean cross-entropy + l2 / 2 * ||W||^2`` (bias not penalised; scikit-learn's ``C`` is
+``1 / (n_train * l2)``). Written in torch rather than with scikit-learn: its held-out split and ``ddof=0``
+standardisation would change the recorded numbers, and the fit runs on the features' device.
 """
 
 from __future__ import annotations
@@ -24,20 +19,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moco_lightning.eval.knn import eval_mode, extract_features
+from moco_lightning.eval.features import eval_mode, extract_features
 
-__all__ = [
-    "DEFAULT_L2_GRID",
-    "LogisticRegression",
-    "ProbeResult",
-    "choose_l2",
-    "feature_probe",
-    "fit_logistic_regression",
-    "flatten_pixels",
-    "frozen_features",
-    "probe_features",
-    "standardize",
-]
+__all__ = ["DEFAULT_L2_GRID", "LogisticRegression", "ProbeResult", "choose_l2", "feature_probe",
+           "fit_logistic_regression", "flatten_pixels", "frozen_features", "probe_features", "standardize"]
 
 #: L2 strengths tried by default (1e-6 ... 1e-1, one per decade).
 DEFAULT_L2_GRID: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -57,9 +42,8 @@ def frozen_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features ``(N, D)`` (float32, on the CPU) and labels ``(N,)`` of every ``(x, y)`` batch of ``loader``.
 
-    ``module`` (the network behind ``embed_fn``) is put in eval mode for the pass and given its modes back after;
-    no autograd graph is built. Memory beyond the features themselves is one loader batch: lower the loader's batch
-    size to bound it. Uses :func:`moco_lightning.eval.knn.extract_features`.
+    ``module`` (the network behind ``embed_fn``) is in eval mode for the pass, without autograd; memory beyond the
+    features is one loader batch.
     """
     with eval_mode(module):
         features, labels = extract_features(lambda x: embed_fn(x).float().cpu(), loader, device=device)
@@ -200,17 +184,9 @@ def choose_l2(
     return best, scores
 
 
-def _walk_l2_grid(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    num_classes: int,
-    grid: Sequence[float],
-    holdout_fraction: float,
-    seed: int,
-    max_iter: int,
-    tolerance: float,
-    patience: int | None,
-) -> tuple[float, dict[float, dict[str, float]], LogisticRegression]:
+def _walk_l2_grid(x: torch.Tensor, y: torch.Tensor, num_classes: int, grid: Sequence[float], holdout_fraction: float,
+                  seed: int, max_iter: int, tolerance: float, patience: int | None,
+                  ) -> tuple[float, dict[float, dict[str, float]], LogisticRegression]:
     """:func:`choose_l2`, and the fit of the best strength (a warm start for the refit on all the data)."""
     if not grid:
         raise ValueError("the L2 grid is empty; give at least one strength, e.g. [1e-4]")

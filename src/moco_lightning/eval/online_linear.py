@@ -64,8 +64,8 @@ class OnlineLinearProbe(Callback):
         num_classes = self.num_classes or getattr(trainer.datamodule, "num_classes", None)
         if num_classes is None:
             raise RuntimeError(
-                "OnlineLinearProbe does not know the number of classes: set "
-                "callbacks.online_linear.num_classes or use a datamodule with a num_classes attribute"
+                "OnlineLinearProbe does not know the number of classes: pass num_classes= or use a "
+                "datamodule with a num_classes attribute"
             )
         feature_dim = getattr(pl_module, "feature_dim", None)
         if feature_dim is None:
@@ -90,7 +90,7 @@ class OnlineLinearProbe(Callback):
             raise RuntimeError(
                 "OnlineLinearProbe needs training_step to return {'loss', 'features', 'labels'}; "
                 f"{type(pl_module).__name__}.training_step returned {type(outputs).__name__}. "
-                "Remove callbacks.online_linear or return the detached backbone features"
+                "Remove the OnlineLinearProbe callback or return the detached backbone features"
             )
         assert self.classifier is not None and self.optimizer is not None and self.accuracy is not None
         features = outputs["features"].detach().float()
