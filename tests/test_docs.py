@@ -71,8 +71,8 @@ def test_site_builds_strict(tmp_path: Path) -> None:
     assert "dictionary look-up" in (site / "index.html").read_text(encoding="utf-8")
     results = (site / "results/index.html").read_text(encoding="utf-8")
     assert "python train.py model=mocov3" in results
-    assert "hparams_search=dictionary" in results and "hparams_search=bn_leak" in results  # README's Fashion-MNIST
-    for image in ("embedding_map.png", "fashion_mnist_dictionary.png", "fashion_mnist_bn_leak.png"):
+    assert "hparams_search=momentum" in results and "hparams_search=bn_leak" in results  # README's Fashion-MNIST
+    for image in ("embedding_map.png", "fashion_mnist_dictionary_claims.png", "fashion_mnist_bn_leak.png"):
         assert (site / "images" / image).is_file(), image
 
 
