@@ -127,3 +127,18 @@ def test_quiet_on_a_process_that_is_not_rank_zero(monkeypatch):
 def test_thresholds_are_checked():
     with pytest.raises(ValueError, match="window=0"):
         HealthMonitor(window=0)
+
+
+def test_loss_and_collapse_checks_wait_for_the_warm_up_and_a_quarter_of_the_run():
+    """The digits default sits at chance and its uniformity near 0 in its first steps: no check before then."""
+    from types import SimpleNamespace
+
+    monitor = HealthMonitor()  # after_fraction 0.25
+    trainer = SimpleNamespace(num_training_batches=22, accumulate_grad_batches=1, estimated_stepping_batches=660)
+    no_warmup = SimpleNamespace(hparams={"warmup_epochs": 0})
+    long_warmup = SimpleNamespace(hparams={"warmup_epochs": 10})
+    assert not monitor._warmed_up(trainer, no_warmup, 164) and monitor._warmed_up(trainer, no_warmup, 165)
+    assert not monitor._warmed_up(trainer, long_warmup, 219) and monitor._warmed_up(trainer, long_warmup, 220)
+    assert HealthMonitor(after_steps=8)._warmed_up(trainer, no_warmup, 8)
+    with pytest.raises(ValueError, match="after_fraction=2"):
+        HealthMonitor(after_fraction=2)

@@ -60,7 +60,11 @@ class HealthMonitor(Callback):
     Args:
         enabled: ``False`` turns every check off.
         window: logging steps averaged by the step checks (loss, accuracy, spread of the queries).
-        after_steps: steps before the loss and collapse checks; ``None``: the warm-up's end (and the queue's turnover).
+        after_steps: steps before the loss and collapse checks; ``None``: the later of the warm-up's end and
+            ``after_fraction`` of the run's steps.
+        after_fraction: with ``after_steps=None``, the fraction of the run's optimizer steps the loss and collapse
+            checks wait for (the digits default is at 0.99 of chance at step 50 of 660 and its val/uniformity near 0
+            for 2 epochs before both fall: benchmarks/RESULTS.md, "Health monitor thresholds").
         chance_fraction: ``not-learning`` when the mean loss after ``after_steps`` is at least this fraction of chance.
         collapse_std: ``collapse`` when the normalised queries' mean per-dimension std x ``sqrt(dim)`` is below this.
         collapse_uniformity: ``collapse`` when ``val/uniformity`` (≤ 0; 0 = every embedding at one point) is above this.
@@ -78,6 +82,7 @@ class HealthMonitor(Callback):
         enabled: bool = True,
         window: int = 5,
         after_steps: int | None = None,
+        after_fraction: float = 0.25,
         # FMNIST: healthy at 0.58 of ln(K+1) after the warm-up, 0.86-0.92 after one epoch; m=0 at 1.00 (RESULTS.md)
         chance_fraction: float = 0.95,
         # digits 8 px: 0.07-0.20 at init and while healthy; lr 20 (collapsed) 0.025-0.029 (RESULTS.md)
@@ -98,7 +103,10 @@ class HealthMonitor(Callback):
             raise ValueError(f"after_steps={after_steps} must be >= 0 or None (the end of the warm-up)")
         if knn_patience < 1:
             raise ValueError(f"knn_patience={knn_patience} must be a positive number of kNN passes")
+        if not 0 <= after_fraction <= 1:
+            raise ValueError(f"after_fraction={after_fraction} must be in [0, 1]")
         self.enabled, self.window, self.after_steps, self.leak_accuracy = enabled, window, after_steps, leak_accuracy
+        self.after_fraction = after_fraction
         self.chance_fraction, self.collapse_std, self.max_key_age = chance_fraction, collapse_std, max_key_age
         self.collapse_uniformity = collapse_uniformity
         self.knn_patience, self.knn_after_fraction, self.knn_margin = knn_patience, knn_after_fraction, knn_margin
@@ -123,7 +131,9 @@ class HealthMonitor(Callback):
             return step >= self.after_steps
         warmup_epochs = float(getattr(pl_module, "hparams", {}).get("warmup_epochs", 0) or 0)
         steps_per_epoch = int(trainer.num_training_batches) // max(int(trainer.accumulate_grad_batches), 1)
-        return step >= warmup_epochs * steps_per_epoch
+        total = float(trainer.estimated_stepping_batches)
+        start = max(warmup_epochs * steps_per_epoch, self.after_fraction * total if math.isfinite(total) else 0.0)
+        return step >= start
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
