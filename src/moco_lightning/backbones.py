@@ -115,7 +115,10 @@ def build_backbone(
     patch_size: int = 16,
     freeze_patch_embed: bool = False,
 ) -> tuple[nn.Module, int]:
-    """Build a backbone and report its feature width.
+    """Build a backbone; returns ``(module, D)``, D the width of its features.
+
+    The ResNet-only options are ignored for a ViT and the ViT-only ones for a ResNet (both for a timm model, which
+    keeps its own stem, initialisation and input size): one set of settings serves every backbone name.
 
     Args:
         backbone: a name from :data:`BACKBONES` or ``"timm:<timm model name>"`` (randomly initialised; nothing is
@@ -129,12 +132,6 @@ def build_backbone(
         image_size: ViTs only: side of the input images in pixels (the position-embedding grid).
         patch_size: ViTs only: side of a patch in pixels (16 at 224 px, 4 at 32 px).
         freeze_patch_embed: ViTs only: keep the random patch projection frozen (MoCo v3's ``--stop-grad-conv1``).
-
-    The ResNet-only options are ignored for a ViT and the ViT-only ones for a ResNet (both for a timm model, which
-    keeps timm's own stem, initialisation and input size), so one set of settings can serve every backbone name.
-
-    Returns:
-        ``(module, D)``: the backbone and the width of its features.
 
     """
     if isinstance(backbone, str):

@@ -95,12 +95,7 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     in place of layout, NHWC in and NHWC out, with per-group statistics). Each group updates its own copy
     of the running statistics and the copies are averaged, so the running statistics are those of ``num_splits``
     GPUs of ``N / S`` images each. In eval mode it is an ordinary BatchNorm2d; its state dict is BatchNorm2d's.
-
-    Args:
-        num_features: channels C.
-        num_splits: groups S; the batch size must be a multiple of it.
-        **kwargs: the other ``nn.BatchNorm2d`` arguments.
-
+    The batch size must be a multiple of ``num_splits``; ``**kwargs`` go to ``nn.BatchNorm2d``.
     """
 
     def __init__(self, num_features: int, num_splits: int = DEFAULT_BN_SPLITS, **kwargs: object) -> None:

@@ -54,11 +54,7 @@ def _cgroup_paths(proc_cgroup: Path) -> dict[str, str]:
 
 
 def _folders_up(mount: Path, path: str) -> list[Path]:
-    """``mount/path`` and each parent up to ``mount``: a quota anywhere above the process applies to it.
-
-    Inside a container the path is often the host's and the mount is already the container's cgroup; folders that
-    do not exist are skipped, and the mount itself is always looked at.
-    """
+    """``mount/path`` and each existing parent up to ``mount``: a quota anywhere above the process applies to it."""
     parts = [p for p in path.strip("/").split("/") if p and p != ".."]
     return [mount.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
 
@@ -89,12 +85,7 @@ def _quota_v1(folder: Path) -> float | None:
 
 
 def cgroup_cpu_quota(root: Path | None = None, proc_cgroup: Path | None = None) -> float | None:
-    """The CPU quota of this process's cgroups in CPUs (e.g. ``1.5``), the tightest one; ``None`` where there is none.
-
-    Reads cgroup v2 (``cpu.max`` of the unified hierarchy) and v1 (``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` of
-    the ``cpu`` controller), in the process's own cgroup and every cgroup above it. ``root`` and ``proc_cgroup``
-    default to :data:`CGROUP_ROOT` and :data:`PROC_CGROUP`.
-    """
+    """The tightest CPU quota (e.g. ``1.5``) of this process's cgroups, v2 or v1, and those above; ``None`` if none."""
     root = CGROUP_ROOT if root is None else root
     paths = _cgroup_paths(PROC_CGROUP if proc_cgroup is None else proc_cgroup)
     quotas = []
@@ -111,8 +102,7 @@ def cgroup_cpu_quota(root: Path | None = None, proc_cgroup: Path | None = None) 
 def usable_cpus(root: Path | None = None, proc_cgroup: Path | None = None) -> tuple[int, str]:
     """The CPUs this process may use and where that number comes from (``"affinity mask"``, ``"cgroup quota"``).
 
-    The smaller of the affinity mask and the cgroup quota, rounded up (a quota of 1.5 CPUs runs two threads at
-    three quarters each) and at least 1.
+    The smaller of the affinity mask and the cgroup quota, rounded up, at least 1.
     """
     mask = _affinity_cpus()
     quota = cgroup_cpu_quota(root, proc_cgroup)
@@ -124,12 +114,8 @@ def usable_cpus(root: Path | None = None, proc_cgroup: Path | None = None) -> tu
 def slurm_task_cpus() -> int | None:
     """The CPUs of this process's own SLURM task, when SLURM started one task per training process; else ``None``.
 
-    That is a process started by ``srun`` (a job step) in a job of several tasks, which Lightning's
-    ``SLURMEnvironment`` takes its ranks from: the task's share is its CPUs per task (``SLURM_CPUS_PER_TASK``,
-    no more than the CPUs the process may use), or the CPUs it may use as they are. Not in an interactive
-    allocation (job name ``bash`` or ``interactive``, as Lightning decides), a batch script run without
-    ``srun``, or under ``torchrun`` (which Lightning prefers to SLURM), where the processes of the machine are
-    not SLURM's tasks and share the CPUs.
+    That is an ``srun`` job step of several tasks, which Lightning's ``SLURMEnvironment`` takes its ranks from; not an
+    interactive allocation, a batch script without ``srun``, or ``torchrun``, whose processes share the CPUs.
     """
     env = os.environ
     if "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env:
@@ -160,12 +146,7 @@ def _process_share(processes_on_this_machine: int) -> int:
 
 
 def auto_workers(processes_on_this_machine: int = 1) -> int:
-    """``num_workers="auto"``: the CPUs of this process's share (:func:`usable_cpus` per process), less one.
-
-    One CPU is the training process's own; with a single CPU there is no worker. When SLURM started each training
-    process as its own task (:func:`slurm_task_cpus`), the CPUs of that task are the process's alone and are not
-    divided again.
-    """
+    """``num_workers="auto"``: the CPUs of this process's share (or its SLURM task's), less one."""
     share = _process_share(processes_on_this_machine)
     return share - 1 if share > 1 else 0
 
@@ -251,12 +232,10 @@ class ThreadPlan:
 def plan_threads(processes_on_this_machine: int = 1, workers: int | str = 0, measure_busy: float = 0.0) -> ThreadPlan:
     """Share the CPUs of this process between its torch intra-op threads and its ``workers`` loader workers.
 
-    The process's share is :func:`usable_cpus` (affinity mask and cgroup quota) divided by the training processes
-    of the machine, or its SLURM task's CPUs. Each loader worker takes one CPU (``"auto"``: :func:`auto_workers`),
-    the training process's threads the rest, at least one. With ``measure_busy`` seconds and a single training
-    process on the machine, CPUs that other jobs keep busy over that time (``/proc/stat``) are taken off first:
-    several processes of one run start at different moments and would count each other, so they share equally.
-    An ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` the user set wins: ``threads`` is then ``None``.
+    Each loader worker takes one CPU of the process's share (``"auto"``: :func:`auto_workers`), the threads the rest,
+    at least one. With ``measure_busy`` seconds and a single training process, CPUs other jobs keep busy
+    (``/proc/stat``) are taken off first (several processes of one run would count each other). An ``OMP_NUM_THREADS``
+    / ``MKL_NUM_THREADS`` the user set wins: ``threads`` is then ``None``.
     """
     cpus, source = usable_cpus()
     task_cpus = slurm_task_cpus()

@@ -30,10 +30,8 @@ DRIFT_CHUNK_NUMEL = 1 << 22
 def parameter_drift(online: nn.Module, target: nn.Module, chunk_numel: int = DRIFT_CHUNK_NUMEL) -> torch.Tensor:
     """Relative distance of ``target``'s parameters from ``online``'s: ``||θ_t − θ_o|| / ||θ_o||`` (0-d tensor).
 
-    Both norms are over all parameters as one flattened vector, by fused multi-tensor ops over groups of about
-    ``chunk_numel`` elements (small temporaries that are reused: benchmarks/RESULTS.md times it against one copy of
-    all parameters). The difference is formed explicitly: ``||a||² + ||b||² − 2a·b`` would cancel catastrophically
-    for encoders this close in float32. For MoCo, ``online`` is the query encoder and ``target`` the key encoder.
+    Fused multi-tensor ops over groups of about ``chunk_numel`` elements. The difference is formed explicitly:
+    ``||a||² + ||b||² − 2a·b`` would cancel catastrophically in float32 for encoders this close.
     """
     online_params = [p.detach() for p in online.parameters()]
     target_params = [p.detach() for p in target.parameters()]

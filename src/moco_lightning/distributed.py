@@ -89,11 +89,8 @@ def shuffle_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     The key images of all processes are gathered, permuted by one permutation drawn on rank 0 and broadcast,
     and each process keeps its own slice, so the batch-norm statistics of the key encoder are computed on a
-    different subset of samples than the query encoder's and cannot leak which key is the positive.
-
-    Returns:
-        ``(x_shuffled_local, idx_unshuffle)``; pass ``idx_unshuffle`` to :func:`unshuffle_batch`.
-
+    different subset of samples than the query encoder's and cannot leak which key is the positive. Returns
+    ``(x_shuffled_local, idx_unshuffle)``; pass ``idx_unshuffle`` to :func:`unshuffle_batch`.
     """
     if not is_distributed():  # one process: BN over the whole batch is permutation invariant, nothing to do
         return x, torch.arange(x.shape[0], device=x.device)

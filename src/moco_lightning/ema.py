@@ -26,12 +26,7 @@ def momentum_update(online: nn.Module, target: nn.Module, m: float) -> None:
     Only parameters are averaged; buffers (BN running statistics) are left alone, as in the official code, so
     the key encoder keeps its own statistics from its own forward passes. Uses fused multi-tensor ops
     (``torch._foreach_*``), one kernel launch for all tensors instead of a Python loop per parameter.
-
-    Args:
-        online: the query encoder f_q.
-        target: the key encoder f_k, same architecture.
-        m: momentum in [0, 1]: 0 copies ``online``, 1 freezes ``target``.
-
+    ``online`` is the query encoder f_q, ``target`` the key encoder f_k; ``m`` in [0, 1] (1 freezes ``target``).
     """
     if not 0.0 <= m <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {m}")
@@ -55,11 +50,7 @@ def check_weight_precision(precision: str | int | None) -> None:
     The momentum update moves each key weight by ``(1 − m)`` = 0.001 of its distance to the query weight, at or
     below the spacing of 16-bit numbers around it (bf16 keeps 8 significant bits, fp16 11): in bf16 most weights do
     not move at all, in fp16 the steps are off by about a tenth, and both get worse as the two encoders converge.
-    Mixed precision keeps float32 weights and computes in 16 bits: use that.
-
-    Raises:
-        ValueError: one line naming the precision and the mixed one to use instead.
-
+    Mixed precision keeps float32 weights and computes in 16 bits: the one-line ``ValueError`` names it.
     """
     if str(precision) in HALF_PRECISION_WEIGHTS:
         mixed = "bf16-mixed" if str(precision).startswith("bf16") else "16-mixed"

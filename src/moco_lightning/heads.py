@@ -32,12 +32,7 @@ class ProjectionHead(nn.Sequential):
     * ``mlp=True`` (MoCo v2, Chen et al. 2020, Sec. 2): ``Linear(in_dim, hidden) -> ReLU -> Linear(hidden,
       out_dim)``, no batch norm, hidden width ``in_dim`` unless ``hidden_dim`` is given.
 
-    Args:
-        in_dim: width D of the backbone features.
-        out_dim: width of the embedding (``dim`` in the paper, 128 by default in MoCo).
-        hidden_dim: hidden width of the MLP; ``None`` means ``in_dim``.
-        mlp: two layers with a ReLU instead of one linear layer.
-
+    ``in_dim`` is the backbone's width D, ``out_dim`` the embedding's (the paper's ``dim``, 128 in MoCo).
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int | None = None, mlp: bool = False) -> None:

@@ -56,8 +56,7 @@ class InitWeights:
     Attributes:
         path: the file.
         state_dict: the backbone's tensors under the backbone's own names.
-        source: the format they were found in (``"official MoCo v1/v2 checkpoint"``, ``"torchvision ResNet state
-            dict"``...).
+        source: the format they were found in (``"torchvision ResNet state dict"``...).
 
     """
 
@@ -106,17 +105,15 @@ def _state_dict_of(checkpoint: Any, path: str) -> tuple[Mapping[str, Any], str]:
 
 
 def find_backbone_weights(checkpoint: Any, backbone: nn.Module, path: str = "<memory>") -> InitWeights:
-    """Find the tensors of ``backbone`` in a loaded file (see the module docstring for the formats), without loading.
+    """Find the tensors of ``backbone`` in a loaded file (formats: the module docstring), without loading them.
 
     Args:
         checkpoint: what ``torch.load`` returned.
-        backbone: the backbone to start; only its state dict's names and shapes are read (a module on the
-            ``meta`` device will do).
+        backbone: the backbone to start; only its names and shapes are read (``meta`` device will do).
         path: the file, for the messages.
 
     Raises:
-        InitWeightsError: the file holds no state dict, or its weights do not fit ``backbone`` (missing or
-            unexpected keys, other shapes; a 7x7 ImageNet ``conv1`` for the 3x3 CIFAR stem or the reverse).
+        InitWeightsError: the file holds no state dict, or its weights do not fit ``backbone``.
 
     """
     state, container = _state_dict_of(checkpoint, path)
@@ -194,12 +191,7 @@ def read_init_weights(path: str | Path, backbone: nn.Module, *, mmap: bool = Fal
 
 @torch.no_grad()
 def init_backbone(backbone: nn.Module, path: str | Path) -> InitWeights:
-    """Load ``backbone``'s weights from an ``init_from`` file, all of them (strictly), and log one line saying so.
-
-    Raises:
-        InitWeightsError: see :func:`read_init_weights`.
-
-    """
+    """Load ``backbone``'s weights strictly from an ``init_from`` file (:func:`read_init_weights`); log one line."""
     found = read_init_weights(path, backbone, mmap=True)
     own = backbone.state_dict()
     state = {k: found.state_dict.get(k, v) for k, v in own.items()}  # a missing num_batches_tracked: the backbone's
@@ -213,9 +205,8 @@ def check_init_from(init_from: str | None = None, backbone: str | nn.Module = "r
                     image_size: int = 224, patch_size: int = 16) -> None:
     """Check that ``init_from`` fits the backbone these settings build, reading names and shapes only.
 
-    The backbone is built on the ``meta`` device (no memory, no initialisation) and the file memory-mapped, so the
-    check costs almost nothing; ``None`` checks nothing. The training CLI runs it on the config before anything is
-    built (prefixing ``model.``).
+    The backbone is built on the ``meta`` device and the file memory-mapped: the check costs almost nothing.
+    ``None`` checks nothing.
 
     Raises:
         InitWeightsError: see :func:`read_init_weights`.

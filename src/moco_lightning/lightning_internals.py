@@ -22,25 +22,10 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 __all__ = [
-    "PRIVATE_ATTRIBUTES",
-    "PRIVATE_USES",
-    "KeepingExperimentWriter",
-    "TESTED_LIGHTNING",
-    "LightningInternalsError",
-    "attached_trainer",
-    "batches_fetched",
-    "csv_logger_writer",
-    "internal",
-    "lightning_sync_batchnorm",
-    "logger_started",
-    "request_stop_after_step",
-    "require_internals",
-    "restore_loader_position",
-    "setup_train_data",
-    "signal_handler_snapshot",
-    "slurm_requeue",
-    "tensorboard_purge_step",
-    "wandb_resume_run",
+    "PRIVATE_ATTRIBUTES", "PRIVATE_USES", "KeepingExperimentWriter", "TESTED_LIGHTNING", "LightningInternalsError",
+    "attached_trainer", "batches_fetched", "csv_logger_writer", "internal", "lightning_sync_batchnorm",
+    "logger_started", "request_stop_after_step", "require_internals", "restore_loader_position", "setup_train_data",
+    "signal_handler_snapshot", "slurm_requeue", "tensorboard_purge_step", "wandb_resume_run",
 ]
 
 #: The Lightning versions the resume and preemption tests pass with: the range pyproject.toml requires.
@@ -92,12 +77,7 @@ class LightningInternalsError(RuntimeError):
 
 
 def internal(trainer: Any, path: str) -> Any:
-    """The Lightning internal at ``path`` (a key of :data:`PRIVATE_USES`) of ``trainer``.
-
-    Raises:
-        LightningInternalsError: the installed Lightning does not have it.
-
-    """
+    """The internal at ``path`` (a key of :data:`PRIVATE_USES`) of ``trainer``; LightningInternalsError if absent."""
     value = trainer
     for name in path.split("."):
         try:
@@ -118,10 +98,7 @@ def require_internals(trainer: Any, used_by: str) -> None:
 
 
 def request_stop_after_step(trainer: L.Trainer) -> None:
-    """Set Lightning's SIGTERM flag: the loop finishes the step and raises ``SIGTERMException``.
-
-    Lightning broadcasts rank 0's flag only: set it on every process at the same step (``PreemptionCheckpoint``).
-    """
+    """Set Lightning's SIGTERM flag (the step finishes, then ``SIGTERMException``); only rank 0's is broadcast."""
     internal(trainer, "_signal_connector.received_sigterm")
     trainer._signal_connector.received_sigterm = True
 
@@ -132,10 +109,7 @@ def signal_handler_snapshot(trainer: L.Trainer) -> dict[int, Any]:
 
 
 def slurm_requeue(trainer: L.Trainer, signum: int) -> Path | None:
-    """Under SLURM auto-requeue and its signal, Lightning's requeue: ``hpc_ckpt_<n>.ckpt``, ``scontrol requeue``.
-
-    Returns the checkpoint's path, or ``None`` (nothing done) outside SLURM auto-requeue or for another signal.
-    """
+    """Under SLURM auto-requeue and its signal, Lightning's hpc save and requeue: the checkpoint's path, else None."""
     environment = internal(trainer, "_accelerator_connector.cluster_environment")
     if not (isinstance(environment, SLURMEnvironment) and environment.auto_requeue
             and signum == environment.requeue_signal):
@@ -175,10 +149,7 @@ def batches_fetched(trainer: L.Trainer) -> int:
 
 
 def lightning_sync_batchnorm(trainer: L.Trainer) -> bool:
-    """Whether Lightning converts the model's BatchNorm layers (``Trainer(sync_batchnorm=True)``).
-
-    Lightning keeps it as the strategy's private ``_layer_sync``; only parallel strategies have one.
-    """
+    """Whether Lightning converts the BatchNorm layers (``sync_batchnorm=True``: the strategy's ``_layer_sync``)."""
     return getattr(trainer.strategy, "_layer_sync", None) is not None
 
 
@@ -195,11 +166,7 @@ class KeepingExperimentWriter(ExperimentWriter):
 
 
 def csv_logger_writer(logger: CSVLogger, writer_class: type[ExperimentWriter]) -> ExperimentWriter:
-    """``logger.experiment`` as Lightning's ``CSVLogger`` makes it, with a writer of ``writer_class``.
-
-    Lightning's logger builds its writer class by name inside its ``experiment`` property; a subclass that wants
-    another writer repeats those lines, which set the private ``_experiment`` and use ``_fs``.
-    """
+    """``logger.experiment`` as ``CSVLogger`` builds it (its class hard-wired there), with a ``writer_class`` writer."""
     if logger._experiment is None:
         logger._fs.makedirs(logger.root_dir, exist_ok=True)
         logger._experiment = writer_class(log_dir=logger.log_dir)
@@ -217,10 +184,7 @@ def tensorboard_purge_step(logger: TensorBoardLogger, step: int) -> None:
 
 
 def wandb_resume_run(logger: WandbLogger, run_id: str) -> bool:
-    """Make a logger that has not started continue wandb run ``run_id`` (``resume="allow"``).
-
-    Returns ``False`` (nothing done) when the logger was given a run id of its own.
-    """
+    """Make a logger that has not started continue wandb run ``run_id``; ``False`` if it has a run id of its own."""
     if logger._wandb_init.get("id"):
         return False
     logger._wandb_init.update(id=run_id, resume="allow")

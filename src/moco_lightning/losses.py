@@ -25,18 +25,10 @@ from moco_lightning.distributed import concat_all_gather, rank
 def info_nce_logits(
     q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of the (1+K)-way classification that InfoNCE solves, in float32.
+    """Logits ``(N, 1 + K)`` (positive in column 0) and labels (N zeros) of InfoNCE's (1+K)-way classification.
 
-    Args:
-        q: normalised queries ``(N, C)``, any floating dtype (half precision under autocast).
-        k: normalised positive keys ``(N, C)``, no gradient needed.
-        queue: normalised negatives ``(K, C)``: the dictionary as it was before this step's keys.
-        temperature: T; logits are divided by it.
-
-    Returns:
-        float32 ``logits`` of shape ``(N, 1 + K)`` (float64 when the inputs are float64) with the positive in
-        column 0, and ``labels``, N zeros.
-
+    ``q``, ``k`` (no gradient) are normalised ``(N, C)``, any floating dtype; ``queue`` the normalised negatives
+    ``(K, C)`` before this step's keys; logits are divided by ``temperature``, in float32 (float64 inputs: float64).
     """
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.float32)
     with _autocast_off(q.device.type):  # float32 logits even under mixed precision

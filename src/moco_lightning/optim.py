@@ -1,11 +1,7 @@
 """Optimizers and learning-rate schedules of the MoCo recipes, and the numbers they need from the Trainer.
 
-Optimizers: SGD (v1/v2), LARS as in the official MoCo v3 code (ResNet) and AdamW (v3, ViT); see
-:func:`build_optimizer`.
-
-Schedules are written in epochs, as the papers state them, and applied per optimizer step through
-``torch.optim.lr_scheduler.LambdaLR``: ``lr_interval="epoch"`` holds the lr within an epoch (official v1/v2),
-``"step"`` moves it at every step (v3). Steps per epoch come from the loader (:func:`steps_per_epoch`).
+Optimizers: SGD (v1/v2), LARS (v3, ResNet) and AdamW (v3, ViT): :func:`build_optimizer`. Schedules are written in
+epochs, as the papers state them, and applied per optimizer step through ``LambdaLR`` (:func:`lr_lambda`).
 """
 
 from __future__ import annotations
@@ -36,9 +32,7 @@ def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256) -> 
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS as the official MoCo v3 code applies it (``moco/optimizer.py``).
-
-    You et al. 2017, "Large Batch Training of Convolutional Networks".
+    """LARS (You et al. 2017) as the official MoCo v3 code applies it (``moco/optimizer.py``).
 
     For a parameter ``w`` with gradient ``g``, per step::
 
@@ -47,11 +41,8 @@ class LARS(torch.optim.Optimizer):
         μ ← momentum · μ + d                        (μ starts at 0)
         w ← w − lr · μ
 
-    With ``exclude_1d`` (the official behaviour) parameters of at most one dimension (biases, BN and LayerNorm
-    weights) skip the first two lines: no weight decay and no trust ratio, plain SGD with momentum.
-
-    Not timm's ``Lars``: its trust ratio divides by ``‖g‖ + weight_decay·‖w‖`` (+ eps), not by the official
-    ``‖g + weight_decay·w‖``, and it decays 1-D parameters unless they are put in separate groups.
+    With ``exclude_1d`` 1-D parameters skip the first two lines. Not timm's ``Lars``: its trust ratio divides by
+    ``‖g‖ + weight_decay·‖w‖``, not the official ``‖g + weight_decay·w‖``, and it decays 1-D parameters.
 
     Args:
         params: parameters or parameter groups.
@@ -109,13 +100,8 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer of a MoCo recipe, with weight decay on every parameter as the official code does.
 
-    * ``"sgd"`` (v1/v2): SGD with ``momentum`` (0.9) and ``weight_decay`` (1e-4) on every parameter, BN and
-      biases included. Contiguous parameters on the CPU or a CUDA device are updated by torch's fused SGD (the
-      same update in one kernel over all tensors; its timing against the per-tensor loop: benchmarks/RESULTS.md).
-    * ``"lars"`` (v3, ResNet): :class:`LARS` with ``momentum`` (0.9) and ``trust_coefficient`` (0.001); 1-D
-      parameters get neither weight decay nor the trust ratio.
-    * ``"adamw"`` (v3, ViT): ``torch.optim.AdamW`` with ``betas`` (PyTorch's default (0.9, 0.999), which the
-      official code keeps) and decoupled ``weight_decay`` (0.1) on every parameter; ``momentum`` is unused.
+    ``"sgd"`` (v1/v2; torch's fused SGD on contiguous parameters), ``"lars"`` (v3, ResNet: :class:`LARS`) or
+    ``"adamw"`` (v3, ViT; ``momentum`` unused). The other arguments are those optimizers' own.
     """
     if name == "sgd":
         params = list(params)
@@ -134,33 +120,6 @@ def build_optimizer(
     raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
 
 
-def lr_factor(
-    epoch: float,
-    schedule: str,
-    total_epochs: float,
-    milestones: Sequence[float] = (120, 160),
-    warmup_epochs: float = 0,
-    gamma: float = 0.1,
-) -> float:
-    """The factor of the base lr at a (possibly fractional) ``epoch``, as the official scripts compute it.
-
-    Warm-up: ``epoch / warmup_epochs`` (official MoCo v3; 0 at the very first step). After it, ``"cosine"`` is
-    ``½(1 + cos(π·(epoch − warmup) / (total − warmup)))`` (v2, v3), ``"step"`` multiplies by ``gamma`` at each
-    milestone epoch passed (v1: 0.1 at 120 and 160 of 200) and ``"constant"`` is 1.
-    """
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"unknown lr_schedule {schedule!r}; choose one of {LR_SCHEDULES}")
-    if epoch < warmup_epochs:
-        return epoch / warmup_epochs
-    if schedule == "cosine":
-        span = total_epochs - warmup_epochs
-        progress = min((epoch - warmup_epochs) / span, 1.0) if span > 0 else 1.0
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "step":
-        return gamma ** sum(epoch >= m for m in milestones)
-    return 1.0
-
-
 def lr_lambda(
     schedule: str,
     total_steps: int,
@@ -172,8 +131,11 @@ def lr_lambda(
 ) -> Callable[[int], float]:
     """The factor applied to the base lr at each optimizer step, for ``torch.optim.lr_scheduler.LambdaLR``.
 
+    As the official scripts: a linear warm-up from 0 (MoCo v3), then ``"cosine"`` (v2, v3), ``"step"`` (``gamma``
+    at each milestone epoch passed; v1: 0.1 at 120 and 160 of 200) or ``"constant"``.
+
     Args:
-        schedule: ``"step"``, ``"cosine"`` or ``"constant"`` (see :func:`lr_factor`).
+        schedule: ``"step"``, ``"cosine"`` or ``"constant"``.
         total_steps: optimizer steps of the whole run (the cosine reaches 0 there).
         steps_per_epoch: optimizer steps per epoch, to turn epochs (milestones, warm-up) into steps.
         milestones: epochs at which the step schedule decays.
@@ -194,7 +156,15 @@ def lr_lambda(
         epoch = step / steps_per_epoch
         if interval == "epoch":
             epoch = math.floor(epoch + 1e-9)
-        return lr_factor(epoch, schedule, total_epochs, milestones, warmup_epochs, gamma)
+        if epoch < warmup_epochs:
+            return epoch / warmup_epochs
+        if schedule == "cosine":
+            span = total_epochs - warmup_epochs
+            progress = min((epoch - warmup_epochs) / span, 1.0) if span > 0 else 1.0
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if schedule == "step":
+            return gamma ** sum(epoch >= m for m in milestones)
+        return 1.0
 
     return factor
 
@@ -202,11 +172,8 @@ def lr_lambda(
 class ResumableLambdaLR(torch.optim.lr_scheduler.LambdaLR):
     """``LambdaLR`` that restores its position from a checkpoint but keeps the base lrs of the current run.
 
-    A plain ``LambdaLR`` restores ``base_lrs`` from the checkpoint, and Lightning restores the optimizer's
-    ``lr`` / ``initial_lr`` too, so a run resumed with another global batch (another number of processes) would
-    keep the lr scaled for the old batch. This scheduler keeps the base lrs it was built with (``lr x global
-    batch / 256`` of this run), takes only the step count from the checkpoint, sets each group's lr to
-    ``base x factor(step)`` and logs the change.
+    A plain ``LambdaLR`` (and Lightning, for the optimizer) restores the old run's lrs, so a run resumed with
+    another global batch would keep the lr scaled for the old one; this one takes only the step count.
     """
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -257,9 +224,8 @@ def per_device_batch_size(trainer: Any) -> int:
 def images_per_optimizer_step(batch_size: int, processes: int = 1, accumulate_grad_batches: int = 1) -> int:
     """The global batch: images per optimizer step over all processes, the batch of the lr scaling rule.
 
-    ``batch_size`` (per process) x ``processes`` x ``accumulate_grad_batches``. The one definition, used by the
-    modules, the checkpoints' run state and the training CLI. (The queue counts keys per forward step instead,
-    without accumulation: :func:`moco_lightning.queue.check_queue_size`.)
+    The one definition. (The queue counts keys per forward step, without accumulation:
+    :func:`moco_lightning.queue.check_queue_size`.)
     """
     return int(batch_size) * int(processes) * int(accumulate_grad_batches)
 

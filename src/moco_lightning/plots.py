@@ -147,13 +147,7 @@ def sweep_curves_figure(runs: Mapping[str, Mapping[str, tuple[Sequence[float], S
     """One panel per metric, one line per run of a sweep: how the jobs compare over training.
 
     Dense (per-step) series are shown as a running mean over about 1/50 of their length, so that two noisy curves
-    can be told apart; sparse (per-epoch) ones as points.
-
-    Args:
-        runs: run label (its swept values) -> metric name -> ``(steps, values)``.
-        metrics: the metrics to draw, one panel each.
-        title: the figure's title (the sweep folder).
-
+    can be told apart; sparse (per-epoch) ones as points. ``runs``: run label -> metric name -> ``(steps, values)``.
     """
     if not any(runs[run].get(metric) and len(runs[run][metric][0]) for run in runs for metric in metrics):
         raise ValueError(f"no metric to plot: none of {list(metrics)} has a value in any job")
@@ -182,18 +176,10 @@ def _is_fraction(metric: str) -> bool:
 
 def sweep_heatmap_figure(grid: np.ndarray, x_values: Sequence[str], y_values: Sequence[str], x_key: str,
                          y_key: str, metric: str, counts: np.ndarray | None = None, scale: float = 100.0) -> Figure:
-    """A heatmap of a metric over two swept keys, each cell annotated; missing cells grey and marked "n/a".
+    """A heatmap of ``metric`` over two swept keys, each cell annotated; missing cells grey and marked "n/a".
 
-    Args:
-        grid: ``(len(y_values), len(x_values))`` values of the metric, NaN where no job finished.
-        x_values: tick labels of the columns.
-        y_values: tick labels of the rows.
-        x_key: the swept key of the columns (axis label).
-        y_key: the swept key of the rows.
-        metric: the metric's name (colour bar label).
-        counts: jobs averaged per cell (shown as "(n=2)" where more than one).
-        scale: factor of the annotations and colours (100: fractions shown as percent).
-
+    ``grid`` is ``(len(y_values), len(x_values))``, NaN where no job finished; ``counts`` the jobs per cell (shown
+    as "(n=2)" where more than one); ``scale`` multiplies annotations and colours (100: fractions as percent).
     """
     grid = np.asarray(grid, dtype=float) * scale
     fig = Figure(figsize=(1.2 * len(x_values) + 2.8, 0.7 * len(y_values) + 1.8), layout="constrained")

@@ -1,10 +1,8 @@
 """MoCo augmentations (v1, v2 "aug+", v3's pair, digits, small grey images) and per-dataset evaluation transforms.
 
-Every pipeline accepts a PIL image or an image tensor (``(C, H, W)``, uint8 or float in ``[0, 1]``) and returns a
-normalised ``float32`` tensor ``(3, size, size)``. The random resized crop runs first, so a large photo is cropped
-before anything else touches it; the photometric operations then run on the input's own type (``torchvision.
-transforms.v2`` ops, PIL's blur and solarize for PIL images as in the official code, tensor ops for tensors), and
-the view is converted to a float tensor and normalised last.
+Every pipeline takes a PIL image or an image tensor (uint8, or float in ``[0, 1]``) and returns a normalised
+``float32`` tensor ``(3, size, size)``; the random resized crop runs first, the photometric operations on the input's
+own type (PIL's blur and solarize for PIL images, as in the official code).
 
 Parameters follow the papers and the official code (facebookresearch/moco ``main_moco.py``,
 facebookresearch/moco-v3 ``main_moco.py``); each builder says where its numbers come from.
@@ -89,10 +87,8 @@ _RESIZE_CENTER_CROP = ("imagenet", "folder")
 class GaussianBlur(torch.nn.Module):
     """Gaussian blur with ``sigma ~ U[sigma_min, sigma_max]``, drawn per call.
 
-    A PIL image is blurred with PIL's ``ImageFilter.GaussianBlur(radius=sigma)``, exactly as the official MoCo
-    v2 / v3 code does (and about 5x faster than a tensor convolution at 224 px). A tensor image is blurred with
-    ``torchvision``'s ``gaussian_blur`` using a kernel that covers ``±3 sigma`` (capped to an odd size no larger
-    than the image), which follows PIL's blur closely at every image size.
+    PIL images: PIL's ``ImageFilter.GaussianBlur`` as the official MoCo v2 / v3 code (about 5x faster than a
+    tensor convolution at 224 px); tensors: torchvision's ``gaussian_blur`` over ``±3 sigma``.
 
     Args:
         sigma: ``(min, max)`` of the uniform distribution of sigma, in pixels. MoCo v2 / v3: ``(0.1, 2.0)``.
@@ -127,12 +123,9 @@ class GaussianBlur(torch.nn.Module):
 class RandomSolarize(torch.nn.Module):
     """Solarisation (invert pixels at or above a threshold) with probability ``p``, whatever the image type.
 
-    The threshold is a fraction of the value range: 0.5 means 128 for PIL / uint8 images (PIL's
-    ``ImageOps.solarize`` default, used by the official MoCo v3 code) and 0.5 for float images in ``[0, 1]``.
-
     Args:
         p: probability of solarising.
-        threshold: threshold as a fraction of the maximum value.
+        threshold: fraction of the value range (0.5: 128 for uint8, as the official MoCo v3 code).
 
     """
 
@@ -161,8 +154,7 @@ class TwoViewTransform:
 
     Args:
         transform_1: transform of the first (query) view.
-        transform_2: transform of the second (key) view; defaults to ``transform_1`` (symmetric v1 / v2 views,
-            still independent draws).
+        transform_2: transform of the second (key) view; defaults to ``transform_1``.
 
     """
 
@@ -205,11 +197,7 @@ def _dataset_view(what: str, dataset: str, image_size: int | None, mean: Sequenc
 def moco_v1_transform(image_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
                       std: Sequence[float] = IMAGENET_STD,
                       crop_scale: tuple[float, float] = (0.2, 1.0)) -> v2.Compose:
-    """MoCo v1 view (He et al. 2020, Sec. 4; official ``main_moco.py`` without ``--aug-plus``).
-
-    RandomResizedCrop(scale 0.2-1), RandomGrayscale(p 0.2), ColorJitter(0.4, 0.4, 0.4, 0.4) always applied,
-    horizontal flip, normalisation.
-    """
+    """MoCo v1 view (He et al. 2020, Sec. 4; official ``main_moco.py`` without ``--aug-plus``)."""
     _check_size(image_size)
     return v2.Compose([
         v2.RandomResizedCrop(image_size, scale=crop_scale, antialias=True),
@@ -225,9 +213,7 @@ def moco_v2_transform(image_size: int = 224, mean: Sequence[float] = IMAGENET_ME
                       blur_prob: float = 0.5) -> v2.Compose:
     """MoCo v2 "aug+" view (Chen et al. 2020, Sec. 2; official ``main_moco.py --aug-plus``).
 
-    RandomResizedCrop(scale 0.2-1), ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, RandomGrayscale(p 0.2),
-    Gaussian blur sigma U[0.1, 2.0] with p 0.5, horizontal flip, normalisation. ``blur_prob=0`` gives the
-    official CIFAR-10 demo's blur-free variant.
+    ``blur_prob=0`` gives the official CIFAR-10 demo's blur-free variant.
     """
     _check_size(image_size)
     return v2.Compose([
@@ -246,10 +232,7 @@ def moco_v3_transforms(image_size: int = 224, mean: Sequence[float] = IMAGENET_M
                        flip_prob: float = 0.5) -> tuple[v2.Compose, v2.Compose]:
     """MoCo v3's asymmetric pair (Chen, Xie, He 2021, Sec. 3 / Appendix; official ``main_moco.py``, BYOL's recipe).
 
-    Both views: RandomResizedCrop(scale ``crop_scale``; default 0.08-1, the official ``--crop-min`` default, which
-    the ViT runs keep; the official ResNet-50 runs pass ``--crop-min=.2``, i.e. ``crop_scale=(0.2, 1.0)``),
-    ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8, RandomGrayscale(p 0.2), horizontal flip. View 1: Gaussian blur
-    with p 1.0. View 2: Gaussian blur with p 0.1 and solarisation (threshold 0.5, i.e. 128/255) with p 0.2.
+    ``crop_scale`` defaults to the official ``--crop-min`` (0.08, kept by the ViT runs; ResNet-50 runs pass 0.2).
     ``flip_prob=0`` leaves out the flip, for data where a mirror image is another class (MNIST, KMNIST).
 
     Returns:
@@ -278,10 +261,8 @@ def digits_transform(image_size: int = 16, mean: Sequence[float] = DIGITS_MEAN,
                      translate: float = 0.1, jitter: float = 0.4) -> v2.Compose:
     """A view for handwritten digits that keeps a digit a digit.
 
-    No horizontal flip (a flipped 2, 3, 5, 7 or 9 is no longer that digit), no grayscale or hue (the images are
-    grey), no blur (at 8x8 source resolution a blur erases the stroke). Instead: a mild RandomResizedCrop
-    (scale 0.7-1, aspect ratio 0.85-1.18), a small affine (rotation ±10 degrees, translation ±10 %, scale 0.9-1.1,
-    shear ±5 degrees), and brightness / contrast jitter 0.4 with p 0.8.
+    No flip (a flipped 2, 3, 5, 7 or 9 is no longer that digit), no grayscale or hue (grey images), no blur (at
+    8x8 source resolution it erases the stroke); a mild crop and a small affine instead.
     """
     _check_size(image_size)
     return v2.Compose([
@@ -299,10 +280,7 @@ def grey_transform(image_size: int = 28, mean: Sequence[float] = FASHION_MNIST_M
                    blur_prob: float = 0.0) -> v2.Compose:
     """A view for small grey images (Fashion-MNIST, MNIST, KMNIST): MoCo v2's aug+ less what does nothing on grey.
 
-    RandomResizedCrop(scale ``crop_scale``), brightness / contrast jitter ``jitter`` with p ``jitter_prob``,
-    horizontal flip with p ``flip_prob`` (0 for digits and characters), Gaussian blur sigma U[0.1, 2.0] with p
-    ``blur_prob``. Saturation, hue and random grayscale are left out: on a grey image they change nothing. The
-    defaults are MoCo v2's crop and jitter strengths; ``blur_prob`` 0 was measured best on Fashion-MNIST
+    ``flip_prob`` 0 for digits and characters; ``blur_prob`` 0 was measured best on Fashion-MNIST
     (benchmarks/RESULTS.md, "MoCo v2 on Fashion-MNIST: T below 0.1, and blur").
     """
     _check_size(image_size)
@@ -354,9 +332,7 @@ def eval_transform(dataset: str, image_size: int | None = None, mean: Sequence[f
                    std: Sequence[float] | None = None) -> v2.Compose:
     """The deterministic evaluation view of a dataset (kNN memory bank / queries, linear-probe validation).
 
-    ImageNet-like data ("imagenet", "folder"): resize the short side to ``round(size / 0.875)`` then centre crop
-    ``size`` (256 -> 224, the official linear-evaluation protocol). Small fixed-size datasets ("cifar10",
-    "cifar100", "stl10", "digits"): resize to ``size`` only when it differs from the stored size.
+    ImageNet-like data: resize to ``size / 0.875`` and centre crop (the official protocol); others: resize.
 
     Args:
         dataset: a key of :data:`DATASET_STATS`.
@@ -376,11 +352,14 @@ def eval_transform(dataset: str, image_size: int | None = None, mean: Sequence[f
 
 def linear_train_transform(dataset: str, image_size: int | None = None, mean: Sequence[float] | None = None,
                            std: Sequence[float] | None = None) -> v2.Compose:
-    """The training view of the linear-evaluation protocol.
+    """The training view of the linear protocol (official ``main_lincls.py``); characters get no flip.
 
-    RandomResizedCrop(size) (default scale 0.08-1) + horizontal flip, as in the official ``main_lincls.py``.
-    Digits (and MNIST, KMNIST) use a mild crop (scale 0.7-1) and no flip, for the same reason as
-    :func:`digits_transform`.
+    Args:
+        dataset: a key of :data:`DATASET_STATS`.
+        image_size: output size; ``None`` = the dataset's default.
+        mean: normalisation mean; ``None`` = the dataset's.
+        std: normalisation std; ``None`` = the dataset's.
+
     """
     size, mean, std = _dataset_view("linear_train_transform", dataset, image_size, mean, std)
     if dataset in ("digits", "mnist", "kmnist"):  # characters: a flip changes the class

@@ -36,11 +36,8 @@ CONV_STEM_PATCH = 16
 class ConvStem(nn.Module):
     """The convolutional stem of MoCo v3's ``vit_conv_*``: four 3x3 stride-2 convolutions and a 1x1 projection.
 
-    Widths ``D/8 → D/4 → D/2 → D`` (each conv without bias, then BatchNorm and ReLU), then a 1x1 conv ``D → D`` with
-    bias: a 16x16 patch becomes one token, as with the linear patch projection it replaces. PyTorch's default
-    initialisation, as the official code (which re-initialises only the linear patch projection). Built by timm's
-    ``VisionTransformer`` through ``embed_layer``; the keywords it passes for its own ``PatchEmbed`` (``bias``,
-    ``dynamic_img_pad``, ...) are ignored.
+    Widths ``D/8 → D/4 → D/2 → D`` (conv, BatchNorm, ReLU), then a 1x1 conv with bias: a 16x16 patch becomes one
+    token. PyTorch's default initialisation, as the official code.
 
     Args:
         img_size: side of the square input images in pixels (a multiple of 16).
@@ -85,16 +82,12 @@ class ConvStem(nn.Module):
 class MoCoViT(VisionTransformer):
     """timm's ``VisionTransformer`` as MoCo v3 trains it.
 
-    * The position embedding is the fixed 2-D sin-cos table of the official ``build_2d_sincos_position_embedding``:
-      patch ``(row i, column j)`` gets ``[sin(i·ω), cos(i·ω), sin(j·ω), cos(j·ω)]``, ``ω_d = 10000^(−d / (D/4))``,
-      and the class token a zero row. timm's ``build_sincos2d_pos_embed`` with ``interleave_sin_cos=True`` is that
-      layout (its default puts both sines first). It is a buffer (saved in the state dict under timm's name
-      ``pos_embed``, never a parameter, so no optimizer or EMA touches it).
-    * Initialisation of the official ``vits.py``: Xavier-uniform linears (Q, K and V as three separate matrices),
-      zero biases, class token N(0, 1e-6), patch projection Xavier-uniform over its ``3·p·p`` inputs.
-    * ``freeze_patch_embed`` (official ``--stop-grad-conv1``, the v3 stability trick, Sec. 5.1): the random patch
-      projection never trains (``requires_grad=False``). It applies to the linear patch projection only: with
-      ``conv_stem=True`` the stem trains whatever it says, as in the official code.
+    * Position embedding: the official fixed 2-D sin-cos table (timm's ``build_sincos2d_pos_embed`` with
+      ``interleave_sin_cos=True``), a buffer under timm's name ``pos_embed``, so no optimizer or EMA touches it.
+    * Initialisation of the official ``vits.py``: Xavier-uniform linears (Q, K and V as three matrices), zero
+      biases, class token N(0, 1e-6), patch projection Xavier-uniform over its ``3·p·p`` inputs.
+    * ``freeze_patch_embed`` (official ``--stop-grad-conv1``, Sec. 5.1): the linear patch projection never trains;
+      a conv stem trains, as in the official code.
 
     Args:
         embed_dim: token width D (384 ViT-S, 768 ViT-B).

@@ -129,22 +129,29 @@ def test_option_composes_and_instantiates(group, option, compose_train, tmp_path
 
 
 def test_fashion_mnist_claims_sweeps_share_one_budget_and_start_at_one_batch(compose_train):
-    # the dictionary sweep's smallest queue is one batch of the recipe (the smallest queue MoCo allows), every
-    # queue is a whole number of batches, and both claims sweeps run at one fixed budget below the recipe's
+    # the dictionary sweeps run the recipe at one fixed budget below its own; the smallest queue is one batch (the
+    # smallest MoCo allows), every queue is a whole number of batches, and the momentum sweep has m = 0 (Table 1)
     recipe = compose_train(["experiment=fashion_mnist"])
-    for option in ("dictionary", "bn_leak"):
+    for option in ("dictionary_size", "momentum", "bn_leak"):
         overrides = ["experiment=fashion_mnist", f"hparams_search={option}"]
         cfg = compose_train(overrides)
         assert cfg.data.batch_size == recipe.data.batch_size
         assert cfg.trainer.max_epochs < recipe.trainer.max_epochs and cfg.data.image_size <= recipe.data.image_size
         assert cfg.callbacks.knn.every_n_epochs == 1  # the report reads the last epoch's val/knn_top1
-        # as measured: T 0.2 and no warm-up (the recipe's would fill most of a job this short)
-        assert recipe.model.warmup_epochs > 0 and (cfg.model.warmup_epochs, cfg.model.temperature) == (0, 0.2)
-        if option == "dictionary":
-            params = compose_train(overrides, return_hydra_config=True).hydra.sweeper.params
+        params = compose_train(overrides, return_hydra_config=True).hydra.sweeper.params
+        if option == "bn_leak":  # as measured: T 0.2 and no warm-up (the recipe's would fill most of a job this short)
+            assert recipe.model.warmup_epochs > 0 and (cfg.model.warmup_epochs, cfg.model.temperature) == (0, 0.2)
+            continue
+        assert cfg.trainer.max_epochs >= 5  # where the claims can show (a one-epoch job ends below its init)
+        assert cfg.model.warmup_epochs == recipe.model.warmup_epochs  # the recipe otherwise
+        assert cfg.model.temperature == recipe.model.temperature
+        if option == "dictionary_size":
             queues = [int(k) for k in str(params["model.queue_size"]).split(",")]
             assert min(queues) == cfg.data.batch_size and all(k % cfg.data.batch_size == 0 for k in queues)
+            assert cfg.model.momentum == recipe.model.momentum
+        else:
             assert "0.0" in str(params["model.momentum"]).split(",")  # the paper's "no momentum" arm
+            assert cfg.model.queue_size == 4096  # the K of the paper's momentum ablation
 
 
 def test_recipe_follows_the_data_backbone_pair(compose_train):

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from moco_lightning import cpus as cpus_module
 from moco_lightning.cli.config_checks import check_config
 from moco_lightning.data import DigitsDataModule
 from moco_lightning.data.base import auto_workers
@@ -15,11 +16,13 @@ from moco_lightning.data.base import auto_workers
                                                              (4, 8, 0)])
 def test_auto_workers_share_the_cores_of_this_process(monkeypatch, cores, processes, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(cpus_module, "cgroup_cpu_quota", lambda *args: None)  # the test machine's own quota aside
     assert auto_workers(processes) == expected
 
 
 def test_a_datamodule_with_auto_workers_uses_the_machines_cores(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.setattr(cpus_module, "cgroup_cpu_quota", lambda *args: None)
     dm = DigitsDataModule(num_workers="auto", batch_size=16, image_size=8)
     assert dm.num_workers == 3 and dm.persistent_workers
     with pytest.raises(ValueError, match="num_workers=many must be an integer >= 0"):

@@ -47,12 +47,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str],
                         storage_options: Any | None = None) -> None:
-        """Write ``checkpoint`` to ``path`` so that ``path`` is at all times either the old file or the new one.
-
-        Raises:
-            DiskFullError: the disk (or the user's quota) is full; the previous file at ``path`` is unchanged.
-
-        """
+        """Write ``checkpoint`` to ``path``, at all times the old file or the new (kept on ``DiskFullError``)."""
         if storage_options is not None or not _is_local(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return

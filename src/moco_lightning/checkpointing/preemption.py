@@ -39,14 +39,8 @@ log = logging.getLogger(__name__)
 class PreemptionCheckpoint(Callback):
     """On SIGTERM / SIGUSR1: finish the current step, save a checkpoint, stop (``SIGTERMException``).
 
-    Args:
-        filename: the checkpoint written outside SLURM auto-requeue, in the folder of the trainer's
-            ``ModelCheckpoint`` (``<default_root_dir>/checkpoints`` without one).
-
-    Attributes:
-        signum: the signal received (``None`` before one arrives).
-        saved_path: the checkpoint written on that signal (``None`` if none was).
-
+    ``filename`` is written outside SLURM auto-requeue, in the ``ModelCheckpoint`` folder (else
+    ``<default_root_dir>/checkpoints``); ``signum`` and ``saved_path`` are the signal and its checkpoint, or ``None``.
     """
 
     def __init__(self, filename: str = "last.ckpt") -> None:

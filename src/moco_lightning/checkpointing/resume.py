@@ -1,13 +1,10 @@
 """Which checkpoint to resume from, and whether it can be: readable, a training checkpoint, of this model.
 
-* :func:`read_training_checkpoint` opens one file and checks it before Lightning does: not a folder, a complete
-  zip archive whose CRCs match (a truncated or damaged file fails here, not halfway through a restore), loadable
-  with ``torch.load(weights_only=True)`` as Lightning loads it, and holding what a resume needs (weights,
-  optimizer, loops).
-* :func:`find_resume_checkpoint` is ``ckpt_path=auto``: the newest valid checkpoint of the run's folders, skipping
-  (with a warning naming each one) those that fail the checks above.
-* :func:`check_checkpoint_matches` compares the checkpoint's tensors with the model's before any compute and
-  names both shapes of whatever differs (queue size, embedding width, backbone).
+* :func:`read_training_checkpoint` checks one file before Lightning does (a file, a zip whose CRCs match,
+  loadable with ``weights_only=True``, holding weights, optimizer and loops).
+* :func:`find_resume_checkpoint` is ``ckpt_path=auto``: the newest valid checkpoint, skipping (with a warning
+  naming each one) those that fail.
+* :func:`check_checkpoint_matches` names both shapes of any tensor that differs from the model's, before compute.
 """
 
 from __future__ import annotations
@@ -37,15 +34,7 @@ class ResumeError(ValueError):
 
 
 def check_checkpoint_path(path: str | Path, setting: str = "ckpt_path") -> Path:
-    """The checkpoint file ``path`` names (``~`` expanded), after checking that it is a file that exists.
-
-    The training CLI calls it on the config before anything is built; :func:`read_training_checkpoint` calls it
-    before it reads the file.
-
-    Raises:
-        ResumeError: the path is a folder or does not exist; the message says what to pass instead.
-
-    """
+    """The checkpoint file ``path`` names (``~`` expanded); ``ResumeError`` for a folder or a missing path."""
     file = Path(path).expanduser()
     if file.is_dir():
         raise ResumeError(f"{setting}={str(path)!r} is a folder, not a checkpoint file; pass a file such as "
@@ -60,14 +49,8 @@ def check_checkpoint_path(path: str | Path, setting: str = "ckpt_path") -> Path:
 def read_training_checkpoint(path: str | Path, setting: str = "ckpt_path") -> dict[str, Any]:
     """Open a checkpoint to resume from, memory-mapped (tensors are read lazily), after checking it.
 
-    Args:
-        path: the checkpoint file.
-        setting: the config key that named it, for the messages.
-
-    Raises:
-        ResumeError: the path is missing or a folder, the file is truncated or damaged (zip CRC), cannot be
-            loaded with ``weights_only=True``, or is not a training checkpoint.
-
+    ``setting`` names it in the messages. ``ResumeError``: missing, a folder, truncated or damaged (zip CRC), not
+    loadable with ``weights_only=True``, or not a training checkpoint.
     """
     file = check_checkpoint_path(path, setting)
     try:

@@ -77,12 +77,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 class ResumeState(Callback):
-    """Save the generators of every process, the config and the version in each checkpoint; restore on resume.
-
-    Args:
-        config: the composed config as YAML text, stored as is (the training CLI sets it); ``None`` stores none.
-
-    """
+    """Save every process's generators, the config (YAML text, stored as is) and the version; restore on resume."""
 
     def __init__(self, config: str | None = None) -> None:
         self.config = config

@@ -96,11 +96,8 @@ def count_devices(devices: Any) -> int | None:
 def count_processes(trainer: Any) -> int | None:
     """Processes of a run: ``trainer.devices`` (auto / -1 resolved with the accelerator's count) x ``num_nodes``.
 
-    ``None`` when the device count cannot be known before the run (``devices=auto`` on an absent accelerator).
-
-    Raises:
-        ConfigError: ``trainer.devices`` is not a device count, a list of ids, -1 or auto.
-
+    ``None`` when the device count cannot be known before the run (``devices=auto`` on an absent accelerator);
+    ``ConfigError`` when ``trainer.devices`` is not a count, a list of ids, -1 or auto.
     """
     # Lightning's CUDA queries ask NVML, not the driver: CUDA must not start in the parent of ddp_fork / ddp_notebook
     from lightning.fabric.accelerators.cuda import is_cuda_available, num_cuda_devices

@@ -1,11 +1,8 @@
 """The library's errors in the config's words: an argument the message names becomes ``<config path>.<argument>``.
 
-The library (model, datamodules, callbacks) raises errors in its own argument names (``queue_size=...``,
-``set every_n_epochs``), as a Python user calls it. Where the CLI catches one, it knows which config node built the
-object (Hydra's ``full_key``: ``model``, ``data``, ``callbacks.knn``) and the arguments that node's target takes;
-:func:`name_settings` puts the node's path in front of each such argument, so that the one-line error names the
-setting to change on the command line. :func:`instantiation_message` does it for an error Hydra's ``instantiate``
-wrapped, whose message carries that ``full_key``.
+The library raises errors in its own argument names (``queue_size=...``), as a Python user calls it. The CLI knows
+which config node built the object (Hydra's ``full_key``: ``model``, ``data``, ``callbacks.knn``) and its target's
+arguments; :func:`name_settings` puts the node's path in front of each, so the error names the setting to change.
 """
 
 from __future__ import annotations
@@ -98,11 +95,7 @@ def node_settings(message: str, node: Any, key: str) -> str:
 
 
 def instantiation_message(err: BaseException, cfg: Any) -> str:
-    """One line for an error of Hydra's ``instantiate``: the constructor's own message, in ``cfg``'s keys.
-
-    Hydra wraps what a constructor raised (``err.__cause__``) in an ``InstantiationException`` whose message ends
-    with ``full_key: <path of the node>``; the arguments the constructor's message names become ``<path>.<argument>``.
-    """
+    """The first line of the constructor's error (``err.__cause__``) with its arguments under Hydra's ``full_key``."""
     from omegaconf import OmegaConf
 
     cause = err.__cause__ if err.__cause__ is not None else err
@@ -116,12 +109,7 @@ def instantiation_message(err: BaseException, cfg: Any) -> str:
 
 
 def refused_arguments(err: BaseException) -> bool:
-    """Whether ``err`` is Hydra's wrapper of a constructor that refused its arguments or files (the user's to fix).
-
-    A ``ValueError`` (the library's range checks, :class:`~moco_lightning.data.DatasetError`), a ``TypeError`` (an
-    argument of the wrong kind), an ``OSError`` (a path) or a :class:`~moco_lightning.data.DatasetNotAvailableError`;
-    anything else a constructor raises is a fault, shown with its traceback.
-    """
+    """Whether ``err`` wraps a constructor's refusal of its arguments or files (the user's to fix, not a fault)."""
     from hydra.errors import InstantiationException
 
     from moco_lightning.data import DatasetNotAvailableError
@@ -131,12 +119,7 @@ def refused_arguments(err: BaseException) -> bool:
 
 
 def error_line(err: BaseException, cfg: Any) -> str:
-    """The one line an entry point prints for a user's error: in config keys where the error names arguments.
-
-    An error Hydra's ``instantiate`` wrapped reads as :func:`instantiation_message`; a dataset's error
-    (:class:`~moco_lightning.data.DatasetError`, :class:`~moco_lightning.data.DatasetNotAvailableError`) with the
-    arguments of the ``data`` node as ``data.<argument>``; any other as it is.
-    """
+    """The one line an entry point prints for a user's error, in config keys where it names arguments."""
     from hydra.errors import InstantiationException
 
     from moco_lightning.data import DatasetError, DatasetNotAvailableError

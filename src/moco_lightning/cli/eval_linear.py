@@ -53,30 +53,13 @@ def evaluate_linear(cfg: DictConfig) -> tuple[dict[str, Any], L.Trainer]:
     labels = apply_labelled_subset(cfg, datamodule)  # the probe's training images: the labelled ones only
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
     trainer = instantiate(cfg.trainer, logger=loggers or False, enable_checkpointing=False)
-    result = linear_eval(
-        ckpt,
-        datamodule,
-        epochs=cfg.trainer.max_epochs,
-        lr=cfg.lr,
-        scale_lr=cfg.scale_lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        schedule=cfg.schedule,
-        milestones=list(cfg.milestones),
-        gamma=cfg.gamma,
-        augment_train=cfg.augment_train,
-        sanity_check=cfg.sanity_check,
-        trainer=trainer,
-    )
+    options = ("lr", "scale_lr", "momentum", "weight_decay", "schedule", "gamma", "augment_train", "sanity_check")
+    result = linear_eval(ckpt, datamodule, epochs=cfg.trainer.max_epochs, milestones=list(cfg.milestones),
+                         trainer=trainer, **{key: cfg[key] for key in options})
     return {
-        "checkpoint": ckpt.path,
-        "backbone": ckpt.backbone,
-        "dataset": type(datamodule).__name__,
-        "epochs": cfg.trainer.max_epochs,
-        "global_batch": cfg.batch_size,
-        "linear_top1": result["top1"],
-        "linear_top5": result["top5"],
-        "linear_best_top1": result["best_top1"],
+        "checkpoint": ckpt.path, "backbone": ckpt.backbone, "dataset": type(datamodule).__name__,
+        "epochs": cfg.trainer.max_epochs, "global_batch": cfg.batch_size, "linear_top1": result["top1"],
+        "linear_top5": result["top5"], "linear_best_top1": result["best_top1"],
         "best_epoch": result["best_epoch"] + 1,  # counted from 1, as printed
         **labels,
     }, trainer

@@ -29,12 +29,8 @@ def apply_labelled_subset(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
     """Restrict ``datamodule``'s labelled training images to the config's subset; returns what was used.
 
     Returns ``{"label_fraction", "label_seed", "label_subset_file", "labelled_images", "train_images"}``
-    (``labelled_images`` equals ``train_images`` when every label is used).
-
-    Raises:
-        DatasetError: a fraction out of (0, 1], a subset file that cannot be read or does not fit the data (one
-            line, naming the setting).
-
+    (``labelled_images`` equals ``train_images`` when every label is used). ``DatasetError`` (one line naming the
+    setting): a fraction out of (0, 1], a subset file that cannot be read or does not fit the data.
     """
     fraction = float(cfg.get("label_fraction", 1.0))
     seed = int(cfg.get("label_seed", 0))

@@ -1,19 +1,12 @@
 """``python train.py`` / ``moco-train``: MoCo pretraining from the Hydra configs in ``conf/``.
 
-Checks the config (:mod:`moco_lightning.cli.config_checks`), builds the datamodule, the module, the callbacks, the
-loggers and the Trainer from their ``_target_`` entries, finds and checks the checkpoint to resume from
-(``ckpt_path=<file>``, or ``ckpt_path=auto``: the newest valid one of the run folder), runs ``fit`` and, with
-``knn_report=true``, ends with a table of kNN top-1 of the trained encoder next to the same encoder at
-initialisation and raw pixels, followed by the path of the embedding map (``callbacks.embedding_map``).
+Checks the config (:mod:`moco_lightning.cli.config_checks`), builds every part from its ``_target_``, resumes from
+``ckpt_path=<file>`` or ``ckpt_path=auto`` (the run folder's newest valid checkpoint), runs ``fit`` and, with
+``knn_report=true``, prints kNN top-1 of the trained encoder next to its initialisation and raw pixels. Unlabelled
+images train too (the kNN parts step aside with one info line); a resumed run continues its logs.
 
-Images without labels (a folder without class folders) train as well: the kNN monitor, the kNN report and the
-best-by-kNN checkpoint step aside, each with one info line. A resumed run continues its logs
-(:func:`moco_lightning.checkpointing.continue_loggers`).
-
-What a user can cause or meet (a wrong setting, unusable data, a checkpoint that does not fit, a full disk, a NaN
-loss) ends as one line ``error: ...`` on stderr (status 2 for bad input, 1 for a fault during the run); a run that
-stops before its first step leaves no run folder behind. A SIGTERM / SIGUSR1 ends, after the checkpoint is saved,
-with a line saying how to resume and status ``128 + signal``.
+A user's error ends as one line ``error: ...`` on stderr (status 2 for bad input, 1 for a fault during the run),
+with no run folder left if no step ran; SIGTERM / SIGUSR1 save, say how to resume and exit with ``128 + signal``.
 """
 
 from __future__ import annotations
@@ -132,10 +125,7 @@ def _instantiate_all(section: DictConfig | None, what: str) -> list[Any]:
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Instantiate the datamodule, the module and the Trainer (with callbacks and loggers) of a config.
 
-    Raises:
-        ConfigError: a constructor refused its arguments or its files (``ValueError``, ``TypeError``, ``OSError``,
-            :class:`DatasetNotAvailableError`); one line naming ``<config node>.<argument>``.
-
+    A constructor's refusal of its arguments or files becomes a ``ConfigError`` naming ``<config node>.<argument>``.
     """
     # _convert_="all": plain lists / dicts, so that checkpoints (hparams) hold no OmegaConf objects and load
     # with torch.load(weights_only=True)
@@ -182,11 +172,7 @@ def resolve_checkpoint(cfg: DictConfig, model: torch.nn.Module, trainer: L.Train
     ``ckpt_path=auto`` looks in the trainer's checkpoint folders (``ModelCheckpoint`` dirpaths, and
     ``default_root_dir`` for SLURM's ``hpc_ckpt_*.ckpt``) and takes the newest valid file, skipping unreadable ones
     with a warning; none there means a fresh start (the first launch of a job that is requeued with the same
-    command). A file path is read and checked the same way.
-
-    Raises:
-        ResumeError: the file is a folder, missing, corrupt, not a training checkpoint, or of another model.
-
+    command). A file path is read and checked the same way (``ResumeError`` when it does not fit).
     """
     value = cfg.get("ckpt_path")
     if value is None:

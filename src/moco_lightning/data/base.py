@@ -39,19 +39,14 @@ class DatasetError(ValueError):
 def batch_seed(seed: int, rank: int, index: int) -> int:
     """A 32-bit seed for the augmentation of batch ``index`` on process ``rank`` of a run seeded with ``seed``.
 
-    Hashed (BLAKE2b) rather than summed, so nearby seeds, ranks and batches get unrelated streams; 32 bits because
-    torch's CPU generator keeps only the low 32 bits of a seed.
+    Hashed (BLAKE2b) so nearby inputs get unrelated streams; 32 bits because torch's CPU generator keeps only those.
     """
     digest = hashlib.blake2b(f"moco-lightning/{seed}/{rank}/{index}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little")
 
 
 def seed_worker(worker_id: int) -> None:
-    """``worker_init_fn``: seed ``random`` and ``numpy`` of a loader worker from its torch seed.
-
-    PyTorch already derives each worker's torch seed from the loader's ``generator`` (``base_seed + worker_id``),
-    so with a seeded generator this makes every RNG a transform might use a function of (seed, epoch, worker).
-    """
+    """``worker_init_fn``: seed ``random`` and ``numpy`` of a loader worker from its torch seed."""
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
@@ -85,9 +80,8 @@ class TransformedDataset(Dataset):
     Args:
         base: a dataset returning ``(image, label)`` pairs (PIL images or tensors), without its own transform.
         transform: applied to the image; ``None`` returns it unchanged.
-        cache: keep each transformed item after its first use, for a deterministic ``transform`` (the evaluation
-            view, which the kNN monitor reads every epoch). The cache switches itself off when the first item
-            says the whole set would take more than :attr:`CACHE_BYTES`; each loader worker keeps its own.
+        cache: keep each transformed item after first use (a deterministic ``transform``); switched off when the
+            whole set would take more than :attr:`CACHE_BYTES`.
 
     """
 
@@ -121,11 +115,7 @@ def check_data_args(batch_size: int = 256, eval_batch_size: int | None = None, n
                     image_size: int | None = None, augmentation: str | Callable[[Any], torch.Tensor] | None = None,
                     batch_augmentation: bool = True, mean: Sequence[float] | None = None,
                     std: Sequence[float] | None = None) -> None:
-    """Raise a ``ValueError`` when a datamodule setting is out of range; its message starts with ``<name>=<value>``.
-
-    The one place these ranges are written: :class:`MoCoDataModule` calls it, and so does the training CLI on the
-    config (prefixing ``data.``) before anything is built.
-    """
+    """Raise a ``ValueError`` starting ``<name>=<value>`` when a datamodule setting is out of range (the one place)."""
     def positive(value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
@@ -155,53 +145,32 @@ class MoCoDataModule(LightningDataModule):
     """Base datamodule for MoCo: pretraining pairs ``((x_q, x_k), y)`` and evaluation batches ``(x, y)``.
 
     Subclasses set :attr:`dataset_name` and implement :meth:`_build_pretrain_dataset` and
-    :meth:`_build_eval_dataset` (both return datasets of ``(image, label)`` *without* transform).
+    :meth:`_build_eval_dataset` (both return datasets of ``(image, label)`` *without* transform). Pretraining batches
+    are shuffled with ``drop_last=True`` (every batch fills the queue at full size); the evaluation loaders give one
+    deterministic view in a fixed order; there is no ``val_dataloader``.
 
-    Loaders:
-        * :meth:`train_dataloader`: shuffled, ``drop_last=True`` (every batch fills the queue at full size),
-          two independently augmented views of each image; labels are passed through but unused.
-        * :meth:`eval_train_dataloader` / :meth:`eval_val_dataloader`: labelled, one deterministic view
-          (:func:`~moco_lightning.transforms.eval_transform`), no shuffle, no ``drop_last``; ``augment=True`` on
-          the train one gives the linear-probe training view (random resized crop + flip).
-        * no ``val_dataloader``: MoCo pretraining has no validation step (the kNN monitor uses the eval loaders).
-
-    Reproducibility: the pretraining order is a permutation drawn from ``(seed, epoch)`` and split between the
-    processes (a :class:`~torchdata.stateful_dataloader.sampler.StatefulDistributedSampler`), so the same seed
-    gives the same batches whatever the global RNG state, and epoch ``e`` has the same order in a resumed run as
-    in an uninterrupted one. The loader is a :class:`~torchdata.stateful_dataloader.StatefulDataLoader`: Lightning
-    saves its position in every checkpoint, and a run resumed mid-epoch continues with the epoch's remaining
-    batches. The loader's ``torch.Generator`` (``seed + 1000 * global_rank``) seeds the loader workers (see
-    :func:`seed_worker`). With ``num_workers=0`` the augmentations run in the main process and draw from its global
-    RNG: seed it with ``lightning.seed_everything(seed)`` (the training CLI does).
-
-    Batch augmentation (``batch_augmentation=True``): the pretraining loader only turns images into tensors (and,
-    for datasets of images of any size, takes the two random resized crops on the CPU); the rest of the recipe runs
-    on whole batches on the training device in :meth:`on_after_batch_transfer`
-    (:mod:`moco_lightning.data.batch_augment`), with parameters drawn per image from a generator seeded anew for
-    every batch from ``(seed, global_rank, batch index)`` (:meth:`augment_batch`), so a resumed run draws what an
-    uninterrupted one draws. The evaluation loaders keep their deterministic per-image transform.
+    Reproducibility: the pretraining order is drawn from ``(seed, epoch)`` and split between processes
+    (``StatefulDistributedSampler``), and the ``StatefulDataLoader``'s position is saved in every checkpoint, so a
+    resumed run continues with the epoch's remaining batches in the same order. With ``num_workers=0`` per-image
+    augmentations draw from the global RNG: seed it with ``lightning.seed_everything``. Batch augmentation draws from a
+    generator seeded per batch (:meth:`augment_batch`).
 
     Args:
         batch_size: pretraining batch size per device (per process).
-        num_workers: loader worker processes per device, or ``"auto"``: the CPUs this process may use (affinity
-            mask and cgroup quota, :func:`moco_lightning.cpus.usable_cpus`) divided by the training processes of
-            this machine, less one; under SLURM with one task per process, the CPUs of the process's own task less
-            one (:func:`auto_workers`).
-        pin_memory: pin host memory for faster GPU transfer; ``None`` = when the batches go to a CUDA device
-            (the trainer's device, decided as each loader is built; see :attr:`pin_memory`).
+        num_workers: loader worker processes per device, or ``"auto"`` (:func:`auto_workers`).
+        pin_memory: pin host memory; ``None`` = when the batches go to a CUDA device (:attr:`pin_memory`).
         persistent_workers: keep workers alive between epochs; ``None`` = when ``num_workers > 0``.
         seed: seed of the loader generators (shuffle order, worker seeds).
-        augmentation: "v1", "v2", "v3", "digits" (see :data:`~moco_lightning.transforms.AUGMENTATIONS`), or a
-            callable view transform (applied independently to each view); ``None`` = the dataset's default.
-        image_size: crop size; ``None`` = the dataset's default (32 CIFAR, 96 STL-10, 224 ImageNet, 16 digits).
+        augmentation: a name of :data:`~moco_lightning.transforms.AUGMENTATIONS`, or a callable view transform;
+            ``None`` = the dataset's default.
+        image_size: crop size; ``None`` = the dataset's default.
         mean: normalisation mean; ``None`` = the dataset's statistics.
         std: normalisation std; ``None`` = the dataset's statistics.
-        augmentation_kwargs: extra keywords for the augmentation builder, e.g. ``{"crop_scale": [0.08, 1.0]}``
-            or ``{"blur_prob": 0.0}`` for "v2".
+        augmentation_kwargs: extra keywords for the augmentation builder, e.g. ``{"blur_prob": 0.0}``.
         eval_batch_size: batch size of the evaluation loaders; ``None`` = ``batch_size``.
         prefetch_factor: batches prefetched per worker (``None`` = PyTorch's default); ignored without workers.
-        batch_augmentation: augment whole batches on the training device (see above) instead of each image in
-            the loader; needs a named ``augmentation``.
+        batch_augmentation: augment whole batches on the training device (:mod:`moco_lightning.data.batch_augment`)
+            instead of each image in the loader; needs a named ``augmentation``.
 
     """
 
@@ -267,9 +236,8 @@ class MoCoDataModule(LightningDataModule):
     def pin_memory(self) -> bool:
         """Pin the loaders' host memory: the setting, or (``None``) whether the batches go to a CUDA device.
 
-        That device is the trainer's root device; outside a trainer, batches are pinned when this process already
-        uses CUDA. Nothing here asks CUDA whether it is available: in the parent process that could initialise it
-        before the strategies that fork (``ddp_fork``, ``ddp_notebook``) start their processes, which they refuse.
+        Never asks CUDA whether it is available: that would initialise it before the forking strategies
+        (``ddp_fork``, ``ddp_notebook``) start, which they refuse.
         """
         if self.pin_memory_setting is not None:
             return self.pin_memory_setting
@@ -346,11 +314,9 @@ class MoCoDataModule(LightningDataModule):
     def augment_batch(self, batch: Any, index: int | None = None) -> Any:
         """Two augmented views of a pretraining batch on its device: ``(images, y) -> ([x_q, x_k], y)``.
 
-        ``index`` is the batch's position in the run (0 for the first batch of the first epoch): the parameters of
-        batch ``index`` are drawn from a generator seeded with ``(seed, global_rank, index)`` alone, so a run
-        resumed from a checkpoint draws the same augmentations as an uninterrupted one with nothing to save. The
-        Trainer passes it (:meth:`on_after_batch_transfer`). Without it (iterating :meth:`train_dataloader` outside
-        a ``Trainer``) the draws continue one generator seeded with ``seed + 1000 * global_rank``.
+        Batch ``index`` of the run draws from a generator seeded with ``(seed, global_rank, index)`` alone, so a resumed
+        run draws what an uninterrupted one draws; without ``index`` one generator seeded with ``seed + 1000 * rank``
+        continues.
         """
         if index is None:
             if self._augment_generator is None:
@@ -404,11 +370,7 @@ class MoCoDataModule(LightningDataModule):
         return self._labelled_train
 
     def use_labelled_subset(self, indices: Sequence[int] | np.ndarray | None) -> None:
-        """Restrict the labelled training images (``eval_train_dataloader``) to ``indices``; ``None``: all of them.
-
-        For the few-label protocols (:mod:`moco_lightning.data.labels`): the kNN bank, the linear probe's and the
-        fine-tuning's training set. The validation images and the pretraining set stay whole.
-        """
+        """Restrict the labelled training images (``eval_train_dataloader``) to ``indices``; ``None``: all of them."""
         self.labelled_subset = None if indices is None else np.asarray(indices, dtype=np.int64)
         self._eval_datasets = {key: ds for key, ds in self._eval_datasets.items() if key[0] != "train"}
 
@@ -453,11 +415,7 @@ class MoCoDataModule(LightningDataModule):
                             generator=generator, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled pretraining batches with ``drop_last=True``: ``([x_q, x_k], y)``.
-
-        With ``batch_augmentation`` the loader's batches are ``(images, y)`` (or ``([crops_1, crops_2], y)`` for
-        images of any size) and become ``([x_q, x_k], y)`` on the device (:meth:`augment_batch`).
-        """
+        """Shuffled pretraining batches with ``drop_last=True``: ``([x_q, x_k], y)`` (after :meth:`augment_batch`)."""
         dataset = self.pretrain_dataset
         _, world = self._rank_and_world()
         per_device = len(dataset) // world  # type: ignore[arg-type]

@@ -1,61 +1,31 @@
 """The MoCo augmentations on whole batches on the training device, with random parameters drawn per image.
 
-The per-image pipelines of :mod:`moco_lightning.transforms` run in the loader, one image at a time (about 34 images
-per second per loader process at 224 px). Here the same recipes run on a batch that is already on the training
-device (GPU, or the CPU of a CPU run): the loader only decodes, crops to a fixed size and collates, and
-:class:`~moco_lightning.data.MoCoDataModule` calls :class:`BatchTwoViewAugmentation` from Lightning's
-``on_after_batch_transfer`` hook (``data.batch_augmentation: true``).
+The datamodule calls :class:`BatchTwoViewAugmentation` from Lightning's ``on_after_batch_transfer`` hook; the loader
+only decodes, crops to a fixed size and collates (docs/data.md describes the layout). Each operation is translated
+from the torchvision pipeline of :func:`~moco_lightning.transforms.build_view_transforms`
+(:func:`batch_view_from_transform`), so both paths read their numbers from one place. Parameters are drawn on the
+host with torchvision's distributions, so an operation with probability p computes only on the images that drew it
+and no device value is read back; they travel with ``non_blocking`` copies. Photometric kernels are kornia's
+batched functions; the geometry is one ``grid_sample`` per batch.
 
-How it is built:
+Differences to the per-image path, each checked against torchvision / PIL in tests/data/test_batch_augment.py:
 
-* Each operation is translated from the torchvision pipeline that :func:`~moco_lightning.transforms.
-  build_view_transforms` builds (:func:`batch_view_from_transform`), so both paths read their numbers (crop scale,
-  jitter strengths, probabilities) from one place.
-* Parameters are drawn on the host, per image, with the distributions of torchvision's ``make_params`` (vectorised),
-  from a ``torch.Generator`` the datamodule seeds per batch. Which images an operation touches is therefore known
-  on the host: an operation applied with probability p computes only on the images that drew it, and nothing here
-  reads a device tensor back (no host-device synchronisation). Parameters travel to the device with
-  ``non_blocking`` copies (from pinned memory on CUDA).
-* The photometric kernels are kornia's batched functions with per-image factors (``kornia.enhance``,
-  ``kornia.filters.gaussian_blur2d``, ``kornia.color.rgb_to_grayscale``); the geometry (random resized crop,
-  affine) is one ``torch.nn.functional.grid_sample`` per batch with per-image matrices that reproduce torchvision's
-  crop-then-resize and ``affine`` on float tensors exactly.
-
-Differences to the per-image path, checked one by one against torchvision / PIL (tests/data/test_batch_augment.py):
-
-* Random resized crop: same sampling (10 attempts of scale ``U(scale)`` and ``exp(U(log ratio))``, rounded sides,
-  integer offsets; torchvision's central fallback crop with the ratio clamped). Resampling is bilinear without
-  antialiasing: identical to torchvision whenever the crop is not larger than the output (always for digits,
-  CIFAR and STL-10 at their native size); a crop larger than the output (``data.image_size`` below the stored size)
-  aliases a little where torchvision would antialias. kornia's own ``RandomResizedCrop`` is not used: it loops
-  over the batch (``cropping_mode="slice"``), resamples with corner alignment (``"resample"``), and places the
-  fallback crop at random instead of the centre.
-* Colour jitter: torchvision's formulas (kornia's ``adjust_brightness_accumulative``, ``adjust_contrast_with_mean_
-  subtraction``, ``adjust_saturation_with_gray_subtraction``, ``adjust_hue`` with the factor in turns x 2 pi) in a
-  random order drawn per image, as torchvision does; kornia's ``ColorJitter`` module draws one order per batch. The
-  contrast and saturation kernels use kornia's grey weights (0.299, 0.587, 0.114) where torchvision uses 0.2989
-  for red: at most 1e-4 apart, below one uint8 step.
-* Grayscale: torchvision's weights (0.2989, 0.587, 0.114), passed to kornia.
-* Gaussian blur: sigma ``U(0.1, 2.0)`` per image; one kernel of ``2 ceil(3 sigma_max) + 1`` taps (13), capped to
-  the largest odd size that fits the image, reflect padding. The per-image tensor path sizes the kernel per image
-  (2 ceil(3 sigma) + 1): the extra taps of the batched kernel carry weights below 1e-3 (max difference 2e-4). The
-  official code blurs PIL images with ``ImageFilter.GaussianBlur(radius=sigma)``, PIL's approximation of a
-  Gaussian of standard deviation sigma by box filters, which the per-image PIL path keeps.
-* Solarize: pixels at or above the fixed threshold 0.5 are inverted (kornia's ``solarize(x, 0.5)`` formula, with
-  the threshold a kernel argument rather than a tensor copied to the device at each call), as PIL's
-  ``solarize(threshold=128)`` on uint8 images and torchvision's ``solarize(0.5)`` on floats. kornia's
-  ``RandomSolarize`` could do the same (``thresholds=(0.5, 0.5), additions=0.0``: its defaults draw the threshold
-  around 0.5 and add a random shift), but it draws from the global generator, not the datamodule's.
-* Flip: the same (``flip(-1)`` of the images that drew it).
-* Affine (digits): torchvision's inverse matrix (rotation about the centre, integer translations, scale, x-shear)
-  and its fill by a sampled mask, on a grid of pixel centres: identical to ``torchvision.transforms.v2.functional.
-  affine`` on float tensors.
-* Arithmetic: the batch is converted to float32 in [0, 1] first and stays float, whereas the per-image path on PIL /
-  uint8 images (CIFAR, STL-10, ImageNet) rounds to uint8 after every operation (differences up to a few uint8
-  steps), and PIL's bilinear resize differs from torch's at sub-pixel level.
-* Randomness: the parameters come from a generator the datamodule seeds per batch from ``(seed, rank, batch
-  index)`` (:func:`moco_lightning.data.base.batch_seed`), not from the loader workers' generators: the same seed
-  gives the same views for a given batch order, whatever the number of workers, and a resumed run the same views.
+* Random resized crop: torchvision's sampling and central fallback. Bilinear without antialiasing: identical
+  whenever the crop is not larger than the output. kornia's ``RandomResizedCrop`` is not used: it loops over the
+  batch, aligns corners, and places the fallback crop at random instead of the centre.
+* Colour jitter: torchvision's formulas in a random order drawn per image (kornia's ``ColorJitter`` draws one per
+  batch). Contrast and saturation use kornia's grey weights (0.299 for red where torchvision has 0.2989): at most
+  1e-4 apart, below one uint8 step. Grayscale uses torchvision's weights.
+* Gaussian blur: sigma ``U(0.1, 2.0)`` per image, one kernel of ``2 ceil(3 sigma_max) + 1`` taps for the batch,
+  reflect padding; the extra taps weigh below 1e-3 (max difference 2e-4 to a per-image kernel). The per-image
+  PIL path keeps the official code's ``ImageFilter.GaussianBlur``.
+* Solarize: pixels at or above 0.5 inverted, as PIL's ``solarize(128)``. kornia's ``RandomSolarize`` draws from
+  the global generator, not the datamodule's.
+* Affine (digits): torchvision's inverse matrix and sampled fill mask: identical on float tensors.
+* Arithmetic: float32 throughout, where the per-image path on PIL / uint8 images rounds after every operation (a
+  few uint8 steps apart).
+* Randomness: a generator seeded per batch from ``(seed, rank, batch index)``
+  (:func:`moco_lightning.data.base.batch_seed`): the same views whatever the number of workers, and on resume.
 """
 
 from __future__ import annotations
@@ -105,11 +75,7 @@ Size = tuple[int, int]
 
 # ---------------------------------------------------------------------------------------------- host -> device
 def to_device(values: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Send host parameters to ``device`` without waiting for it: pinned memory and ``non_blocking`` on CUDA.
-
-    A plain ``.to("cuda")`` of host memory makes the host wait until the device has finished its queued work; this
-    copy is queued like a kernel instead.
-    """
+    """Send host parameters to ``device`` without waiting for it: pinned memory and ``non_blocking`` on CUDA."""
     if dtype is not None:
         values = values.to(dtype)
     if device.type == "cpu":
@@ -149,9 +115,7 @@ def on_selected(images: torch.Tensor, selected: torch.Tensor, fn: Callable[..., 
                 *per_image: torch.Tensor, params_on_host: bool = False) -> torch.Tensor:
     """``fn(images, *per_image)`` for the images where the host mask ``selected`` is true; the others unchanged.
 
-    ``per_image`` are host tensors with one row per image; the rows of the selected images are passed to ``fn``,
-    sent to the images' device (in their dtype) unless ``params_on_host``. The selection is known on the host, so
-    no device value is read, and nothing is computed for the images that were not selected.
+    ``per_image`` rows (host tensors) go to the images' device unless ``params_on_host``.
     """
     count = int(selected.sum())
     if count == 0:
@@ -171,11 +135,7 @@ def on_selected(images: torch.Tensor, selected: torch.Tensor, fn: Callable[..., 
 
 # ---------------------------------------------------------------------------------------------- operations
 class BatchOp:
-    """One random operation of a view on a batch of float images ``(N, C, H, W)`` in ``[0, 1]``.
-
-    :meth:`sample` draws the parameters of ``n`` images on the host (one row per image), :meth:`apply` applies them
-    on the images' device.
-    """
+    """One random operation on float images ``(N, C, H, W)``: :meth:`sample` on the host, :meth:`apply` on device."""
 
     def sample(self, n: int, size: Size, generator: torch.Generator | None = None) -> Params:
         """Draw the parameters of ``n`` images of ``size = (height, width)``."""
@@ -195,13 +155,7 @@ class BatchOp:
 
 
 class RandomResizedCrop(BatchOp):
-    """torchvision's ``RandomResizedCrop(size, scale, ratio)`` on a batch: one crop box per image.
-
-    Sampling: up to 10 attempts of area fraction ``U(scale)`` and aspect ratio ``exp(U(log ratio))``; the first
-    box (sides rounded) that fits is taken at a uniform integer offset; if none fits, the central crop with the
-    ratio clamped into ``ratio`` (torchvision's fallback). Resampling: bilinear, pixel centres aligned, the box's
-    edge pixels repeated beyond it: crop-then-resize, as torchvision does without antialiasing.
-    """
+    """torchvision's ``RandomResizedCrop(size, scale, ratio)`` on a batch, bilinear without antialiasing."""
 
     def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)) -> None:
@@ -239,10 +193,8 @@ class RandomResizedCrop(BatchOp):
         """Apply drawn parameters to a batch on its device."""
         n, channels, height, width = images.shape
         top, left, h, w = params["top"], params["left"], params["height"], params["width"]
-        # Normalised coordinates of grid_sample(align_corners=False): pixel p of a side of length L sits at
-        # (2p + 1) / L - 1. The output pixel j of the crop [left, left + w) samples left + (j + 0.5) w / S - 0.5,
-        # torchvision's resize of the cropped image; clamping to the box's first and last pixel centres repeats
-        # the box's edge as the resize of the cropped image does.
+        # grid_sample(align_corners=False) puts pixel p of a side L at (2p + 1) / L - 1; clamping to the box's
+        # first and last pixel centres repeats its edge, as torchvision's resize of the cropped image does.
         rows = torch.stack([
             w / width, (2 * left + w) / width - 1, h / height, (2 * top + h) / height - 1,
             (2 * left + 1) / width - 1, (2 * (left + w - 1) + 1) / width - 1,
@@ -401,11 +353,7 @@ class RandomGrayscale(BatchOp):
 
 
 class RandomGaussianBlur(BatchOp):
-    """``RandomApply([GaussianBlur(sigma)], p)`` on a batch: sigma ``U(sigma)`` per image, reflect padding.
-
-    The kernel has ``2 ceil(3 sigma_max) + 1`` taps (13 for sigma up to 2), capped to the largest odd size that fits
-    the image, for every image; each image's Gaussian is normalised over it.
-    """
+    """``RandomApply([GaussianBlur(sigma)], p)`` on a batch: sigma ``U(sigma)`` per image, reflect padding."""
 
     def __init__(self, sigma: tuple[float, float] = (0.1, 2.0), p: float = 0.5) -> None:
         self.sigma = (float(sigma[0]), float(sigma[1]))
@@ -432,9 +380,7 @@ class RandomGaussianBlur(BatchOp):
         def blur(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
             if on_cpu:  # kornia's own CPU kernel
                 return gaussian_blur2d(x, (taps, taps), s.to(x.dtype), border_type="reflect")
-            # On an accelerator, the kernels gaussian_blur2d would build there, from sigma sent by to_device
-            # (pinned, non-blocking): gaussian_blur2d would check sigma > 0 by reading a device sigma back, or copy
-            # a host sigma from pageable memory. The drawn sigmas are positive (sigma[0] > 0, checked at init).
+            # gaussian_blur2d would read a device sigma back to check it is positive (checked at init here)
             kernel_x = get_gaussian_kernel1d(taps, s[:, 1:2])
             kernel_y = get_gaussian_kernel1d(taps, s[:, 0:1])
             return filter2d_separable(x, kernel_x, kernel_y, "reflect")
@@ -455,8 +401,7 @@ class RandomSolarize(BatchOp):
 
     def apply(self, images: torch.Tensor, params: Params) -> torch.Tensor:
         """Apply drawn parameters to a batch on its device."""
-        # kornia's solarize formula with the threshold as a kernel argument: kornia would copy a float threshold
-        # to the device at every call (a blocking host-to-device copy)
+        # kornia's formula, the threshold a kernel argument: kornia copies it to the device at every call
         return on_selected(images, params["applied"], lambda x: torch.where(x < self.threshold, x, 1.0 - x))
 
 
@@ -573,14 +518,8 @@ def batch_view_from_transform(transform: Any, crop: bool = True) -> BatchView:
 class BatchTwoViewAugmentation:
     """The two views of a MoCo recipe on whole batches, and the per-image work left to the loader.
 
-    Two layouts of the loader's batches:
-
-    * ``crop_on_device=True`` (datasets whose images all have one size: digits, CIFAR, STL-10): the loader only
-      turns each image into a tensor (:attr:`loader_transform`); the batch ``(N, C, H, W)`` (uint8 or float) is
-      cropped and augmented here, twice.
-    * ``crop_on_device=False`` (image folders, ImageNet: images of any size): the loader decodes and takes the two
-      random resized crops on the CPU, as uint8 tensors of the output size; the batch is ``[crops_1, crops_2]`` and
-      everything after the crop runs here.
+    With ``crop_on_device`` (images of one size) the batch ``(N, C, H, W)`` is cropped here; otherwise the loader
+    takes both random resized crops and the batch is ``[crops_1, crops_2]``.
 
     Args:
         view_1: the first (query) view.

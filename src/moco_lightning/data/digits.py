@@ -27,12 +27,9 @@ DIGITS_VAL_FRACTION = 0.2
 
 
 def load_digits_images(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load all 1,797 digits as ``(images (N, 3, S, S) float32 in [0, 1], labels (N,) int64)``.
+    """All 1,797 digits as ``(images (N, 3, S, S) float32 in [0, 1], labels (N,) int64)``, S = ``image_size``.
 
-    Args:
-        image_size: side ``S`` of the returned images; 8 keeps the original resolution, larger sizes are
-            bilinear upsamplings of it.
-
+    8 keeps the original resolution; larger sizes are bilinear upsamplings of it.
     """
     from sklearn.datasets import load_digits
 
@@ -70,13 +67,8 @@ class DigitsDataModule(MoCoDataModule):
     ``DIGITS_STD`` (computed from the training digits). The default augmentation is "digits"
     (:func:`~moco_lightning.transforms.digits_transform`: mild crop, small affine, brightness / contrast, no flip).
 
-    Args:
-        batch_size: per-device pretraining batch size (default 64).
-        num_workers: loader workers (default 0: the whole dataset is one small tensor; augmenting in the main
-            process avoids worker start-up costs).
-        **kwargs: the other :class:`~moco_lightning.data.MoCoDataModule` keywords (``augmentation``,
-            ``image_size``, ``seed``, ...).
-
+    ``num_workers`` defaults to 0 (the data is one small tensor: no worker start-up); ``**kwargs`` go to
+    :class:`~moco_lightning.data.MoCoDataModule`.
     """
 
     dataset_name = "digits"

@@ -1,9 +1,8 @@
 """Fail-fast downloads through torchvision's own dataset classes.
 
-torchvision downloads with ``urllib`` and no timeout; on a machine without network that can hang (DNS) or fail
-slowly. :func:`ensure_dataset_files` checks the extracted files first, resolves the download host in a thread with
-a deadline, downloads under a short default socket timeout (restored afterwards), and turns every failure into a
-:class:`DatasetNotAvailableError` naming the dataset, the folder looked at and what to place there.
+torchvision downloads with ``urllib`` and no timeout, which can hang offline. :func:`ensure_dataset_files` checks
+the files first, resolves the host with a deadline, downloads under a short socket timeout, and turns every failure
+into one :class:`DatasetNotAvailableError` naming the dataset, the folder and what to place there.
 """
 
 from __future__ import annotations

@@ -1,27 +1,17 @@
 """Image-folder datasets (any folder, ImageNet) that skip unreadable images instead of crashing mid-epoch.
 
-Layouts:
-    * labelled: ``root/<class>/<...>/<image>`` with at least two class folders (class = first-level sub-folder,
-      sorted names -> 0..C-1);
-    * unlabelled: images directly in ``root``, or in one sub-folder, or anywhere below ``root`` with
-      ``labels="none"`` (label -1). Pretraining and the label-free diagnostics run; what needs labels (the kNN
-      monitor and report, a linear probe) steps aside.
+Layouts: labelled ``root/<class>/<...>/<image>`` (two or more class folders, sorted names -> 0..C-1), or unlabelled
+(images in ``root`` or one sub-folder, or anything below ``root`` with ``labels="none"``; label -1: what needs labels
+steps aside).
 
-Bad input is found before training where it is cheap (missing / empty folder, no file with a known image
-extension: a clear error at ``setup()``), and during training where it is not (a corrupt or truncated file: it is
-only discovered when decoded). Such a file is replaced by the next readable image so the batch stays full, warned
-about once (:class:`CorruptImageWarning`, naming the file) and counted.
+A missing or empty folder is an error at ``setup()``; a corrupt file is only found when decoded, so it is replaced
+by the next readable image, warned about once (:class:`CorruptImageWarning`) and counted in shared memory that the
+loader workers inherit. :class:`SkippedImagesReport` reports and resets the count every training epoch; without it,
+``teardown`` reports the total.
 
-The count lives in shared memory (a ``multiprocessing`` array with one flag per file plus an epoch counter),
-created with the dataset and inherited by the loader workers, so skips in worker processes are counted too (and a
-file is warned about once, whichever worker meets it first; warnings from workers go to their stderr). The
-:class:`SkippedImagesReport` callback reads and resets the counter at the end of every training epoch and emits
-one summary warning; without the callback, ``teardown`` reports the total.
-
-The list of files is held in a few numpy arrays (:class:`FileIndex`), not in a list of ``(path, label)`` tuples:
-a forked loader worker that reads every entry of a list of Python objects writes to their reference counts, which
-copies the memory pages holding them into the worker (copy on write); with ImageNet's 1.28 M files that was 217 MB
-per worker, 17 GB over 8 processes x 10 workers (``benchmarks/folder_index_memory.py``; 0.1 MB with the arrays).
+The files are held in numpy arrays (:class:`FileIndex`), not a list of tuples: a forked worker reading Python
+objects writes their reference counts and copies their pages (217 MB per worker for ImageNet; benchmarks/RESULTS.md,
+"The image-folder index in loader workers").
 """
 
 from __future__ import annotations
@@ -102,11 +92,7 @@ def check_folder(root: str | os.PathLike[str], setting: str = "data_dir") -> str
 
 def scan_image_folder(root: str | os.PathLike[str], setting: str = "data_dir", labels: str = "auto"
                       ) -> tuple[list[tuple[str, int]], list[str]]:
-    """List the images of a folder: ``(samples [(path, label)], class names)``.
-
-    Labelled when ``root`` has two or more sub-folders with images (labels index the sorted class names);
-    unlabelled (labels -1, no classes) otherwise: images directly in ``root`` or in a single sub-folder (one
-    class is no label), and every image below ``root`` with ``labels="none"``.
+    """The images of a folder: ``(samples [(path, label)], class names)``; labels -1 when unlabelled.
 
     Args:
         root: the folder.
@@ -152,11 +138,7 @@ def scan_image_folder(root: str | os.PathLike[str], setting: str = "data_dir", l
 
 
 def check_decodable(samples: Sequence[tuple[str, int]], setting: str, root: str) -> None:
-    """Decode the files in order until one is readable; raise :class:`DatasetError` when none is.
-
-    Cheap on a usable folder (one decode); a folder of corrupt files is refused before training instead of
-    failing in a loader worker.
-    """
+    """Decode the files in order until one is readable; raise :class:`DatasetError` when none is."""
     first_error: str | None = None
     for path, _ in samples:
         try:
@@ -174,11 +156,7 @@ def _load_rgb(path: str) -> Image.Image:
 
 
 class FileIndex:
-    """The ``(path, label)`` pairs of a list of files, in three numpy arrays: no Python object per file.
-
-    A lookup decodes a fresh ``str`` from the byte buffer and writes nothing, so the pages of a forked loader worker
-    stay shared with the parent however many entries it reads. Indexing and iterating give ``(path, label)`` pairs,
-    as the list of tuples did.
+    """The ``(path, label)`` pairs of a list of files, in three numpy arrays that forked workers read without copying.
 
     Args:
         paths: the file paths.
@@ -249,15 +227,11 @@ class FileIndex:
 class ImageFolderDataset(Dataset):
     """``(PIL RGB image, label)`` pairs from a list of files; unreadable files are skipped, warned and counted.
 
-    The files are held in a :class:`FileIndex` (:attr:`index`), which loader workers read without copying it.
-
     Args:
         samples: a :class:`FileIndex`, or ``[(path, label)]`` (e.g. from :func:`scan_image_folder`).
         classes: class names (empty for an unlabelled folder).
-        decoder: what an item's image is made from its path; ``None`` = the whole image, upright, RGB
-            (:func:`~moco_lightning.data.decode.decode_image`). The pretraining set of ``decode="draft"`` gives a
-            :class:`~moco_lightning.data.jpeg.CropDecoder` (the views' random resized crops, taken while decoding).
-            An error it raises marks the file unreadable, as a failed decode does.
+        decoder: path -> item (``None``: :func:`~moco_lightning.data.decode.decode_image`; ``decode="draft"``
+            gives a :class:`~moco_lightning.data.jpeg.CropDecoder`); an error it raises marks the file unreadable.
 
     """
 
@@ -340,13 +314,9 @@ class ImageFolderDataset(Dataset):
 
 
 class SkippedImagesReport(Callback):
-    """At the end of each training epoch, warn with the number of unreadable images skipped in it, per pass.
+    """At the end of each training epoch, warn with the unreadable images skipped in it, per pass, over all ranks.
 
-    One line for the pretraining pass and one for the evaluation passes (kNN monitor, diagnostics, map), when they
-    skipped any, with the counts summed over all processes (a collective under DDP) and the distinct files found so
-    far. Works with any datamodule that has ``pop_skipped_by_pass() -> {pass: (count, bad_files)}`` (the folder
-    datamodules); does nothing for the others. Put it after the evaluation callbacks (the default callbacks do), so
-    that an epoch's evaluation skips are reported with the epoch.
+    Uses the datamodule's ``pop_skipped_by_pass()`` when it has one; put it after the evaluation callbacks.
     """
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -387,11 +357,8 @@ class _FolderDataModule(MoCoDataModule):
     """Shared logic of the folder datamodules: datasets built from scans, skip counting, how pretraining decodes.
 
     Args:
-        decode: how the pretraining loader decodes (:mod:`moco_lightning.data.jpeg`): ``"draft"`` draws the views'
-            random resized crop boxes from the file's header, then decodes a JPEG at the largest DCT reduction
-            (1/2, 1/4, 1/8) that keeps every box at least the output size, and crops; ``"exact"`` decodes every
-            image whole at full size and crops afterwards. The boxes have torchvision's distribution either way.
-            A callable ``augmentation`` (whose crop is its own) always decodes exactly; so do the evaluation loaders.
+        decode: how the pretraining loader decodes (:mod:`moco_lightning.data.jpeg`): ``"draft"`` (crop boxes from
+            the header, reduced DCT decode) or ``"exact"`` (whole image); evaluation always decodes exactly.
         **kwargs: the :class:`~moco_lightning.data.MoCoDataModule` keywords.
 
     """
@@ -476,15 +443,8 @@ class _FolderDataModule(MoCoDataModule):
 class ImageFolderDataModule(_FolderDataModule):
     """Any folder of images: class sub-folders (labelled) or a folder without them (unlabelled).
 
-    * ``val_dir`` given: pretraining and evaluation "train" use ``data_dir``, evaluation "val" uses ``val_dir``
-      (same class names required; unlabelled when ``data_dir`` is).
-    * otherwise a fixed ``val_fraction`` of ``data_dir`` (``split_seed``, not the run seed; stratified when
-      labelled) is held out for evaluation "val"; pretraining and evaluation "train" use the rest.
-    * unlabelled (:func:`scan_image_folder`): ``num_classes`` is 0, :attr:`has_labels` is false and the labels are
-      -1. The evaluation loaders still give the images, for what needs no labels (alignment, uniformity, an
-      uncoloured embedding map); the kNN monitor, the kNN report and the linear probe step aside or refuse.
-
-    Crop size 224 and ImageNet statistics by default; evaluation view = resize to size/0.875 + centre crop.
+    Evaluation "val" is ``val_dir`` (same classes) or a stratified ``val_fraction`` of ``data_dir``. Unlabelled,
+    ``num_classes`` is 0 and what needs labels steps aside. Crop 224, ImageNet statistics by default.
 
     Args:
         data_dir: the image folder.
@@ -594,9 +554,7 @@ class ImageFolderDataModule(_FolderDataModule):
 class ImageNetDataModule(_FolderDataModule):
     """ImageNet (ILSVRC-2012) from its train / val folders: ``data_dir/train/<wnid>/*.JPEG``, ``data_dir/val/<wnid>``.
 
-    Pretraining and evaluation "train" use ``train``; evaluation "val" uses ``val``. The validation images must be
-    sorted into class folders (the tar ships them flat; sort them with the usual ``valprep.sh``). Crop size 224,
-    ImageNet statistics, evaluation view resize 256 + centre crop 224.
+    ``val`` must be sorted into class folders (the usual ``valprep.sh``). Crop 224, evaluation resize 256.
 
     Args:
         data_dir: the folder that contains ``train`` and ``val``.

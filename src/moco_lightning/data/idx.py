@@ -79,15 +79,12 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 class IdxDataModule(MoCoDataModule):
     """Base of the datamodules of MNIST-format data: locate, check and read the four idx files.
 
-    Subclasses name the dataset (:attr:`dataset_name`, :attr:`display_name`), torchvision's class (its download
-    and folder name) and the system folders a package installs the files to.
-
     Args:
         data_dir: the folder holding the idx files (or ``<data_dir>/<Name>/raw``); ``None`` = the system folders
             of :attr:`system_dirs`, then ``data/<Name>/raw``.
         download: download with torchvision (into ``data_dir``, or ``data``) when the files are nowhere.
         download_timeout: seconds for the DNS lookup and each socket operation of the download.
-        channels: 3 (grey replicated to RGB: any backbone, torchvision's models, exported weights) or 1.
+        channels: 3 (grey replicated to RGB) or 1.
         **kwargs: the :class:`~moco_lightning.data.MoCoDataModule` keywords.
 
     """
@@ -233,10 +230,7 @@ def resize_uint8(images: torch.Tensor, size: int, chunk: int = 8192) -> torch.Te
 class FashionMNISTDataModule(IdxDataModule):
     """Fashion-MNIST (Xiao, Rasul, Vollgraf 2017): 60,000 training and 10,000 test images, 28x28 grey, 10 classes.
 
-    Offline: ``apt-get install dataset-fashion-mnist`` (Debian / Ubuntu) puts the files in
-    ``/usr/share/datasets/fashion-mnist``, where ``data_dir=None`` finds them. Normalised with the statistics of
-    the 60,000 training images; the default augmentation is "grey"
-    (:func:`~moco_lightning.transforms.grey_transform`).
+    Offline: ``apt-get install dataset-fashion-mnist`` puts the files where ``data_dir=None`` finds them.
     """
 
     dataset_name = "fashion_mnist"
@@ -252,9 +246,7 @@ class FashionMNISTDataModule(IdxDataModule):
 class MNISTDataModule(IdxDataModule):
     """MNIST (LeCun et al. 1998): 60,000 training and 10,000 test handwritten digits, 28x28 grey.
 
-    The same files and layout as :class:`FashionMNISTDataModule`; downloaded by torchvision into
-    ``<data_dir>/MNIST/raw``. The "grey" augmentation flips images: give ``+data.augmentation_kwargs.flip_prob=0``
-    for digits.
+    The "grey" augmentation flips images: set its ``flip_prob`` to 0 for digits.
     """
 
     dataset_name = "mnist"

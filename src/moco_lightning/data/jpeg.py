@@ -81,8 +81,7 @@ def decode_crops(path: str | os.PathLike[str], crops: Sequence[v2.RandomResizedC
     Args:
         path: the image file.
         crops: the views' ``RandomResizedCrop`` steps (output size, scale, ratio, interpolation).
-        boxes: one box per crop (``top``, ``left``, ``height``, ``width`` in the upright image); ``None`` draws
-            them, in order, with each crop's ``make_params`` for the image's size.
+        boxes: one ``(top, left, height, width)`` per crop; ``None`` draws them with each crop's ``make_params``.
         draft: decode a plain JPEG at the largest DCT reduction the boxes allow; ``False`` decodes at full size.
 
     """
@@ -125,13 +124,8 @@ def _exact_crop(image: Image.Image, box: Box, crop: v2.RandomResizedCrop) -> Ima
 class CropDecoder:
     """``path -> [crop_1, crop_2, ...]``: one random resized crop per view, taken while decoding (module doc).
 
-    Args:
-        crops: the views' ``RandomResizedCrop`` steps, in order; their boxes are drawn in that order.
-        draft: decode JPEGs at the reduced scale the boxes allow (``False``: full size, for comparison).
-
-    Attributes:
-        last_reduction: the reduction of the last decode (1 = full size).
-
+    ``crops`` are the views' ``RandomResizedCrop`` steps (boxes drawn in that order); ``draft=False`` decodes at
+    full size, for comparison. ``last_reduction`` is the last decode's reduction (1 = full size).
     """
 
     def __init__(self, crops: Sequence[v2.RandomResizedCrop], draft: bool = True) -> None:
@@ -151,12 +145,7 @@ class CropDecoder:
 
 
 class CroppedViews:
-    """``[crop_1, crop_2, ...] -> [view_1(crop_1), view_2(crop_2), ...]``: the rest of each view after its crop.
-
-    Args:
-        views: one transform per crop (what follows the view's ``RandomResizedCrop``).
-
-    """
+    """``[crop_1, crop_2, ...] -> [view_1(crop_1), ...]``: ``views`` (what follows each ``RandomResizedCrop``)."""
 
     def __init__(self, views: Sequence[Callable[[Any], Any]]) -> None:
         self.views = list(views)

@@ -91,11 +91,7 @@ def read_subset_file(path: str | os.PathLike[str], files: Sequence[str] | None =
 
     Blank lines and lines starting with ``#`` are skipped. A line that is not a whole number is a file name,
     matched against the base names of ``files`` (the training set's files, in dataset order); the published ImageNet
-    1 % / 10 % subsets are such lists.
-
-    Raises:
-        ValueError: the file is missing or empty, an index is out of range, or a name is not among ``files``.
-
+    1 % / 10 % subsets are such lists. ``ValueError``: missing or empty file, index out of range, unknown name.
     """
     path = Path(path).expanduser()
     if not path.is_file():

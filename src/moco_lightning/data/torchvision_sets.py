@@ -84,11 +84,8 @@ class _TorchvisionDataModule(MoCoDataModule):
 class CIFAR10DataModule(_TorchvisionDataModule):
     """CIFAR-10: pretraining and evaluation "train" on the 50,000 training images, evaluation "val" on the test set.
 
-    Files: ``<data_dir>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}`` (the python version),
-    downloaded by ``torchvision.datasets.CIFAR10`` when ``download=True``. Crop size 32, CIFAR-10 statistics.
-
     Args:
-        data_dir: root folder (the one that contains ``cifar-10-batches-py``).
+        data_dir: root folder (the one that contains ``cifar-10-batches-py``, the python version).
         download: download with torchvision when the files are missing (fails fast when offline).
         download_timeout: seconds for the DNS lookup and each socket operation of the download.
         **kwargs: the :class:`~moco_lightning.data.MoCoDataModule` keywords.
@@ -128,11 +125,7 @@ class CIFAR100DataModule(CIFAR10DataModule):
 
 
 class STL10DataModule(_TorchvisionDataModule):
-    """STL-10: pretraining on "train+unlabeled" (105,000 images), evaluation on "train" (5,000) and "test" (8,000).
-
-    Files: ``<data_dir>/stl10_binary/{train_X.bin, train_y.bin, unlabeled_X.bin, test_X.bin, test_y.bin}``,
-    downloaded by ``torchvision.datasets.STL10`` when ``download=True``. Crop size 96, STL-10 statistics.
-    Unlabelled images carry the label -1.
+    """STL-10: pretraining on "train+unlabeled" (105,000 images, unlabelled: -1), evaluation on "train" / "test".
 
     Args:
         data_dir: root folder (the one that contains ``stl10_binary``).

@@ -84,13 +84,11 @@ class UnsafeCheckpointError(CheckpointError):
 def load_checkpoint_file(path: Path, allow_pickle: bool = False, *, mmap: bool = False) -> Any:
     """Load a checkpoint on the CPU with ``weights_only=True``; a full pickle only when ``allow_pickle``.
 
-    With ``mmap`` the tensors of a zip-format file are memory-mapped. Official and this project's checkpoints hold
-    only what ``weights_only`` loads, plus at most an ``argparse.Namespace`` (:data:`SAFE_GLOBALS`: rebuilding it
-    only sets attributes), which scripts derived from the official ``main_moco.py`` often add.
+    ``mmap`` memory-maps a zip-format file. Beyond tensors, only an ``argparse.Namespace`` is let through
+    (:data:`SAFE_GLOBALS`), which scripts derived from the official ``main_moco.py`` often add.
 
     Raises:
-        UnsafeCheckpointError: the file needs a full pickle (which runs any code it carries) and ``allow_pickle``
-            is false.
+        UnsafeCheckpointError: the file needs a full pickle and ``allow_pickle`` is false.
 
     """
     mmap = mmap and zipfile.is_zipfile(path)
@@ -176,11 +174,7 @@ def find_moco_backbone(state: Mapping[str, Any]) -> tuple[dict[str, Any], str, s
 
 
 def vit_geometry(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """``{"image_size", "patch_size"}`` of a ViT state dict; ``{}`` for anything else.
-
-    Read from the patch projection and the position embedding (a square grid behind one class token); the
-    convolutional stem of ``vit_conv_*`` (``patch_embed.proj.0.weight``, ...) always makes 16 px patches.
-    """
+    """``{"image_size", "patch_size"}`` of a ViT state dict (from its patch and position embeddings); else ``{}``."""
     proj, pos = state.get("patch_embed.proj.weight"), state.get("pos_embed")
     if proj is None and "patch_embed.proj.0.weight" in state:  # vit_conv_*: the convolutional stem
         proj = torch.empty(0, 0, CONV_STEM_PATCH, CONV_STEM_PATCH)
@@ -198,12 +192,7 @@ def _feature_width(state: Mapping[str, torch.Tensor]) -> int | None:
 
 
 def load_backbone_state(module: nn.Module, ckpt: BackboneCheckpoint, what: str = "the backbone") -> None:
-    """Load ``ckpt.state_dict`` into ``module`` strictly, turning any mismatch into a readable error.
-
-    Raises:
-        CheckpointError: on missing, unexpected or differently shaped keys.
-
-    """
+    """Load ``ckpt.state_dict`` into ``module`` strictly; a mismatch raises a readable :class:`CheckpointError`."""
     own = module.state_dict()
     missing = [k for k in own if k not in ckpt.state_dict]
     unexpected = [k for k in ckpt.state_dict if k not in own]
@@ -239,11 +228,8 @@ def load_backbone(
     """Rebuild the query backbone of a pretraining checkpoint with its trained weights.
 
     Args:
-        checkpoint: path of a moco-lightning (or official MoCo) checkpoint, a loaded checkpoint dict, or the
-            result of :func:`read_backbone_checkpoint`.
-        backbone: override the backbone recorded in the checkpoint: a name from
-            :data:`moco_lightning.backbones.BACKBONES` or a module (needed when pretraining used a custom
-            module).
+        checkpoint: a checkpoint path, a loaded checkpoint dict, or a :func:`read_backbone_checkpoint` result.
+        backbone: override the recorded backbone: a name of :data:`moco_lightning.backbones.BACKBONES` or a module.
         cifar_stem: override the recorded stem.
 
     Returns:
@@ -286,14 +272,9 @@ class EmbeddingEncoder(nn.Module):
 def load_query_encoder(
     checkpoint: str | Path | Mapping[str, Any] | BackboneCheckpoint,
 ) -> tuple[EmbeddingEncoder, int, BackboneCheckpoint]:
-    """Rebuild the whole query encoder of a checkpoint (backbone + projection head), normalised, in eval mode.
+    """Rebuild the whole query encoder of a checkpoint (backbone + head), normalised, in eval mode.
 
-    The head's shape is read from its weights: one ``Linear`` (v1, the CIFAR-10 demo) or ``Linear-ReLU-Linear``
-    (v2). Returns ``(encoder, embedding width, ckpt)``.
-
-    Raises:
-        CheckpointError: if the checkpoint holds no projection head.
-
+    Returns ``(encoder, embedding width, ckpt)``; raises :class:`CheckpointError` when there is no projection head.
     """
     ckpt = checkpoint if isinstance(checkpoint, BackboneCheckpoint) else read_backbone_checkpoint(checkpoint)
     backbone, feature_dim, ckpt = load_backbone(ckpt)

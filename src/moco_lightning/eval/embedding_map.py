@@ -1,13 +1,9 @@
 """A callback that draws the validation embeddings as a 2-D map coloured by class, during and after training.
 
-The picture to look at when a kNN number moves: are the classes separate clusters, or one cloud? It is saved as
-a PNG in the run folder at the end of training (``final.png``) and every ``every_n_runs``-th time the kNN monitor
-runs (``epoch<NNN>.png``), and sent as an image to the TensorBoard and Weights & Biases loggers when they are
-active. The projection is t-SNE (scikit-learn), or UMAP when ``umap-learn`` is installed. The legend names the
-datamodule's classes (``datamodule.classes``) when it has them; images without labels are drawn in one colour.
-
-The map is an extra: when it cannot be drawn (fewer than 3 validation images, no validation set, a projection that
-fails) the callback says why in one line and training goes on.
+The picture to look at when a kNN number moves: separate clusters, or one cloud? A PNG at the end of training
+(``final.png``) and every ``every_n_runs``-th kNN-monitor run, also sent to TensorBoard / wandb. t-SNE
+(scikit-learn), or UMAP when installed. An extra: when it cannot be drawn the callback says why in one line and
+training goes on.
 """
 
 from __future__ import annotations

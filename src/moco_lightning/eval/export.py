@@ -32,14 +32,10 @@ TORCHVISION_RESNETS = {name: getattr(models, name) for name in ("resnet18", "res
 def torchvision_state_dict(
     checkpoint: str | Path | Mapping[str, Any] | BackboneCheckpoint,
 ) -> tuple[dict[str, torch.Tensor], BackboneCheckpoint]:
-    """Return the query backbone of a pretraining checkpoint as a torchvision ResNet state dict (no ``fc.*``).
+    """The query backbone of a pretraining checkpoint as a torchvision ResNet state dict (no ``fc.*``).
 
-    The weights are loaded into a freshly built backbone first, so a checkpoint whose weights do not fit the
-    recorded architecture is rejected here rather than when the user loads the export.
-
-    Raises:
-        CheckpointError: if the checkpoint is not a MoCo checkpoint, or its backbone is not a ResNet.
-
+    Loaded into a fresh backbone first, so weights that do not fit the architecture fail here, not at the user's
+    load; ``CheckpointError`` for a checkpoint that is not MoCo's or a backbone that is not a ResNet.
     """
     module, _, ckpt = load_backbone(checkpoint)
     if not isinstance(module, models.ResNet):
@@ -56,12 +52,7 @@ def torchvision_state_dict(
 def deit_state_dict(
     checkpoint: str | Path | Mapping[str, Any] | BackboneCheckpoint,
 ) -> tuple[dict[str, torch.Tensor], BackboneCheckpoint]:
-    """Return the ViT backbone of a pretraining checkpoint as a DeiT / timm state dict (no ``head.*``).
-
-    Raises:
-        CheckpointError: if the checkpoint is not a MoCo checkpoint, or its backbone is not a ViT.
-
-    """
+    """The ViT backbone of a pretraining checkpoint as a DeiT / timm state dict (no ``head.*``), or CheckpointError."""
     module, _, ckpt = load_backbone(checkpoint)
     if not isinstance(module, MoCoViT):
         raise CheckpointError(
@@ -74,12 +65,7 @@ def deit_state_dict(
 def timm_state_dict(
     checkpoint: str | Path | Mapping[str, Any] | BackboneCheckpoint,
 ) -> tuple[dict[str, torch.Tensor], BackboneCheckpoint]:
-    """Return a timm backbone of a pretraining checkpoint as the timm model's state dict (no classifier).
-
-    Raises:
-        CheckpointError: if the checkpoint is not a MoCo checkpoint, or its backbone is not a timm model.
-
-    """
+    """A timm backbone of a pretraining checkpoint as the timm model's state dict (no head), or CheckpointError."""
     ckpt = checkpoint if isinstance(checkpoint, BackboneCheckpoint) else read_backbone_checkpoint(checkpoint)
     if timm_model_name(ckpt.backbone) is None:
         raise CheckpointError(
@@ -140,12 +126,7 @@ def export_torchvision(checkpoint: str | Path | Mapping[str, Any] | BackboneChec
 
 
 def export_detectron2(checkpoint: str | Path | Mapping[str, Any] | BackboneCheckpoint, output: str | Path) -> Path:
-    """Write the query backbone as a detectron2 checkpoint pickle (``MODEL.WEIGHTS``) and return the path.
-
-    Raises:
-        CheckpointError: for a CIFAR-stem backbone (detectron2's ResNet stem is the 7x7 ImageNet stem).
-
-    """
+    """Write the backbone as a detectron2 pickle (``MODEL.WEIGHTS``); CheckpointError for a CIFAR stem (not 7x7)."""
     state, ckpt = torchvision_state_dict(checkpoint)
     if state["conv1.weight"].shape[-1] != 7:
         raise CheckpointError(

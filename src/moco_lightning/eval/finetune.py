@@ -76,14 +76,12 @@ class FineTuner(_BackboneClassifier):
         num_classes: number of classes.
         optimizer: ``"sgd"`` (``momentum``, ``nesterov``) or ``"adamw"`` (``betas``, decoupled weight decay).
         lr: the classifier's learning rate at the end of the warm-up.
-        backbone_lr_factor: the backbone's learning rate is ``lr x backbone_lr_factor`` (1: the same; 0: the
-            backbone's weights stay, though BN statistics still move).
+        backbone_lr_factor: the backbone's lr is ``lr x backbone_lr_factor`` (0: only its BN statistics move).
         weight_decay: on every parameter of both groups.
         momentum: SGD momentum.
         nesterov: Nesterov momentum (SGD).
         betas: AdamW's betas.
-        warmup_epochs: linear warm-up from 0 over this many epochs (fractions allowed), then a cosine to 0 at the
-            end of training (``Trainer.max_epochs`` / ``max_steps``).
+        warmup_epochs: linear warm-up epochs (fractions allowed), then a cosine to 0 at the end of training.
         label_smoothing: of the training cross-entropy (0: none).
 
     """
@@ -183,15 +181,9 @@ class FineTuner(_BackboneClassifier):
 
     # ------------------------------------------------------------------ export
     def torchvision_state_dict(self) -> dict[str, torch.Tensor]:
-        """The network as a torchvision ResNet state dict, ``fc`` = the classifier: a full classifier.
+        """A torchvision ResNet state dict, ``fc`` = the classifier; ``ValueError`` for another backbone.
 
-        ``torchvision.models.resnet18(num_classes=C)`` loads it with ``strict=True``; for a CIFAR-stem backbone
-        build the model with :func:`moco_lightning.eval.export.torchvision_model` ``(arch, cifar_stem=True,
-        num_classes=C)`` (or swap ``conv1`` and ``maxpool`` the same way) first.
-
-        Raises:
-            ValueError: the backbone is not a torchvision ResNet.
-
+        A CIFAR stem loads into :func:`moco_lightning.eval.export.torchvision_model` ``(arch, cifar_stem=True)``.
         """
         if not isinstance(self.backbone, models.ResNet):
             hint = ("use deit_state_dict()" if isinstance(self.backbone, MoCoViT)
@@ -200,14 +192,9 @@ class FineTuner(_BackboneClassifier):
         return self._state_dict_with_classifier("fc.")  # the backbone's own fc is an Identity
 
     def deit_state_dict(self) -> dict[str, torch.Tensor]:
-        """The network as a DeiT / timm ``VisionTransformer`` state dict, ``head`` = the classifier (ViTs only).
+        """A DeiT / timm ``VisionTransformer`` state dict, ``head`` = the classifier; ``ValueError`` for a non-ViT.
 
-        timm's ``VisionTransformer`` with the backbone's geometry and ``num_classes=C`` loads it with
-        ``strict=True`` (the convolutional stem of ``vit_conv_*`` is not timm's: load those with ``strict=False``).
-
-        Raises:
-            ValueError: the backbone is not one of this project's ViTs.
-
+        ``vit_conv_*`` stems are not timm's: load those with ``strict=False``.
         """
         if not isinstance(self.backbone, MoCoViT):
             raise ValueError(f"a {type(self.backbone).__name__} backbone has no DeiT state dict; a ResNet exports "
@@ -232,15 +219,9 @@ def resnet_arch(module: nn.Module) -> tuple[str, bool] | None:
 
 
 def export_classifier(model: FineTuner, output_dir: str | Path) -> Path:
-    """Write the fine-tuned classifier into ``output_dir`` and return the file.
+    """Write ``classifier_torchvision.pth`` (ResNet) or ``classifier_deit.pth`` (ViT) into ``output_dir``; its path.
 
-    A ResNet: ``classifier_torchvision.pth``, the plain state dict of :meth:`FineTuner.torchvision_state_dict`. A
-    ViT: ``classifier_deit.pth``, ``{"model": state dict}`` of :meth:`FineTuner.deit_state_dict` (the layout of
-    the official ``convert_to_deit.py``).
-
-    Raises:
-        ValueError: the backbone is neither a torchvision ResNet nor one of this project's ViTs.
-
+    The DeiT file is ``{"model": state dict}``, the official ``convert_to_deit.py`` layout; ``ValueError`` otherwise.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -257,18 +238,9 @@ def train_finetuner(model: FineTuner, datamodule: Any, trainer: L.Trainer,
                     ckpt_path: str | Path | None = None) -> dict[str, Any]:
     """Fit ``model`` on ``datamodule.eval_train_dataloader(augment=True)``, validating on ``eval_val_dataloader()``.
 
-    Args:
-        model: the fine-tuner.
-        datamodule: ready (:func:`prepare_labelled_data`); its training view is the linear-probe one (random
-            resized crop + flip), the validation view the deterministic one.
-        trainer: the Trainer (``max_epochs``, devices, loggers, checkpoint callbacks).
-        ckpt_path: a checkpoint of this fine-tuning run to resume from.
-
-    Returns:
-        ``{"top1", "top5", "last_epoch"}`` of the last epoch, ``{"best_top1", "best_epoch"}`` of the best validated
-        one (epochs counted from 0; accuracies as fractions) and ``"history"`` ``{epoch: top1}``. When the last
-        epoch was not validated (``check_val_every_n_epoch`` > 1), it is validated here.
-
+    ``datamodule`` is ready (:func:`prepare_labelled_data`); ``ckpt_path`` is a checkpoint of this run to resume.
+    Returns ``{"top1", "top5", "last_epoch"}`` of the last epoch (validated here if it was not), ``{"best_top1",
+    "best_epoch"}`` of the best one (epochs from 0, accuracies as fractions) and ``"history"`` ``{epoch: top1}``.
     """
     if hasattr(datamodule, "batches_device"):  # the loaders are built before fit: pin for the trainer's device
         datamodule.batches_device = trainer.strategy.root_device

@@ -107,8 +107,7 @@ def nearest_neighbours(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine similarities ``(N, k)`` (float32) and labels of each query's ``k`` most similar bank rows.
 
-    Both sides must be normalised. With ``bank_chunk_size`` the bank is scanned in blocks with a running top k.
-    A bank of fewer than ``k`` rows (a process's part of a sharded bank) is padded with similarity ``-inf``.
+    Both sides must be normalised. A bank of fewer than ``k`` rows is padded with similarity ``-inf``.
     """
     top_sim = torch.full((queries.shape[0], k), float("-inf"), device=bank.device)
     top_label = torch.zeros((queries.shape[0], k), dtype=torch.long, device=bank.device)
@@ -186,22 +185,18 @@ def knn_accuracy(
 class KNNMonitor(Callback):
     """Log weighted-kNN accuracy of the query encoder every ``every_n_epochs`` training epochs.
 
-    At the end of a training epoch, in eval mode, ``pl_module.embed`` (``features="backbone"``) or
-    ``pl_module.project`` (``features="embedding"``) embeds ``trainer.datamodule.eval_train_dataloader()`` (the
-    memory bank) and ``eval_val_dataloader()`` (the queries); ``{prefix}_top1`` / ``_top5`` (fractions) are
-    logged, the same on every process. Memory per process: the bank, ``N / processes x D`` in ``bank_dtype``, all
-    queries and a similarity block of ``chunk_size x N / processes``.
+    At the end of an epoch, in eval mode, the eval train loader is the memory bank and the eval val loader the
+    queries; ``{prefix}_top1`` / ``_top5`` (fractions) are logged, the same on every process.
 
     Args:
         every_n_epochs: run after epochs ``n-1, 2n-1, ...`` and always after the last one.
-        features: ``"backbone"`` (the query backbone, what downstream tasks use) or ``"embedding"`` (the
-            normalised output of the query encoder, as the official CIFAR-10 demo's monitor).
+        features: ``"backbone"`` (``pl_module.embed``) or ``"embedding"`` (``pl_module.project``, as the official
+            CIFAR-10 demo's monitor).
         k: neighbours that vote; temperature: of the votes' weights; bank_dtype, chunk_size, bank_chunk_size: as
             :func:`knn_accuracy` takes them.
         prefix: metric name prefix.
-        at_start: also evaluate the encoder at initialisation, before the first step of a fresh run (not on
-            resume): kept in :attr:`initial` and logged once as ``{prefix}_top1_init`` / ``{prefix}_top5_init``
-            with the first epoch's numbers; the health monitor compares later passes with it.
+        at_start: also evaluate at initialisation on a fresh run: kept in :attr:`initial`, logged once as
+            ``{prefix}_top1_init`` / ``{prefix}_top5_init``.
 
     """
 
@@ -285,11 +280,7 @@ class KNNMonitor(Callback):
 
 
 def monitor_every_n_epochs(trainer: L.Trainer, every_n_epochs: int | None = None) -> int | None:
-    """The cadence of an epoch-end monitor: ``every_n_epochs`` if given, else that of the trainer's kNN monitor.
-
-    ``None`` (run only after the last epoch) when neither is set. The diagnostics and the embedding map pass it to
-    :func:`~moco_lightning.eval.cadence.is_monitor_epoch`.
-    """
+    """The cadence of an epoch-end monitor: ``every_n_epochs`` if given, else the kNN monitor's, else ``None``."""
     if every_n_epochs is not None:
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1 or None (the kNN monitor's), got {every_n_epochs}")

@@ -108,14 +108,12 @@ class LinearProbe(_BackboneClassifier):
         lr: SGD learning rate (official v1/v2: 30).
         momentum: SGD momentum (0.9).
         weight_decay: SGD weight decay (0).
-        schedule: "step" (x``gamma`` at each of ``milestones``), "cosine" (to 0 over ``max_epochs``) or
-            "constant".
+        schedule: "step" (x``gamma`` at each of ``milestones``), "cosine" (to 0 over ``max_epochs``), "constant".
         milestones: epochs of the step decays (official: 60, 80 of 100).
         gamma: step decay factor (0.1).
         max_epochs: length of the cosine schedule (100).
         sanity_check: after the first epoch, check that the backbone equals ``reference_state``.
-        reference_state: the pretrained backbone state (e.g. straight from the checkpoint) to check against;
-            by default a copy of the backbone's state taken here.
+        reference_state: the pretrained state to check against (default: a copy of the backbone's, taken here).
 
     """
 
@@ -172,12 +170,7 @@ class LinearProbe(_BackboneClassifier):
         self._evaluate(batch, "test")
 
     def check_backbone_unchanged(self) -> None:
-        """Raise if any backbone weight or BN statistic differs from the reference (the checkpoint).
-
-        Raises:
-            RuntimeError: naming the first key that changed.
-
-        """
+        """Raise ``RuntimeError`` naming the first backbone weight or BN statistic that differs from the checkpoint."""
         state = self.backbone.state_dict()
         if set(state) != set(self.reference_state):
             diff = sorted(set(state) ^ set(self.reference_state))
@@ -239,19 +232,14 @@ def linear_eval(
     """Train a linear classifier on a frozen pretrained backbone and report its validation accuracy.
 
     Args:
-        checkpoint: a moco-lightning (or official MoCo) pretraining checkpoint; the query backbone is loaded
-            from it and the sanity check compares against its weights. If None, ``backbone`` must be a module
-            (and ``feature_dim`` its width), evaluated as it is.
-        datamodule: provides ``eval_train_dataloader([augment])`` and ``eval_val_dataloader()`` yielding
-            ``(x, y)``, and ``num_classes`` after ``setup()``; ``prepare_data()`` and ``setup("fit")`` are
-            called here.
+        checkpoint: a moco-lightning (or official MoCo) pretraining checkpoint; ``None``: ``backbone`` is a module.
+        datamodule: gives ``eval_train_dataloader([augment])``, ``eval_val_dataloader()`` and ``num_classes``.
         backbone: override the checkpoint's backbone (name or module), or the module to evaluate without one.
-        feature_dim: feature width when ``backbone`` is a module and no checkpoint is given.
+        feature_dim: the width of a ``backbone`` module given without a checkpoint.
         num_classes: defaults to ``datamodule.num_classes``.
         epochs: training epochs (official v1/v2: 100; v3: 90).
         lr: SGD learning rate (v1/v2: 30), or with ``scale_lr`` the base lr per 256 images (v3: 0.1 ResNet, 3 ViT).
-        scale_lr: use ``lr × global batch / 256``, global batch = the train loader's batch × processes ×
-            accumulation (official v3).
+        scale_lr: use ``lr × global batch / 256`` (loader batch × processes × accumulation; official v3).
         momentum: SGD momentum (0.9).
         weight_decay: SGD weight decay (0).
         schedule: "step", "cosine" or "constant".

@@ -1,10 +1,9 @@
 """A linear probe that fits a CPU budget: logistic regression on frozen features, fitted by full-batch L-BFGS.
 
 The official protocols (:mod:`moco_lightning.eval.linear`) train by SGD on augmented images for 90-100 epochs:
-hours on a CPU. This probe embeds the *un-augmented* images once, standardises the features, chooses the L2 strength
-on a stratified held-out part of the training set (:func:`choose_l2`), refits on all of it and scores the evaluation
-set. The objective is ``mean cross-entropy + l2 / 2 * ||W||^2`` (bias not penalised; scikit-learn's ``C`` is
-``1 / (n_train * l2)``). Written in torch rather than with scikit-learn: its held-out split and ``ddof=0``
+hours on a CPU. This probe embeds the *un-augmented* images once, standardises the features, chooses the L2
+strength on a stratified held-out part of the training set (:func:`choose_l2`), refits and scores. Written in torch
+rather than with scikit-learn (whose ``C`` is ``1 / (n_train * l2)``): its held-out split and ``ddof=0``
 standardisation would change the recorded numbers, and the fit runs on the features' device.
 """
 
@@ -40,11 +39,7 @@ def frozen_features(
     module: torch.nn.Module | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features ``(N, D)`` (float32, on the CPU) and labels ``(N,)`` of every ``(x, y)`` batch of ``loader``.
-
-    ``module`` (the network behind ``embed_fn``) is in eval mode for the pass, without autograd; memory beyond the
-    features is one loader batch.
-    """
+    """Features ``(N, D)`` (float32, CPU) and labels ``(N,)`` of ``loader``, ``module`` in eval mode."""
     with eval_mode(module):
         features, labels = extract_features(lambda x: embed_fn(x).float().cpu(), loader, device=device)
     return features, labels.cpu()
@@ -170,11 +165,8 @@ def choose_l2(
 ) -> tuple[float, dict[float, dict[str, float]]]:
     """Pick the L2 strength of ``grid`` that scores best on a stratified held-out part of ``(x, y)``.
 
-    The features are standardised with the statistics of the part that is fitted. Best = highest held-out top-1,
-    ties broken by the lower held-out cross-entropy. The grid is fitted from the strongest L2 to the weakest, each
-    fit warm-started from the previous one; with ``patience`` the walk stops after that many strengths in a row
-    score below the best so far (the weakest strengths, which L-BFGS needs the most iterations for, are then not
-    fitted). ``patience=None`` fits the whole grid.
+    Best = highest held-out top-1, then lower cross-entropy. The grid is walked from strongest to weakest, each fit
+    warm-started from the last; with ``patience`` the walk stops after that many strengths in a row below the best.
 
     Returns:
         ``(best_l2, {l2: {"top1": ..., "loss": ...}})`` for the strengths fitted, accuracies as fractions.
@@ -256,7 +248,7 @@ def probe_features(
     dtype: torch.dtype = torch.float32,
     patience: int | None = 2,
 ) -> ProbeResult:
-    """Choose L2 on held-out training features, refit on all of them, score the evaluation features.
+    """Choose L2 on held-out training features, refit on all of them (warm-started), score the evaluation features.
 
     Args:
         train_x: training features ``(N, D)``.
@@ -270,10 +262,7 @@ def probe_features(
         max_iter: L-BFGS iterations per fit at most.
         tolerance: L-BFGS stops when the largest gradient entry is below it.
         dtype: float32 or float64 for the fits.
-        patience: stop walking the grid (strongest to weakest) after this many strengths in a row score below the
-            best; None = the whole grid (:func:`choose_l2`).
-
-    The refit on all training features starts from the held-out fit of the chosen strength.
+        patience: see :func:`choose_l2`; None = the whole grid.
 
     """
     if train_x.shape[1] != eval_x.shape[1]:
@@ -309,11 +298,8 @@ def feature_probe(
     """The whole probe on a datamodule: embed its un-augmented train and val sets once, then :func:`probe_features`.
 
     Args:
-        embed_fn: maps an image batch to features (e.g. a loaded backbone); ``None`` = raw pixels
-            (:func:`flatten_pixels` of the evaluation view).
-        datamodule: provides ``eval_train_dataloader()`` and ``eval_val_dataloader()`` (deterministic view) and
-            ``num_classes``; call ``prepare_data()`` / ``setup()`` first. Its ``eval_batch_size`` bounds the memory
-            of the feature pass.
+        embed_fn: maps an image batch to features; ``None`` = raw pixels (:func:`flatten_pixels`).
+        datamodule: gives ``eval_train_dataloader()``, ``eval_val_dataloader()`` and ``num_classes`` (set up).
         module: the network behind ``embed_fn``, kept in eval mode during the pass.
         device: where images are sent before ``embed_fn``.
         **probe_kwargs: :func:`probe_features` options (``l2_grid``, ``holdout_fraction``, ``dtype``...).

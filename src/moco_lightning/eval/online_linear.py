@@ -24,19 +24,10 @@ from moco_lightning import distributed
 class OnlineLinearProbe(Callback):
     """Train ``nn.Linear(feature_dim, num_classes)`` on detached features after every training batch.
 
-    Logs ``train/online_linear_loss`` and ``train/online_linear_top1`` (a fraction, accumulated over the
-    epoch).
-    Under DDP the classifier's gradients are averaged over processes so every copy stays identical. Its
-    weights and optimizer state are saved in the trainer checkpoint and restored on resume.
-
-    Args:
-        num_classes: number of classes; read from ``trainer.datamodule.num_classes`` when not given.
-        lr: SGD learning rate of the classifier.
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay.
-        seed: seed of the classifier's initialisation (drawn from a private generator, so adding the probe does
-            not change the random stream of pretraining).
-
+    Logs ``train/online_linear_loss`` and ``train/online_linear_top1`` (a fraction, over the epoch). Under DDP the
+    gradients are averaged so every copy stays identical; weights and optimizer state go into the checkpoint.
+    ``num_classes`` defaults to ``trainer.datamodule.num_classes``; ``lr``, ``momentum``, ``weight_decay`` are
+    SGD's; ``seed`` seeds a private generator, so adding the probe leaves pretraining's random stream alone.
     """
 
     def __init__(
