@@ -313,3 +313,12 @@ class _RunsCode:
         import os
 
         return os.makedirs, (self.marker,)
+
+
+@pytest.mark.timeout(120)
+def test_eval_knn_without_a_checkpoint_is_one_line_naming_the_key(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "eval_knn.py")], capture_output=True, text=True, timeout=100,
+                          cwd=tmp_path)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert errors == ["error: checkpoint is not set; set checkpoint=..."]

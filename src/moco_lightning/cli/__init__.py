@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 
 from hydra.errors import InstantiationException
 from omegaconf import ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from moco_lightning.cli.errors import ConfigError, error_line, refused_arguments
 from moco_lightning.deadline import call_with_deadline
@@ -237,6 +238,9 @@ def run_or_exit(evaluate: Callable[[Any], Any], cfg: Any, errors: tuple[type[Exc
     """``evaluate(cfg)``; a user's error (one of ``errors``, or a value a constructor refused) exits 2 in one line."""
     try:
         return evaluate(cfg)
+    except MissingMandatoryValue as err:  # a required key left at ??? (e.g. checkpoint)
+        print(f"error: {err.full_key} is not set; set {err.full_key}=...", file=sys.stderr)
+        sys.exit(2)
     except (*errors, InstantiationException) as err:
         if isinstance(err, InstantiationException) and not refused_arguments(err):
             raise  # a fault of a constructor, not the user's
