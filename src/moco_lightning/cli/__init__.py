@@ -37,8 +37,11 @@ from moco_lightning.deadline import call_with_deadline
 if TYPE_CHECKING:
     import torch
 
+    from moco_lightning.cpus import ThreadPlan
+
 __all__ = ["CONFIG_PATH", "RUN_ERROR_FILE", "SLURM_AUTO_CPUS_PER_TASK", "config_dir", "count_devices",
-           "count_processes", "register_resolvers", "report", "resolve_device", "run_or_exit", "write_results"]
+           "count_processes", "register_resolvers", "report", "resolve_device", "run_or_exit", "share_cpus",
+           "write_results"]
 
 #: The file a training run that ended with an error leaves in its run folder: the error in one line. A run that
 #: starts (or resumes) in the folder deletes it, and ``moco-sweep-report`` reads it to tell a failed job from one
@@ -253,6 +256,31 @@ def report(cfg: Any, result: dict[str, Any], *lines: str) -> None:
     for line in lines:
         print(line, flush=True)
     write_results(result, OmegaConf.select(cfg, "paths.output_dir"))
+
+
+def share_cpus(datamodule: Any, trainer: Any, measure_busy: float = 0.25) -> ThreadPlan:
+    """Size torch's intra-op threads from the CPUs this process has (:mod:`moco_lightning.cpus`); one line says so.
+
+    Before any compute: the CPUs of the affinity mask and cgroup quota, shared by the trainer's processes on this
+    machine and the loader workers (``data.num_workers``), less those other jobs keep busy at the start (one
+    process only). ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` set by the user win.
+    """
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from moco_lightning.cpus import plan_threads
+
+    workers = getattr(datamodule, "num_workers_setting", getattr(datamodule, "num_workers", 0))
+    plan = plan_threads(int(getattr(trainer, "num_devices", 1) or 1), workers, measure_busy=measure_busy)
+    plan.apply()
+    if rank_zero_only.rank == 0:
+        shared = f", {plan.share} for this process" if plan.share != plan.cpus else ""
+        busy = f", {plan.busy} busy with other work" if plan.busy else ""
+        threads = (f"torch threads as you set them ({plan.user_setting})" if plan.user_setting
+                   else f"{plan.threads} torch thread{'s' if plan.threads != 1 else ''}")
+        logging.getLogger(__name__).info(
+            "CPUs: %d (%s)%s%s: %s, %d loader worker%s (data.num_workers=%s)", plan.cpus, plan.source, shared, busy,
+            threads, plan.workers, "s" if plan.workers != 1 else "", workers)
+    return plan
 
 
 def register_resolvers() -> None:

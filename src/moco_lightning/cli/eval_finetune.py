@@ -31,7 +31,7 @@ from moco_lightning.checkpointing import (
     continue_loggers,
     read_training_checkpoint,
 )
-from moco_lightning.cli import CONFIG_PATH, report, run_or_exit
+from moco_lightning.cli import CONFIG_PATH, report, run_or_exit, share_cpus
 from moco_lightning.cli.config_checks import ConfigError, exit_on_bad_command_line
 from moco_lightning.cli.eval_linear import per_device_batch
 from moco_lightning.cli.labelled_subset import apply_labelled_subset
@@ -90,6 +90,7 @@ def finetune_from_config(cfg: DictConfig) -> tuple[dict[str, Any], L.Trainer]:
             callback.config = OmegaConf.to_yaml(cfg)
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    share_cpus(datamodule, trainer)
     ckpt_path = _resume_path(cfg, model, trainer)
     for logger in trainer.loggers:  # the label settings, the checkpoint and the recipe beside the metrics
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})

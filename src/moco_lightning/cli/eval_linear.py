@@ -17,7 +17,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from moco_lightning.cli import CONFIG_PATH, count_processes, report, run_or_exit
+from moco_lightning.cli import CONFIG_PATH, count_processes, report, run_or_exit, share_cpus
 from moco_lightning.cli.config_checks import ConfigError
 from moco_lightning.cli.eval_linear_features import PIXELS, evaluate_features, summary
 from moco_lightning.cli.labelled_subset import apply_labelled_subset
@@ -53,6 +53,7 @@ def evaluate_linear(cfg: DictConfig) -> tuple[dict[str, Any], L.Trainer]:
     labels = apply_labelled_subset(cfg, datamodule)  # the probe's training images: the labelled ones only
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
     trainer = instantiate(cfg.trainer, logger=loggers or False, enable_checkpointing=False)
+    share_cpus(datamodule, trainer)
     options = ("lr", "scale_lr", "momentum", "weight_decay", "schedule", "gamma", "augment_train", "sanity_check")
     result = linear_eval(ckpt, datamodule, epochs=cfg.trainer.max_epochs, milestones=list(cfg.milestones),
                          trainer=trainer, **{key: cfg[key] for key in options})

@@ -41,7 +41,7 @@ from moco_lightning.checkpointing import (
     find_resume_checkpoint,
     read_training_checkpoint,
 )
-from moco_lightning.cli import CONFIG_PATH, RUN_ERROR_FILE
+from moco_lightning.cli import CONFIG_PATH, RUN_ERROR_FILE, share_cpus
 from moco_lightning.cli.config_checks import (
     ConfigError,
     check_accelerator,
@@ -50,12 +50,11 @@ from moco_lightning.cli.config_checks import (
 )
 from moco_lightning.cli.errors import instantiation_message, node_settings, refused_arguments
 from moco_lightning.cli.optional_extras import exit_on_missing_extra
-from moco_lightning.cpus import ThreadPlan
 from moco_lightning.data import DatasetError, DatasetNotAvailableError
 from moco_lightning.eval.features import has_labels
 from moco_lightning.nonfinite import NonFiniteLossError
 
-__all__ = ["KNNReport", "build", "main", "resolve_checkpoint", "share_cpus", "train"]
+__all__ = ["KNNReport", "build", "main", "resolve_checkpoint", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -140,30 +139,6 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
             raise
         raise ConfigError(instantiation_message(err, cfg)) from err
     return datamodule, model, trainer
-
-
-def share_cpus(datamodule: Any, trainer: L.Trainer, measure_busy: float = 0.25) -> ThreadPlan:
-    """Size torch's intra-op threads from the CPUs this process has (:mod:`moco_lightning.cpus`); one line says so.
-
-    Before any compute: the CPUs of the affinity mask and cgroup quota, shared by the trainer's processes on this
-    machine and the loader workers (``data.num_workers``), less those other jobs keep busy at the start (one
-    process only). ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` set by the user win.
-    """
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-    from moco_lightning.cpus import plan_threads
-
-    workers = getattr(datamodule, "num_workers_setting", getattr(datamodule, "num_workers", 0))
-    plan = plan_threads(int(getattr(trainer, "num_devices", 1) or 1), workers, measure_busy=measure_busy)
-    plan.apply()
-    if rank_zero_only.rank == 0:
-        shared = f", {plan.share} for this process" if plan.share != plan.cpus else ""
-        busy = f", {plan.busy} busy with other work" if plan.busy else ""
-        threads = (f"torch threads as you set them ({plan.user_setting})" if plan.user_setting
-                   else f"{plan.threads} torch thread{'s' if plan.threads != 1 else ''}")
-        log.info("CPUs: %d (%s)%s%s: %s, %d loader worker%s (data.num_workers=%s)", plan.cpus, plan.source, shared,
-                 busy, threads, plan.workers, "s" if plan.workers != 1 else "", workers)
-    return plan
 
 
 def resolve_checkpoint(cfg: DictConfig, model: torch.nn.Module, trainer: L.Trainer) -> str | None:
