@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.timeout(120)
 def test_the_dry_run_measures_every_part_and_runs_train_py_under_ddp(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", DRY="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", DRY="1", PYTHON=sys.executable)  # this interpreter, activated or not
     done = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--out", str(tmp_path)], capture_output=True,
                           text=True, timeout=110, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
