@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.timeout(120)
 def test_the_dry_run_measures_every_part_and_runs_train_py_under_ddp(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", DRY="1", PYTHON=sys.executable)  # this interpreter, activated or not
+    # PYTHON: this interpreter, whether or not its environment is activated (CI runs .venv/bin/python -m pytest)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", DRY="1", PYTHON=sys.executable)
     done = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--out", str(tmp_path)], capture_output=True,
                           text=True, timeout=110, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
