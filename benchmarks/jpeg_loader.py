@@ -12,10 +12,12 @@ Each case runs the pretraining set of an ``ImageFolderDataModule`` (MoCo v2, two
   resized crops as uint8 tensors; the rest runs on the training device and is not timed here;
 * ``per image`` (``data.batch_augmentation=false``): the worker runs the whole recipe.
 
-``decode="exact"`` decodes every image whole, then crops; ``decode="draft"`` draws the boxes from the header and
-decodes at the DCT reduction they allow (``moco_lightning.data.jpeg``). Per worker: images per wall-clock second of
-the loader; per core: images per CPU second of the worker process (``time.process_time`` in the worker), which a
-busy machine disturbs less. Rounds alternate the paths; the table shows the median of the rounds. Not a test.
+``decode="exact"`` decodes every image whole with PIL, then crops; ``decode="draft"`` draws the boxes from the header
+and decodes at the DCT reduction they allow, and where the batched crops leave as tensors and nothing is reduced,
+decodes with libjpeg-turbo into a tensor and crops in torch (``moco_lightning.data.jpeg``). Per worker: images per
+wall-clock second of the loader; per core: images per CPU second of the worker process (``time.process_time`` in the
+worker), which a busy machine disturbs less. Rounds alternate the paths; the table shows the median of the rounds.
+Not a test.
 
     OMP_NUM_THREADS=1 python benchmarks/jpeg_loader.py                 # JSON to a temp folder
     OMP_NUM_THREADS=1 python benchmarks/jpeg_loader.py --write-results # to benchmarks/results/jpeg_loader.json

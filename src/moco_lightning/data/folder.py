@@ -381,9 +381,11 @@ class _FolderDataModule(MoCoDataModule):
         if self.decode != "draft" or callable(self.augmentation):
             return None
         if self._crop_plan is None:
+            output = "pil"
             if self.batch_augmentation:  # the loader's part of the batch augmentation: the crops, as uint8 tensors
                 crops = list(self.batch_augment.loader_crops or ())
                 rests: list[Callable[[Any], Any]] = [v2.Compose([v2.ToImage(), v2.ToPureTensor()]) for _ in crops]
+                output = "tensor"
             else:
                 views = build_view_transforms(self.augmentation, self.image_size, self.mean, self.std,
                                               **self.augmentation_kwargs)
@@ -391,7 +393,7 @@ class _FolderDataModule(MoCoDataModule):
                 if any(part is None for part in split):  # a view that does not start with its crop
                     return None
                 crops, rests = [part[0] for part in split], [part[1] for part in split]  # type: ignore[index]
-            self._crop_plan = (CropDecoder(crops), CroppedViews(rests))
+            self._crop_plan = (CropDecoder(crops, output=output), CroppedViews(rests))
         return self._crop_plan
 
     def _pretrain_item_transform(self) -> Callable[[Any], Any]:

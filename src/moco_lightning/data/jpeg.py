@@ -11,15 +11,11 @@ datamodule's ``decode="draft"``):
    least the output size in both dimensions, so nothing is upsampled that the exact path downsamples;
 3. each box, mapped to the reduced image, is resized to the output size (PIL's resize with a fractional box).
 
-Without a reduction (a box smaller than twice the output size) the crops are the exact path's, pixel for pixel. With
-one, they differ by resampling only: the DCT reduction averages blocks of pixels, then the bilinear resize
-finishes (tests/data/test_jpeg.py bounds the difference on a real photograph). Files that are not plain JPEGs
-(PNG, CMYK, an EXIF orientation other than upright) are decoded whole (:func:`~moco_lightning.data.decode.
-decode_image`) and cropped exactly as before.
-
-At ImageNet's own size (about 500 x 375) and a 224-pixel output no box is 448 pixels tall, so nothing is reduced
-there; the reduction pays for larger photographs (a camera's) and smaller outputs (benchmarks/RESULTS.md,
-"ImageNet loader with decoding").
+Where the crops leave the loader as uint8 tensors (batch augmentation, the configs' default: ``output="tensor"``)
+and nothing is reduced, the file is decoded by libjpeg-turbo straight into a tensor (``torchvision.io.decode_jpeg``:
+the same pixels as PIL's decode) and each box is resized by torch's uint8 antialiased bilinear kernel, which differs
+from PIL's by at most 1 in a few pixels' rounding and costs a third of it. Measured in benchmarks/RESULTS.md
+("ImageNet loader with decoding").
 """
 
 from __future__ import annotations
@@ -30,17 +26,21 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode
+from torchvision.io import decode_jpeg as _decode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.functional import pil_modes_mapping
 from torchvision.transforms.v2 import functional as F
 
 from moco_lightning.data.decode import decode_image, to_rgb
 
-__all__ = ["DECODE_MODES", "REDUCTIONS", "CropDecoder", "CroppedViews", "check_decode", "decode_crops",
+__all__ = ["CROP_OUTPUTS", "DECODE_MODES", "REDUCTIONS", "CropDecoder", "CroppedViews", "check_decode", "decode_crops",
            "largest_reduction", "split_crop"]
 
 #: How the pretraining loader of a folder datamodule decodes: ``"exact"`` (whole image, then crop) or ``"draft"``.
 DECODE_MODES: tuple[str, ...] = ("exact", "draft")
+#: What :class:`CropDecoder` returns: RGB PIL images, or ``(3, H, W)`` uint8 tensors (the batch augmentation's input).
+CROP_OUTPUTS: tuple[str, ...] = ("pil", "tensor")
 #: The DCT reductions of a JPEG decoder (PIL's ``draft``), largest first.
 REDUCTIONS: tuple[int, ...] = (8, 4, 2, 1)
 _ORIENTATION = 0x0112  # the EXIF tag
@@ -75,16 +75,22 @@ def _upright_jpeg(image: Image.Image) -> bool:
 
 
 def decode_crops(path: str | os.PathLike[str], crops: Sequence[v2.RandomResizedCrop],
-                 boxes: Sequence[Box] | None = None, draft: bool = True) -> tuple[list[Image.Image], int]:
-    """Decode ``path`` and take one random resized crop per entry of ``crops``: ``(RGB crops, reduction used)``.
+                 boxes: Sequence[Box] | None = None, draft: bool = True,
+                 output: str = "pil") -> tuple[list[Image.Image] | list[torch.Tensor], int]:
+    """Decode ``path`` and take one random resized crop per entry of ``crops``: ``(crops, reduction used)``.
 
     Args:
         path: the image file.
         crops: the views' ``RandomResizedCrop`` steps (output size, scale, ratio, interpolation).
         boxes: one ``(top, left, height, width)`` per crop; ``None`` draws them with each crop's ``make_params``.
         draft: decode a plain JPEG at the largest DCT reduction the boxes allow; ``False`` decodes at full size.
+        output: ``"pil"`` (RGB PIL images) or ``"tensor"`` (``(3, H, W)`` uint8 tensors; an unreduced plain JPEG is
+            decoded and cropped in torch).
 
     """
+    if output not in CROP_OUTPUTS:
+        raise ValueError(f"output={output!r}: use one of {CROP_OUTPUTS}")
+
     def draw(width: int, height: int) -> list[Box]:
         if boxes is not None:
             return list(boxes)
@@ -95,27 +101,37 @@ def decode_crops(path: str | os.PathLike[str], crops: Sequence[v2.RandomResizedC
         if not _upright_jpeg(image):  # PNG, CMYK, a turned photo: the exact path
             image.close()
             whole = decode_image(path)
-            return [_exact_crop(whole, box, crop) for box, crop in zip(draw(*whole.size), crops, strict=True)], 1
+            out = [_exact_crop(whole, box, crop) for box, crop in zip(draw(*whole.size), crops, strict=True)]
+            return _as(out, output), 1
         width, height = image.size
         chosen = draw(width, height)
         reduction = largest_reduction(chosen, [crop.size for crop in crops]) if draft else 1
+        if reduction == 1 and output == "tensor":  # libjpeg-turbo into a tensor, torch's crops (module doc)
+            handle.seek(0)
+            decoded = _decode_jpeg(torch.frombuffer(bytearray(handle.read()), dtype=torch.uint8),
+                                   mode=ImageReadMode.RGB)
+            return [_exact_crop(decoded, box, crop).contiguous() for box, crop in zip(chosen, crops, strict=True)], 1
         if reduction > 1:
             drafted = image.draft(None, (width // reduction, height // reduction))
             reduction = round(width / drafted[1][2]) if drafted is not None else 1
         image.load()  # the whole (reduced) decode: a truncated file fails here
         image = to_rgb(image)
     if reduction == 1:
-        return [_exact_crop(image, box, crop) for box, crop in zip(chosen, crops, strict=True)], 1
+        return _as([_exact_crop(image, box, crop) for box, crop in zip(chosen, crops, strict=True)], output), 1
     out = []
     for box, crop in zip(chosen, crops, strict=True):
         region = (box["left"] / reduction, box["top"] / reduction, (box["left"] + box["width"]) / reduction,
                   (box["top"] + box["height"]) / reduction)
         resample = pil_modes_mapping[v2.InterpolationMode(crop.interpolation)]
         out.append(image.resize((crop.size[1], crop.size[0]), resample, box=region))
-    return out, reduction
+    return _as(out, output), reduction
 
 
-def _exact_crop(image: Image.Image, box: Box, crop: v2.RandomResizedCrop) -> Image.Image:
+def _as(images: list[Image.Image], output: str) -> list[Image.Image] | list[torch.Tensor]:
+    return [F.pil_to_tensor(image) for image in images] if output == "tensor" else images
+
+
+def _exact_crop(image: Any, box: Box, crop: v2.RandomResizedCrop) -> Any:
     """What ``crop`` does to ``image`` with the parameters ``box`` (torchvision's kernel)."""
     return F.resized_crop(image, **box, size=list(crop.size), interpolation=crop.interpolation,
                           antialias=crop.antialias)
@@ -125,23 +141,27 @@ class CropDecoder:
     """``path -> [crop_1, crop_2, ...]``: one random resized crop per view, taken while decoding (module doc).
 
     ``crops`` are the views' ``RandomResizedCrop`` steps (boxes drawn in that order); ``draft=False`` decodes at
-    full size, for comparison. ``last_reduction`` is the last decode's reduction (1 = full size).
+    full size, for comparison; ``output`` is ``"pil"`` or ``"tensor"`` (uint8). ``last_reduction`` is the last
+    decode's reduction (1 = full size).
     """
 
-    def __init__(self, crops: Sequence[v2.RandomResizedCrop], draft: bool = True) -> None:
+    def __init__(self, crops: Sequence[v2.RandomResizedCrop], draft: bool = True, output: str = "pil") -> None:
         if not crops or not all(isinstance(crop, v2.RandomResizedCrop) for crop in crops):
             raise TypeError("CropDecoder needs one torchvision.transforms.v2.RandomResizedCrop per view")
+        if output not in CROP_OUTPUTS:
+            raise ValueError(f"CropDecoder: output={output!r}, use one of {CROP_OUTPUTS}")
         self.crops = list(crops)
         self.draft = bool(draft)
+        self.output = output
         self.last_reduction = 1
 
-    def __call__(self, path: str | os.PathLike[str]) -> list[Image.Image]:
-        """The crops of ``path``, one per view, as RGB PIL images of the crops' output sizes."""
-        out, self.last_reduction = decode_crops(path, self.crops, draft=self.draft)
+    def __call__(self, path: str | os.PathLike[str]) -> list[Image.Image] | list[torch.Tensor]:
+        """The crops of ``path``, one per view, of the crops' output sizes."""
+        out, self.last_reduction = decode_crops(path, self.crops, draft=self.draft, output=self.output)
         return out
 
     def __repr__(self) -> str:
-        return f"CropDecoder(crops={self.crops}, draft={self.draft})"
+        return f"CropDecoder(crops={self.crops}, draft={self.draft}, output={self.output!r})"
 
 
 class CroppedViews:
