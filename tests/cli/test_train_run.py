@@ -43,6 +43,18 @@ def test_train_runs_and_reports_knn(first_run):
 
 
 @pytest.mark.timeout(300)
+def test_the_encoder_at_init_is_measured_once_by_the_knn_monitor(first_run):
+    out, stdout = first_run
+    log = (out / "train.log").read_text()
+    assert "the encoder at init: the kNN monitor's first pass" in log  # the report did not measure it again
+    header, *rows = [line for line in (out / "csv" / "metrics.csv").read_text().splitlines() if line]
+    column = header.split(",").index("val/knn_top1_init")
+    logged = [float(row.split(",")[column]) for row in rows if row.split(",")[column]]
+    row = next(line for line in stdout.splitlines() if line.lstrip().startswith("encoder at init"))
+    assert len(logged) == 1 and f"{100 * logged[0]:6.1f} %" in row, (logged, row)
+
+
+@pytest.mark.timeout(300)
 def test_train_log_holds_the_knn_table_and_the_summary_the_console_shows(first_run):
     out, stdout = first_run
     lines = stdout.splitlines()

@@ -302,12 +302,16 @@ def train(cfg: DictConfig) -> float | None:
             log.info("knn_report: the images have no labels (no class folders): no kNN table at the end")
         elif cfg.get("knn_report"):
             report = KNNReport(type(datamodule).__name__.removesuffix("DataModule"))
+            reused = None if ckpt_path is not None else _monitor_at_init(trainer)
             if trainer.is_global_zero:  # once; the other processes wait for it in fit's rendezvous
-                _report_before_training(report, datamodule, model, trainer, resumed=ckpt_path is not None)
+                _report_before_training(report, datamodule, model, trainer, resumed=ckpt_path is not None,
+                                        init_from_monitor=reused is not None)
 
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     if report is not None:
+        if reused is not None and reused.initial and report.rows:  # the monitor's pass at step 0 is the init row
+            report.rows = {"raw pixels": report.rows["raw pixels"], "encoder at init": reused.initial["top1"]}
         _report_after_training(report, datamodule, model, trainer)
     _print_embedding_map(trainer)
     checkpoint = trainer.checkpoint_callback
@@ -339,13 +343,28 @@ def _drop_label_metrics(trainer: L.Trainer) -> None:
                  ", ".join(sorted({str(cb.monitor) for cb in dropped})))
 
 
+def _monitor_at_init(trainer: L.Trainer) -> Any:
+    """The kNN monitor that measures the encoder at init as the report would (at step 0, backbone, k 200, t 0.1).
+
+    On a fresh run its pass is the table's "encoder at init" row, instead of a second pass over the same images.
+    """
+    from moco_lightning.eval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, KNNMonitor
+
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, KNNMonitor) and callback.at_start and callback.features == "backbone" and (
+                callback.knn_kwargs["k"], callback.knn_kwargs["temperature"]) == (DEFAULT_K, DEFAULT_TEMPERATURE):
+            return callback
+    return None
+
+
 def _report_before_training(report: KNNReport, datamodule: Any, model: torch.nn.Module, trainer: L.Trainer,
-                            resumed: bool) -> None:
+                            resumed: bool, init_from_monitor: bool = False) -> None:
     """The reference rows of the kNN table (raw pixels, the encoder at init), on the main process; one line if not.
 
     Measured before ``fit`` starts the other processes, on the training device unless a launcher will fork them
     (CUDA must not start before a fork: then on the CPU). On a resumed run the module has not loaded the
     checkpoint yet: it holds the weights the run's seed gives at initialisation, the same as at the first launch.
+    ``init_from_monitor``: the kNN monitor measures the encoder at init at step 0; only raw pixels are measured here.
     """
     launcher = trainer.strategy.launcher
     forks = launcher is not None and launcher.is_interactive_compatible  # ddp_fork, ddp_notebook
@@ -355,6 +374,10 @@ def _report_before_training(report: KNNReport, datamodule: Any, model: torch.nn.
         datamodule.prepare_data()
         datamodule.setup("fit")
         report.rows["raw pixels"] = KNNReport.measure(lambda x: x.flatten(1), datamodule, device=device)
+        if init_from_monitor:
+            log.info("kNN top-1 before training: raw pixels %.4f (the encoder at init: the kNN monitor's first "
+                     "pass)", report.rows["raw pixels"])
+            return
         report.rows["encoder at init"] = KNNReport.measure(model.embed, datamodule, model, device)
     except DatasetNotAvailableError:
         raise  # the dataset is not there: training would fail too

@@ -252,6 +252,7 @@ class KNNMonitor(Callback):
             self.initial = self.compute(trainer, pl_module)
         except DatasetError:
             return  # said once by the first epoch's pass
+        rank_zero_info(f"kNN monitor: the encoder at initialisation, {self.prefix}_top1 {self.initial['top1']:.4f}")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Run the kNN evaluation when due and log ``{prefix}_top1`` and ``{prefix}_top5``."""
