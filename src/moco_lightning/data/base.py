@@ -296,8 +296,8 @@ class MoCoDataModule(LightningDataModule):
                                                **self.augmentation_kwargs)
         return TwoViewTransform(view_1, view_2)
 
-    def _pretrain_item_transform(self) -> Callable[[Any], Any]:
-        """What the pretraining dataset applies to each item its base yields (``pretrain_transform`` here)."""
+    def _pretrain_item_transform(self) -> Callable[[Any], Any] | None:
+        """What the pretraining dataset applies to each item its base yields (``None``: the items as they are)."""
         return self.pretrain_transform
 
     @property

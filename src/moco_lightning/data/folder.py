@@ -30,7 +30,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
-from torchvision.transforms import v2
 
 from moco_lightning.data.base import DatasetError, MoCoDataModule
 from moco_lightning.data.decode import decode_image
@@ -371,21 +370,20 @@ class _FolderDataModule(MoCoDataModule):
         self.decode = check_decode(decode)
         self._folder_datasets: list[tuple[str, ImageFolderDataset]] = []
         self.classes: list[str] = []
-        self._crop_plan: tuple[CropDecoder, CroppedViews] | None = None
+        self._crop_plan: tuple[CropDecoder, CroppedViews | None] | None = None
 
-    def crop_plan(self) -> tuple[CropDecoder, CroppedViews] | None:
+    def crop_plan(self) -> tuple[CropDecoder, CroppedViews | None] | None:
         """``(decoder, views)`` of ``decode="draft"``: the crops taken while decoding, and the rest of each view.
 
+        ``views`` is ``None`` with batch augmentation: the decoder's uint8 tensors are the loader's items as they are.
         ``None`` when pretraining decodes whole images (``decode="exact"``, or a callable augmentation). Built once.
         """
         if self.decode != "draft" or callable(self.augmentation):
             return None
         if self._crop_plan is None:
-            output = "pil"
             if self.batch_augmentation:  # the loader's part of the batch augmentation: the crops, as uint8 tensors
                 crops = list(self.batch_augment.loader_crops or ())
-                rests: list[Callable[[Any], Any]] = [v2.Compose([v2.ToImage(), v2.ToPureTensor()]) for _ in crops]
-                output = "tensor"
+                self._crop_plan = (CropDecoder(crops, output="tensor"), None)
             else:
                 views = build_view_transforms(self.augmentation, self.image_size, self.mean, self.std,
                                               **self.augmentation_kwargs)
@@ -393,10 +391,10 @@ class _FolderDataModule(MoCoDataModule):
                 if any(part is None for part in split):  # a view that does not start with its crop
                     return None
                 crops, rests = [part[0] for part in split], [part[1] for part in split]  # type: ignore[index]
-            self._crop_plan = (CropDecoder(crops, output=output), CroppedViews(rests))
+                self._crop_plan = (CropDecoder(crops), CroppedViews(rests))
         return self._crop_plan
 
-    def _pretrain_item_transform(self) -> Callable[[Any], Any]:
+    def _pretrain_item_transform(self) -> Callable[[Any], Any] | None:
         """With ``decode="draft"`` the dataset's items are the crops taken while decoding: the views after them.
 
         ``pretrain_transform`` keeps its meaning (one image in, two views out) for everything else that uses it.
