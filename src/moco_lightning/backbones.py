@@ -61,6 +61,19 @@ def build_timm(name: str) -> tuple[nn.Module, int]:
     return model, int(width)
 
 
+def timm_architecture(module: nn.Module) -> tuple[str, str] | None:
+    """``(timm model name, its classifier's state dict prefix)`` of a timm model (``("resnet10t", "fc")``), else None.
+
+    The prefix is where ``timm.create_model(name, num_classes=N)`` keeps its classifier (``pretrained_cfg
+    ["classifier"]``: ``fc``, ``head``, ``head.fc``, ``classifier``).
+    """
+    cfg = getattr(module, "pretrained_cfg", None)
+    if not isinstance(cfg, dict) or not cfg.get("architecture") or not cfg.get("classifier"):
+        return None
+    classifier = cfg["classifier"]
+    return str(cfg["architecture"]), str(classifier[0] if isinstance(classifier, (list, tuple)) else classifier)
+
+
 def use_cifar_stem(resnet: models.ResNet) -> models.ResNet:
     """Swap a ResNet's ImageNet stem for the small-image stem: a 3x3 stride-1 conv and no max-pool.
 

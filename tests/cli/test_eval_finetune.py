@@ -158,3 +158,9 @@ def test_label_fraction_zero_is_one_error_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: label_fraction=0.0 must be in (0, 1]: 0.01 for 1 % of the labels, 1.0 for all"]
+
+
+def test_a_timm_classifier_is_loaded_with_timm_create_model():
+    result = {"classifier": "/run/classifier_timm.pth", "num_classes": 10, "backbone": "timm:resnet10t",
+              "cifar_stem": None}
+    assert "timm.create_model('resnet10t', num_classes=10); load_state_dict" in cli.how_to_load(result)

@@ -106,6 +106,26 @@ def test_ties_keep_the_earliest_best_epoch():
     assert model.best() == (0.7, 1) and model.last() == (0.6, 1.0, 3)
 
 
+@pytest.mark.parametrize("name", ["resnet10t", "mobilenetv3_small_050", "test_convnext"])
+def test_a_timm_backbone_exports_what_timm_create_model_loads(name, tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    backbone, dim = build_backbone(f"timm:{name}")
+    model = FineTuner(backbone, dim, NUM_CLASSES)
+    with torch.no_grad():
+        model.fc.weight.normal_()  # a classifier that is not its zero-initialised self
+        model.fc.bias.normal_()
+    path = export_classifier(model, tmp_path)
+    assert path.name == "classifier_timm.pth"
+    plain = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES)
+    plain.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x), model(x))
+
+
 def test_torchvision_export_is_the_whole_classifier(fitted, tmp_path):
     model, _, _, _ = fitted
     assert resnet_arch(model.backbone) == ("resnet18", True)

@@ -101,7 +101,7 @@ def finetune_from_config(cfg: DictConfig) -> tuple[dict[str, Any], L.Trainer]:
     if output_dir and trainer.is_global_zero:
         try:
             classifier = export_classifier(model, output_dir)
-        except ValueError as err:  # a backbone with no torchvision / DeiT layout: the checkpoints hold it
+        except ValueError as err:  # a backbone with no torchvision / DeiT / timm layout: the checkpoints hold it
             not_exported = f"{err}; the fine-tuned network is in {Path(output_dir) / 'checkpoints'} (backbone.*, fc.*)"
     arch = resnet_arch(model.backbone)
     return {
@@ -146,6 +146,9 @@ def how_to_load(result: dict[str, Any]) -> str:
     path, classes = result["classifier"], result["num_classes"]
     if path is None:
         return f"classifier: not exported ({result.get('classifier_not_exported')})"
+    if Path(path).name == "classifier_timm.pth":
+        return (f"classifier: {path} (timm.create_model('{str(result['backbone']).removeprefix('timm:')}', "
+                f"num_classes={classes}); load_state_dict(torch.load(path), strict=True))")
     if Path(path).name == "classifier_deit.pth":
         return (f"classifier: {path} (timm VisionTransformer of the backbone's size with num_classes={classes}: "
                 "load_state_dict(torch.load(path)['model']))")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
+from moco_lightning.backbones import timm_architecture
 from moco_lightning.eval.checkpoint import BackboneCheckpoint, load_backbone
 from moco_lightning.eval.linear import _BackboneClassifier, default_trainer, prepare_labelled_data
 from moco_lightning.optim import ResumableLambdaLR, images_per_optimizer_step, lr_lambda, scaled_lr, steps_per_epoch
@@ -201,6 +202,17 @@ class FineTuner(_BackboneClassifier):
                              "with torchvision_state_dict()")
         return self._state_dict_with_classifier("head.")
 
+    def timm_state_dict(self) -> dict[str, torch.Tensor]:
+        """A timm model's state dict, its classifier (``fc``, ``head.fc``, ...) = this one; ``ValueError`` otherwise.
+
+        It loads strictly into ``timm.create_model(<the backbone's name>, num_classes=<classes>)``.
+        """
+        arch = timm_architecture(self.backbone)
+        if arch is None or isinstance(self.backbone, MoCoViT):
+            raise ValueError(f"a {type(self.backbone).__name__} backbone is not a timm model; a ResNet exports with "
+                             "torchvision_state_dict(), a ViT with deit_state_dict()")
+        return self._state_dict_with_classifier(arch[1] + ".")
+
     def _state_dict_with_classifier(self, prefix: str) -> dict[str, torch.Tensor]:
         state = {**self.backbone.state_dict(), **{prefix + k: v for k, v in self.fc.state_dict().items()}}
         return {k: v.detach().cpu().clone() for k, v in state.items()}
@@ -219,15 +231,19 @@ def resnet_arch(module: nn.Module) -> tuple[str, bool] | None:
 
 
 def export_classifier(model: FineTuner, output_dir: str | Path) -> Path:
-    """Write ``classifier_torchvision.pth`` (ResNet) or ``classifier_deit.pth`` (ViT) into ``output_dir``; its path.
+    """Write ``classifier_torchvision.pth`` (ResNet), ``classifier_deit.pth`` (ViT) or ``classifier_timm.pth``.
 
-    The DeiT file is ``{"model": state dict}``, the official ``convert_to_deit.py`` layout; ``ValueError`` otherwise.
+    The DeiT file is ``{"model": state dict}``, the official ``convert_to_deit.py`` layout; the timm file the state
+    dict of ``timm.create_model(<name>, num_classes=<classes>)``. ``ValueError`` for another backbone. Returns the path.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(model.backbone, MoCoViT):
         path = output_dir / "classifier_deit.pth"
         torch.save({"model": model.deit_state_dict()}, path)
+    elif timm_architecture(model.backbone) is not None:
+        path = output_dir / "classifier_timm.pth"
+        torch.save(model.timm_state_dict(), path)
     else:
         path = output_dir / "classifier_torchvision.pth"
         torch.save(model.torchvision_state_dict(), path)
