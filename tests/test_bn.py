@@ -6,7 +6,9 @@ from torch import nn
 
 from moco_lightning.bn import (
     AllReduceBatchNorm2d,
+    AllReduceBatchNormAct2d,
     SplitBatchNorm2d,
+    SplitBatchNormAct2d,
     convert_batchnorm,
     encode_shuffled,
     resolve_bn_mode,
@@ -178,3 +180,39 @@ def test_sync_on_cpu_processes_uses_the_all_reduce_bn_for_1d_and_2d():
     module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(8), nn.BatchNorm1d(8))
     module = convert_batchnorm(module, "sync")
     assert _bn_types(module) == ["AllReduceBatchNorm2d", "AllReduceBatchNorm1d"]
+
+
+def _mobilenet() -> nn.Module:
+    """A timm MobileNetV3: its BN layers are timm's BatchNormAct2d (BN, then an activation), not BatchNorm2d."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=0)
+
+
+@pytest.mark.parametrize("mode", ["split", "sync"])
+def test_timm_batchnorm_act_layers_are_converted_with_their_activation(mode):
+    from timm.layers import BatchNormAct2d
+
+    original = _mobilenet()
+    before = sum(type(m) is BatchNormAct2d for m in original.modules())
+    converted = convert_batchnorm(copy.deepcopy(original), mode, num_splits=2)
+    kind = SplitBatchNormAct2d if mode == "split" else AllReduceBatchNormAct2d
+    assert before > 0 and sum(type(m) is kind for m in converted.modules()) == before
+    assert not any(type(m) is BatchNormAct2d for m in converted.modules())
+    assert converted.state_dict().keys() == original.state_dict().keys()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(converted.eval()(x), original.eval()(x))  # BN, then the same activation
+        original.train(), converted.train()
+        # split in train mode: each group (images 0, 2 and 1, 3) normalised on its own, as the unconverted network
+        groups = torch.stack([copy.deepcopy(original)(x[0::2]), copy.deepcopy(original)(x[1::2])], 1).flatten(0, 1)
+        torch.testing.assert_close(converted(x), groups if mode == "split" else original(x), rtol=1e-4, atol=1e-5)
+
+
+def test_sync_on_accelerators_uses_timms_conversion_for_batchnorm_act():
+    from timm.layers import SyncBatchNormAct
+
+    converted = convert_batchnorm(_mobilenet(), "sync", device_type="cuda")
+    assert any(type(m) is SyncBatchNormAct for m in converted.modules())
+    assert not any(type(m) in (nn.BatchNorm2d, nn.SyncBatchNorm) for m in converted.modules())

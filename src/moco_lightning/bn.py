@@ -29,8 +29,10 @@ __all__ = [
     "DEFAULT_BN_SPLITS",
     "AllReduceBatchNorm1d",
     "AllReduceBatchNorm2d",
+    "AllReduceBatchNormAct2d",
     "SPLIT_MODES",
     "SplitBatchNorm2d",
+    "SplitBatchNormAct2d",
     "check_bn_mode",
     "check_no_lightning_sync_batchnorm",
     "check_split_batch",
@@ -231,12 +233,45 @@ class AllReduceBatchNorm1d(nn.BatchNorm1d):
         return _all_reduce_batch_norm(self, input) if self.training and is_distributed() else super().forward(input)
 
 
+class _ThenAct(nn.Module):
+    """The drop and activation that timm's ``BatchNormAct2d`` applies after its BN, after this layer's BN."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.drop: nn.Module = nn.Identity()  # convert_batchnorm puts the replaced layer's own here
+        self.act: nn.Module = nn.Identity()
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.act(self.drop(super().forward(input)))  # type: ignore[misc]
+
+
+class SplitBatchNormAct2d(_ThenAct, SplitBatchNorm2d):
+    """:class:`SplitBatchNorm2d` in place of a timm ``BatchNormAct2d`` (MobileNetV3, EfficientNet): its act kept."""
+
+
+class AllReduceBatchNormAct2d(_ThenAct, AllReduceBatchNorm2d):
+    """:class:`AllReduceBatchNorm2d` in place of a timm ``BatchNormAct2d``: its drop and activation kept."""
+
+
+def _timm_bn_act() -> type | None:
+    try:
+        from timm.layers import BatchNormAct2d
+    except ImportError:  # timm is a dependency; a trimmed install has no timm models to convert either
+        return None
+    return BatchNormAct2d
+
+
 def _replace(module: nn.Module, makes: dict[type, type], **kwargs: object) -> nn.Module:
-    """Replace each plain BN layer of a type in ``makes`` by its counterpart, keeping its parameters and buffers."""
+    """Replace each BN layer of a type in ``makes`` by its counterpart, keeping its parameters and buffers.
+
+    The types are matched exactly: a subclass that is not in ``makes`` is kept as it is.
+    """
     make = makes.get(type(module))
     if make is not None:
         new = make(module.num_features, eps=module.eps, momentum=module.momentum, affine=module.affine,
                    track_running_stats=module.track_running_stats, **kwargs)
+        if isinstance(new, _ThenAct):
+            new.drop, new.act = module.drop, module.act
         new.weight, new.bias = module.weight, module.bias
         new.running_mean, new.running_var = module.running_mean, module.running_var
         new.num_batches_tracked = module.num_batches_tracked
@@ -257,18 +292,26 @@ def convert_batchnorm(
     ``"split"`` and ``"split_noshuffle"``: each ``BatchNorm2d`` a :class:`SplitBatchNorm2d`; ``"sync"``: every
     BatchNorm a ``torch.nn.SyncBatchNorm`` when the run's device (``device_type``) is an accelerator, an
     :class:`AllReduceBatchNorm2d` / :class:`AllReduceBatchNorm1d` on the CPU; ``"shuffle"`` and ``"none"`` keep
-    plain BatchNorm.
+    plain BatchNorm. timm's ``BatchNormAct2d`` (BN, then its activation) becomes :class:`SplitBatchNormAct2d`,
+    :class:`AllReduceBatchNormAct2d` or timm's ``SyncBatchNormAct``, its activation kept.
     Parameters and buffers are the same tensors as before (an optimizer built earlier keeps working) and the state
     dict keeps its keys, so checkpoints load into either form.
     """
     if mode not in BN_MODES or mode == "auto":
         raise ValueError(f"convert_batchnorm needs a concrete mode (resolve_bn_mode resolves 'auto'), got {mode!r}")
+    bn_act = _timm_bn_act()
     if mode in SPLIT_MODES:
-        return _replace(module, {nn.BatchNorm2d: SplitBatchNorm2d}, num_splits=num_splits)
+        makes: dict[type, type] = {nn.BatchNorm2d: SplitBatchNorm2d}
+        return _replace(module, {**makes, bn_act: SplitBatchNormAct2d} if bn_act else makes, num_splits=num_splits)
     if mode == "sync":
         if device_type != "cpu":
+            if bn_act is not None:  # timm's conversion keeps BatchNormAct2d's activation (SyncBatchNormAct)
+                from timm.layers import convert_sync_batchnorm
+
+                return convert_sync_batchnorm(module)
             return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-        return _replace(module, {nn.BatchNorm2d: AllReduceBatchNorm2d, nn.BatchNorm1d: AllReduceBatchNorm1d})
+        makes = {nn.BatchNorm2d: AllReduceBatchNorm2d, nn.BatchNorm1d: AllReduceBatchNorm1d}
+        return _replace(module, {**makes, bn_act: AllReduceBatchNormAct2d} if bn_act else makes)
     return module
 
 
