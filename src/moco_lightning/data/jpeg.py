@@ -11,6 +11,13 @@ datamodule's ``decode="draft"``):
    least the output size in both dimensions, so nothing is upsampled that the exact path downsamples;
 3. each box, mapped to the reduced image, is resized to the output size (PIL's resize with a fractional box).
 
+Without a reduction (a box smaller than twice the output size) PIL crops are the exact path's, pixel for pixel. With
+one, they differ by resampling only: the DCT reduction averages blocks of pixels, then the bilinear resize finishes
+(tests/data/test_jpeg.py bounds the difference on a real photograph). Files that are not plain JPEGs (PNG, CMYK, an
+EXIF orientation other than upright) are decoded whole (:func:`~moco_lightning.data.decode.decode_image`) and
+cropped exactly as before. At ImageNet's own size (about 500 x 375) and a 224-pixel output no box is 448 pixels
+tall, so nothing is reduced there; the reduction pays for larger photographs (a camera's) and smaller outputs.
+
 Where the crops leave the loader as uint8 tensors (batch augmentation, the configs' default: ``output="tensor"``)
 and nothing is reduced, the file is decoded by libjpeg-turbo straight into a tensor (``torchvision.io.decode_jpeg``:
 the same pixels as PIL's decode) and each box is resized by torch's uint8 antialiased bilinear kernel, which differs
