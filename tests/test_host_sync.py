@@ -178,6 +178,16 @@ def to_emulated_device(module: torch.nn.Module) -> torch.nn.Module:
     return module._apply(cuda_copy)
 
 
+def model_and_inputs_on_device(mode: EmulatedCuda, model: torch.nn.Module,
+                               *inputs: torch.Tensor) -> list[OnDevice]:
+    """Move ``model`` and copies of ``inputs`` onto the emulated device with recording off; record from then on."""
+    mode.recording = False
+    to_emulated_device(model)
+    copies = [cuda_copy(x) for x in inputs]
+    mode.recording = True
+    return copies
+
+
 def on_host(tensor: torch.Tensor) -> torch.Tensor:
     """The values of an emulated device tensor, as a CPU tensor (for comparisons after the fact)."""
     return tensor.inner if isinstance(tensor, OnDevice) else tensor
@@ -279,10 +289,7 @@ def test_moco_step_never_waits_on_the_host():
     queue_before = model.queue.clone()
 
     def run(mode: EmulatedCuda) -> dict[str, torch.Tensor]:
-        mode.recording = False
-        to_emulated_device(model)
-        im_q, im_k = cuda_copy(x_q), cuda_copy(x_k)
-        mode.recording = True
+        im_q, im_k = model_and_inputs_on_device(mode, model, x_q, x_k)
         out = model.step(im_q, im_k)
         top1, top5 = positive_rank_accuracy(out["logits"].detach(), (1, 5))
         out["logged"] = torch.stack([top1, top5, out["logits"][:, 0].mean().detach(),
@@ -309,10 +316,7 @@ def test_moco_v3_step_never_waits_on_the_host():
     momentum_before = [p.detach().clone() for p in model.momentum_encoder.parameters()]
 
     def run(mode: EmulatedCuda) -> dict[str, torch.Tensor]:
-        mode.recording = False
-        to_emulated_device(model)
-        a, b = cuda_copy(x1), cuda_copy(x2)
-        mode.recording = True
+        a, b = model_and_inputs_on_device(mode, model, x1, x2)
         out = model.step(a, b)
         out["acc"] = batch_positive_accuracy(out["q1"].detach(), out["k2"])
         model.momentum_update(0.9)
