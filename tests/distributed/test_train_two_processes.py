@@ -58,6 +58,12 @@ def test_a_sweep_of_two_process_jobs_trains_each_job_once_with_its_own_settings(
 
     # the kNN report of each job: measured once before training (rank 0), once after (sharded), printed once
     assert output.count("kNN top-1 before training") == 2 and output.count("kNN top-1 on Digits") == 2
+    # its encoder-at-init row is the kNN monitor's pass at step 0 (sharded over both processes), not a second pass
+    assert output.count("the encoder at init: the kNN monitor's first pass") == 2
+    first_init = [line for line in output.splitlines() if line.strip().startswith("encoder at init")][0]
+    rows = list(csv.DictReader(next((sweep / "0").rglob("metrics.csv")).open()))
+    logged = [float(row["val/knn_top1_init"]) for row in rows if row.get("val/knn_top1_init")]
+    assert len(logged) == 1 and f"{100 * logged[0]:6.1f} %" in first_init, (logged, first_init)
     trained = next(line for line in output.splitlines() if line.strip().startswith("trained encoder"))
     # ... and the number of one process on the same checkpoint (the first job's)
     from hydra.utils import instantiate
